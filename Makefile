@@ -1,0 +1,25 @@
+# make install: create .venv and install the pinned requirements (idempotent, fast when done)
+# make test:    run the test suite in .venv
+# make demo:    the main job on the bundled dataset (see README)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(VENV)/bin/bash scripts/demo.sh 2>/dev/null || bash scripts/demo.sh
+
+clean:
+	rm -rf checkpoint/demo
