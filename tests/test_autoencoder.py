@@ -7,7 +7,7 @@ import torch
 
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.data import load_dataset
-from tests.conftest import REPO_ROOT
+from synthetic import REPO_ROOT
 from VAE import VAE_train
 from VAE.VAE_model import VAE, load_autoencoder
 

@@ -6,7 +6,7 @@ import scipy.sparse as sp
 
 from guided_diffusion.cli import UsageError
 from guided_diffusion.data import BatchSampler, check_genes, load_dataset, split_train_validation
-from tests.conftest import BUNDLED_DATA, make_counts_adata
+from synthetic import BUNDLED_DATA, make_counts_adata
 
 
 def scanpy_log_normalized(adata):

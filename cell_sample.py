@@ -1,0 +1,86 @@
+"""Generate cells with a trained cfDiffusion model: latents per condition and a decoded, labelled h5ad.
+
+    python cell_sample.py --model_path checkpoint/diffusion/baron/model800000.pt --sample_dir output/baron \
+        --num_classes 14 --branch 0 --cache_interval 5 --non_uniform False
+
+Conditions: by default every class (one label key) or every combination seen in training (several keys).
+--condition cell_type1=beta,donor=human1 generates one condition (repeat the flag for more); a key left
+out stays unconditioned. --match_counts generates as many cells per condition as training had.
+"""
+import argparse
+
+import torch
+
+from guided_diffusion.cli import (UsageError, add_debug_arg, add_device_arg, command, non_negative_int,
+                                  positive_int, resolve_device, str2bool)
+from guided_diffusion.sampling import (SamplerSettings, describe_condition, generate, load_diffusion_model,
+                                       plan_conditions, resolve_autoencoder)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_path", required=True, help="model{step}.pt (or ema_*.pt) from cell_train.py")
+    parser.add_argument("--sample_dir", default="output", help="folder for the latents and generated.h5ad")
+    parser.add_argument("--vae_path", default="", help="autoencoder (default: the one recorded in the checkpoint)")
+    parser.add_argument("--num_classes", type=positive_int, nargs="+", default=None,
+                        help="classes per label key; implied by the checkpoint, checked if given")
+    parser.add_argument("--condition", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]")
+    parser.add_argument("--all_combinations", type=str2bool, default=False,
+                        help="every combination of label values, also ones unseen in training")
+    parser.add_argument("--match_counts", type=str2bool, nargs="?", const=True, default=False,
+                        help="as many cells per condition as the training data had")
+    parser.add_argument("--num_samples", type=positive_int, default=1000, help="cells per condition")
+    parser.add_argument("--batch_size", type=positive_int, default=1024)
+    parser.add_argument("--guide_w", type=float, default=0.5, help="classifier-free guidance weight")
+    parser.add_argument("--use_ddim", type=str2bool, default=False)
+    parser.add_argument("--timestep_respacing", default="", help="e.g. 250 or ddim50 (default: all 1000 steps)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--clip_denoised", type=str2bool, default=False)
+    parser.add_argument("--use_ema", type=str2bool, default=True)
+    parser.add_argument("--branch", type=non_negative_int, default=None, help="default: recorded in the checkpoint")
+    parser.add_argument("--cache_interval", type=int, default=None, help="default: recorded in the checkpoint")
+    parser.add_argument("--non_uniform", type=str2bool, default=None, help="default: recorded in the checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", type=str2bool, default=True)
+    add_device_arg(parser)
+    add_debug_arg(parser)
+    return parser
+
+
+def settings_from_args(args, recorded):
+    def pick(name):
+        value = getattr(args, name)
+        return recorded[name] if value is None else value
+
+    if pick("cache_interval") <= 0:
+        raise UsageError(f"--cache_interval must be 1 or more (1 = no feature reuse), got {args.cache_interval}")
+    return SamplerSettings(guide_w=args.guide_w, use_ddim=args.use_ddim, timestep_respacing=args.timestep_respacing,
+                           eta=args.eta, cache_interval=pick("cache_interval"), branch=pick("branch"),
+                           non_uniform=pick("non_uniform"), clip_denoised=args.clip_denoised,
+                           batch_size=args.batch_size, seed=args.seed)
+
+
+@command
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    loaded = load_diffusion_model(args.model_path, use_ema=args.use_ema, device=device)
+    if args.num_classes is not None and list(args.num_classes) != list(loaded.model.condition_sizes):
+        raise UsageError(f"--num_classes {' '.join(map(str, args.num_classes))} contradicts the checkpoint "
+                         f"({' '.join(map(str, loaded.model.condition_sizes))}); omit it")
+    settings = settings_from_args(args, loaded.payload["sampling_defaults"])
+    plan = plan_conditions(loaded, args.condition, args.all_combinations, args.match_counts, args.num_samples)
+    autoencoder = resolve_autoencoder(loaded, args.vae_path, device)
+    print(f"generating {sum(n for _, n in plan)} cells in {len(plan)} conditions with {settings.describe()}")
+    path, _ = generate(loaded, autoencoder, plan, settings, args.sample_dir, progress=args.progress)
+    for row, count in plan[:20]:
+        print(f"  {describe_condition(row, loaded.label_keys, loaded.vocabularies)}: {count}")
+    if len(plan) > 20:
+        print(f"  ... and {len(plan) - 20} more conditions")
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

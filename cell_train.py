@@ -1,0 +1,60 @@
+"""Train the conditional latent diffusion model on an h5ad file.
+
+    python cell_train.py --data_dir dataset/baron_human.h5ad --vae_path checkpoint/AE/model_seed=0_step=200000.pt \
+        --model_name baron --save_dir checkpoint/diffusion --lr_anneal_steps 800000 \
+        --num_classes 14 --branch 0 --cache_interval 5 --non_uniform False
+
+Several conditions: repeat --label_key (e.g. --label_key cell_type1 --label_key donor).
+"""
+import argparse
+
+from guided_diffusion.cell_training import train_diffusion
+from guided_diffusion.cli import (add_debug_arg, add_device_arg, command, fraction, non_negative_int,
+                                  positive_int, str2bool)
+from guided_diffusion.data import add_data_args
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    parser.add_argument("--vae_path", required=True, help="autoencoder checkpoint (VAE/VAE_train.py)")
+    parser.add_argument("--save_dir", default="checkpoint/diffusion")
+    parser.add_argument("--model_name", default="cfDiffusion", help="files go to save_dir/model_name/")
+    parser.add_argument("--num_classes", type=positive_int, nargs="+", default=None,
+                        help="classes per label key; inferred from the data, checked if given")
+    parser.add_argument("--lr_anneal_steps", type=non_negative_int, default=800000,
+                        help="train this many steps, the LR falling linearly to 0 (0: no end, constant LR)")
+    parser.add_argument("--batch_size", type=positive_int, default=128)
+    parser.add_argument("--microbatch", type=int, default=-1, help="split batches for memory (-1: off)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight_decay", type=float, default=1e-4)
+    parser.add_argument("--ema_rate", type=float, default=0.9999)
+    parser.add_argument("--p_uncond", type=float, default=0.1,
+                        help="probability of dropping each label key (classifier-free guidance)")
+    parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=[512, 512, 256, 128])
+    parser.add_argument("--dropout", type=fraction, default=0.0)
+    parser.add_argument("--save_interval", type=positive_int, default=200000)
+    parser.add_argument("--log_interval", type=positive_int, default=100)
+    parser.add_argument("--resume_checkpoint", default="", help="model{step}.pt to resume from")
+    parser.add_argument("--max_minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    parser.add_argument("--seed", type=int, default=0)
+    sampling = parser.add_argument_group("sampling defaults recorded in the checkpoint")
+    sampling.add_argument("--branch", type=non_negative_int, default=0)
+    sampling.add_argument("--cache_interval", type=positive_int, default=5)
+    sampling.add_argument("--non_uniform", type=str2bool, default=False)
+    parser.add_argument("--progress", type=str2bool, default=True)
+    add_device_arg(parser)
+    add_debug_arg(parser)
+    return parser
+
+
+@command
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    path = train_diffusion(args, progress=args.progress)
+    print(f"saved {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""Diffusion training loop: AdamW, linear LR anneal, EMA with warm-up, microbatches, exact resume.
+
+Files under ``save_dir`` (the original project's names):
+``model{step:06d}.pt`` (raw weights + everything the sampler needs), ``ema_{rate}_{step:06d}.pt``
+(EMA weights + the same metadata) and ``opt{step:06d}.pt`` (optimizer, data order, RNG state).
+"""
+import copy
+import csv
+import os
+import re
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .cli import UsageError
+from .data import BatchSampler
+from .guidance import drop_conditions
+
+LOG_FIELDS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "seconds"]
+
+
+def model_file(save_dir, step):
+    return os.path.join(save_dir, f"model{step:06d}.pt")
+
+
+def ema_file(save_dir, rate, step):
+    return os.path.join(save_dir, f"ema_{rate}_{step:06d}.pt")
+
+
+def optimizer_file(save_dir, step):
+    return os.path.join(save_dir, f"opt{step:06d}.pt")
+
+
+def step_from_filename(path):
+    match = re.search(r"(\d+)\.pt$", os.path.basename(path))
+    if not match:
+        raise UsageError(f"cannot read the step from checkpoint name {path} (expected model000100.pt)")
+    return int(match.group(1))
+
+
+def ema_warmup_rate(ema_rate, step):
+    """EMA decay at ``step``: grows from 0.1 towards ``ema_rate`` so short runs average sensibly."""
+    return min(ema_rate, (1.0 + step) / (10.0 + step))
+
+
+class DiffusionTrainer:
+    """Trains ``model`` to predict the noise added to ``latents`` under ``diffusion``.
+
+    ``labels`` (N, K) hold class codes per label key; ``metadata`` is stored in every model/EMA file
+    (label vocabularies, autoencoder path and hash, genes, normalization) so the sampler needs nothing else.
+    """
+
+    def __init__(self, model, diffusion, latents, labels, metadata, save_dir, batch_size=128, microbatch=-1,
+                 lr=1e-4, weight_decay=1e-4, ema_rate=0.9999, lr_anneal_steps=0, p_uncond=0.1,
+                 save_interval=10000, log_interval=100, seed=0, device="cpu", max_minutes=None):
+        self.model = model.to(device)
+        self.diffusion = diffusion
+        self.device = torch.device(device)
+        self.latents = torch.as_tensor(latents, dtype=torch.float32)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.metadata = metadata
+        self.save_dir = save_dir
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch and microbatch > 0 else batch_size
+        self.lr = lr
+        self.ema_rate = ema_rate
+        self.lr_anneal_steps = lr_anneal_steps
+        self.p_uncond = p_uncond
+        self.save_interval = save_interval
+        self.log_interval = log_interval
+        self.max_minutes = max_minutes
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.ema_model = copy.deepcopy(self.model).requires_grad_(False)
+        self.sampler = BatchSampler(np.arange(len(self.latents)), batch_size, seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.step = 0
+        self.last_saved_step = None
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def _model_payload(self, state_dict):
+        return {"state_dict": state_dict, "model_config": self.model.config(), "step": self.step,
+                "ema_rate": self.ema_rate, **self.metadata}
+
+    def save(self):
+        step = self.step
+        save_checkpoint(self._model_payload(self.ema_model.state_dict()),
+                        ema_file(self.save_dir, self.ema_rate, step), kind="diffusion_ema")
+        save_checkpoint({"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                         "generator": self.generator.get_state(), "rng": rng_state(), "step": step},
+                        optimizer_file(self.save_dir, step), kind="diffusion_optimizer")
+        # the model file is written last: its presence marks a complete set for resuming
+        save_checkpoint(self._model_payload(self.model.state_dict()), model_file(self.save_dir, step),
+                        kind="diffusion_model")
+        self.last_saved_step = step
+        return model_file(self.save_dir, step)
+
+    def resume(self, path):
+        """Restore model, EMA, optimizer, data order, RNG and step from ``model{step}.pt`` and its siblings."""
+        payload = load_checkpoint(path, kinds=("diffusion_model",))
+        if payload["model_config"] != self.model.config():
+            raise UsageError(f"--resume_checkpoint {path} has model config {payload['model_config']}, "
+                             f"this run builds {self.model.config()}")
+        for key in ("label_keys", "vocabularies", "genes"):
+            if payload.get(key) != self.metadata.get(key):
+                raise UsageError(f"--resume_checkpoint {path} was trained with other {key.replace('_', ' ')} "
+                                 f"than this data has")
+        step = int(payload["step"])
+        folder = os.path.dirname(path)
+        ema_path = ema_file(folder, payload["ema_rate"], step)
+        opt_path = optimizer_file(folder, step)
+        for sibling in (ema_path, opt_path):
+            if not os.path.exists(sibling):
+                raise UsageError(f"cannot resume from {path}: {sibling} is missing")
+        ema = load_checkpoint(ema_path, kinds=("diffusion_ema",))
+        optimizer = load_checkpoint(opt_path, kinds=("diffusion_optimizer",))
+        self.model.load_state_dict(payload["state_dict"])
+        self.ema_model.load_state_dict(ema["state_dict"])
+        self.optimizer.load_state_dict(optimizer["optimizer"])
+        self.sampler.load_state_dict(optimizer["sampler"])
+        self.generator.set_state(optimizer["generator"])
+        set_rng_state(optimizer["rng"])
+        self.step = step
+        self.last_saved_step = step
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _current_lr(self):
+        if not self.lr_anneal_steps:
+            return self.lr
+        return self.lr * max(0.0, 1.0 - self.step / self.lr_anneal_steps)
+
+    def run_step(self):
+        """One optimizer step over a batch (in microbatches); returns per-sample losses and timesteps."""
+        index = torch.from_numpy(self.sampler.next_batch())
+        x0 = self.latents[index]
+        cond = drop_conditions(self.labels[index], self.model.condition_sizes, self.p_uncond, self.generator)
+        t = self.diffusion.sample_timesteps(len(index), "cpu", generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._current_lr()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for start in range(0, len(index), self.microbatch):
+            part = slice(start, start + self.microbatch)
+            loss = self.diffusion.training_losses(
+                self.model, x0[part].to(self.device), t[part].to(self.device),
+                model_kwargs={"cond": cond[part].to(self.device)}, noise=noise[part].to(self.device))
+            (loss.sum() / len(index)).backward()
+            losses.append(loss.detach().cpu())
+        self.optimizer.step()
+        self.step += 1
+        self._update_ema()
+        return torch.cat(losses), t
+
+    @torch.no_grad()
+    def _update_ema(self):
+        rate = ema_warmup_rate(self.ema_rate, self.step)
+        for ema_param, param in zip(self.ema_model.parameters(), self.model.parameters()):
+            ema_param.mul_(rate).add_(param.detach(), alpha=1.0 - rate)
+        for ema_buffer, buffer in zip(self.ema_model.buffers(), self.model.buffers()):
+            ema_buffer.copy_(buffer)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run_loop(self, progress=True):
+        os.makedirs(self.save_dir, exist_ok=True)
+        log_path = os.path.join(self.save_dir, "train_log.csv")
+        if not os.path.exists(log_path):
+            with open(log_path, "w", newline="") as stream:
+                csv.writer(stream).writerow(LOG_FIELDS)
+        quartile_edges = np.linspace(0, self.diffusion.num_timesteps, 5)
+        sums, counts = np.zeros(5), np.zeros(5)
+        started = time.monotonic()
+        deadline = started + 60 * self.max_minutes if self.max_minutes else None
+        total = self.lr_anneal_steps or None
+        bar = tqdm(total=total, initial=self.step, desc="diffusion", unit="step", disable=not progress)
+        self.model.train()
+        try:
+            while not self.lr_anneal_steps or self.step < self.lr_anneal_steps:
+                losses, t = self.run_step()
+                quartile = np.clip(np.searchsorted(quartile_edges, t.numpy(), side="right") - 1, 0, 3)
+                np.add.at(sums, quartile, losses.numpy())
+                np.add.at(counts, quartile, 1)
+                sums[4] += float(losses.sum())
+                counts[4] += len(losses)
+                bar.update(1)
+                if self.step % self.log_interval == 0:
+                    bar.set_postfix(loss=f"{sums[4] / counts[4]:.4f}")
+                    self._write_log(log_path, sums, counts, started)
+                    sums[:], counts[:] = 0, 0
+                if self.step % self.save_interval == 0:
+                    self.save()
+                if deadline is not None and time.monotonic() >= deadline:
+                    bar.write(f"--max_minutes {self.max_minutes} reached at step {self.step}")
+                    break
+        except KeyboardInterrupt:
+            bar.close()
+            path = self.save()
+            print(f"interrupted: saved {path}; resume with --resume_checkpoint {path}")
+            raise SystemExit(130) from None
+        bar.close()
+        if counts[4]:
+            self._write_log(log_path, sums, counts, started)
+        if self.last_saved_step != self.step:
+            self.save()
+        return model_file(self.save_dir, self.step)
+
+    def _write_log(self, path, sums, counts, started):
+        means = [sums[i] / counts[i] if counts[i] else "" for i in range(5)]
+        with open(path, "a", newline="") as stream:
+            csv.writer(stream).writerow([self.step, means[4], *means[:4], self._current_lr(),
+                                         round(time.monotonic() - started, 2)])

@@ -1,0 +1,185 @@
+"""cell_train.py and cell_sample.py end to end on tiny synthetic data (CPU, small models)."""
+import os
+
+import anndata
+import numpy as np
+import pytest
+import torch
+
+import cell_sample
+import cell_train
+from guided_diffusion.checkpoint import load_checkpoint
+from guided_diffusion.train_util import ema_warmup_rate
+from synthetic import make_counts_adata
+from VAE import VAE_train
+
+TINY_UNET = ["--hidden_dims", "64", "64", "32", "16"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """Counts h5ad + a small trained autoencoder + a 2-key diffusion model, shared by the tests."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data = root / "counts.h5ad"
+    make_counts_adata(n_cells=240, n_genes=40, seed=1).write_h5ad(data)
+    vae = VAE_train.main(["--data_dir", str(data), "--save_dir", str(root / "ae"), "--max_steps", "150",
+                          "--hidden_dims", "64", "64", "64", "--latent_dim", "16", "--batch_size", "64",
+                          "--progress", "False"])
+    model = cell_train.main(["--data_dir", str(data), "--vae_path", vae, "--model_name", "two_keys",
+                             "--save_dir", str(root / "diffusion"), "--lr_anneal_steps", "40",
+                             "--label_key", "cell_type1", "--label_key", "donor", "--num_classes", "3", "2",
+                             "--branch", "0", "--cache_interval", "5", "--non_uniform", "False",
+                             "--save_interval", "20", "--log_interval", "10", "--progress", "False", *TINY_UNET])
+    return {"root": root, "data": str(data), "vae": vae, "model": model}
+
+
+def train(workspace, name, *extra):
+    return cell_train.main(["--data_dir", workspace["data"], "--vae_path", workspace["vae"], "--model_name", name,
+                            "--save_dir", str(workspace["root"] / "diffusion"), "--progress", "False",
+                            *TINY_UNET, *extra])
+
+
+def sample(model_path, sample_dir, *extra):
+    return cell_sample.main(["--model_path", str(model_path), "--sample_dir", str(sample_dir),
+                             "--progress", "False", *extra])
+
+
+def test_original_command_lines_and_outputs(workspace, tmp_path):
+    model_path = train(workspace, "faithful", "--lr_anneal_steps", "30", "--num_classes", "3", "--branch", "0",
+                       "--cache_interval", "5", "--non_uniform", "False", "--save_interval", "30")
+    folder = os.path.dirname(model_path)
+    assert sorted(os.listdir(folder)) == ["ema_0.9999_000030.pt", "model000030.pt", "opt000030.pt", "train_log.csv"]
+    payload = load_checkpoint(model_path)  # weights_only=True
+    assert payload["label_keys"] == ["cell_type1"]
+    assert payload["vocabularies"] == {"cell_type1": ["type_0", "type_1", "type_2"]}
+    assert payload["genes"] == [f"gene{j}" for j in range(40)]
+    assert len(payload["vae_sha256"]) == 64 and payload["step"] == 30
+
+    out = sample(model_path, tmp_path, "--num_classes", "3", "--branch", "0", "--cache_interval", "5",
+                 "--non_uniform", "False", "--num_samples", "6", "--timestep_respacing", "100")
+    assert sorted(os.listdir(tmp_path)) == ["cell0_cache5_uniform.npy", "cell1_cache5_uniform.npy",
+                                            "cell2_cache5_uniform.npy", "generated.h5ad"]
+    assert np.load(tmp_path / "cell1_cache5_uniform.npy").shape == (6, 16)
+    generated = anndata.read_h5ad(out)
+    assert generated.shape == (18, 40)
+    assert list(generated.var_names) == payload["genes"]
+    assert generated.obs["cell_type1"].value_counts().to_dict() == {"type_0": 6, "type_1": 6, "type_2": 6}
+    provenance = generated.uns["cfdiffusion"]
+    assert provenance["step"] == 30 and provenance["weights"] == "ema" and provenance["cache_interval"] == 5
+    assert provenance["sampler"] == "ddpm" and provenance["guide_w"] == 0.5
+    assert np.isfinite(generated.X).all() and (generated.X >= 0).all()
+
+
+def test_training_log_anneals_lr_to_zero_with_quartile_losses(workspace):
+    log = np.genfromtxt(os.path.join(os.path.dirname(workspace["model"]), "train_log.csv"), delimiter=",",
+                        names=True)
+    assert log["step"].tolist() == [10, 20, 30, 40]
+    assert log["lr"][-1] == 0.0 and np.all(np.diff(log["lr"]) < 0)
+    assert np.isfinite([log[f"loss_q{i}"][-1] for i in range(4)]).all()
+
+
+def test_multi_condition_defaults_conditions_and_match_counts(workspace, tmp_path):
+    model = workspace["model"]
+    out = sample(model, tmp_path / "seen", "--num_samples", "3", "--timestep_respacing", "ddim20",
+                 "--use_ddim", "True")
+    generated = anndata.read_h5ad(out)
+    assert generated.obs.groupby(["cell_type1", "donor"], observed=True).size().tolist() == [3] * 6
+
+    out = sample(model, tmp_path / "partial", "--condition", "cell_type1=type_2", "--num_samples", "4",
+                 "--timestep_respacing", "ddim20", "--use_ddim", "True", "--cache_interval", "1")
+    assert os.path.exists(tmp_path / "partial" / "cell2_x_cache1_uniform.npy")
+    obs = anndata.read_h5ad(out).obs
+    assert set(obs["cell_type1"]) == {"type_2"} and set(obs["donor"]) == {"unconditioned"}
+
+    out = sample(model, tmp_path / "matched", "--match_counts", "--timestep_respacing", "ddim10", "--use_ddim", "True")
+    counts = anndata.read_h5ad(workspace["data"]).obs.groupby(["cell_type1", "donor"], observed=True).size()
+    generated_counts = anndata.read_h5ad(out).obs.groupby(["cell_type1", "donor"], observed=True).size()
+    assert generated_counts.to_dict() == counts.to_dict()
+
+
+def test_unknown_condition_lists_valid_values(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample(workspace["model"], tmp_path, "--condition", "cell_type1=neuron")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --condition cell_type1=neuron: unknown value; valid values "
+                                               "of cell_type1: type_0, type_1, type_2")
+    assert not os.path.exists(tmp_path / "generated.h5ad")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_classes", "14"], "--num_classes 14 contradicts the checkpoint (3 2)"),
+    (["--branch", "3"], "cache branch must be an int in [0, 2]"),
+    (["--cache_interval", "0"], "--cache_interval must be 1 or more"),
+    (["--timestep_respacing", "ddim5000"], "--timestep_respacing 'ddim5000'"),
+])
+def test_sampler_refuses_bad_settings(workspace, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit):
+        sample(workspace["model"], tmp_path, "--num_samples", "2", *flags)
+    assert message in capsys.readouterr().err
+
+
+def test_trainer_refuses_bad_input(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train(workspace, "bad", "--label_key", "celltype", "--lr_anneal_steps", "2")
+    assert "label key 'celltype' not in obs; available columns: cell_type1, donor" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train(workspace, "bad", "--num_classes", "14", "--lr_anneal_steps", "2")
+    assert "--num_classes 14 contradicts the data (cell_type1: 3)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train(workspace, "bad", "--branch", "7", "--lr_anneal_steps", "2")
+    assert "--branch 7" in capsys.readouterr().err
+
+    other = tmp_path / "other_genes.h5ad"
+    adata = make_counts_adata(n_cells=50, n_genes=42)
+    adata.write_h5ad(other)
+    with pytest.raises(SystemExit):
+        cell_train.main(["--data_dir", str(other), "--vae_path", workspace["vae"], "--save_dir", str(tmp_path)])
+    assert "2 not in the autoencoder" in capsys.readouterr().err
+
+
+def test_checkpoint_kinds_are_checked(workspace, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        sample(workspace["vae"], tmp_path)
+    assert "is an autoencoder checkpoint (VAE/VAE_train.py), but a diffusion model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cell_train.main(["--data_dir", workspace["data"], "--vae_path", workspace["model"], "--save_dir", str(tmp_path)])
+    assert "is a diffusion model checkpoint" in capsys.readouterr().err
+
+
+def test_resume_is_bit_identical(workspace):
+    common = ["--lr_anneal_steps", "16", "--label_key", "cell_type1", "--label_key", "donor", "--save_interval", "8",
+              "--p_uncond", "0.3", "--dropout", "0.1"]
+    straight = train(workspace, "straight", *common)
+    half = os.path.join(os.path.dirname(straight), "model000008.pt")
+    resumed = train(workspace, "resumed", *common, "--resume_checkpoint", half)
+    for kind in ("model000016.pt", "ema_0.9999_000016.pt"):
+        first = load_checkpoint(os.path.join(os.path.dirname(straight), kind))["state_dict"]
+        second = load_checkpoint(os.path.join(os.path.dirname(resumed), kind))["state_dict"]
+        assert all(torch.equal(first[name], second[name]) for name in first), kind
+
+
+def test_same_seed_same_cells_and_use_ema_switch(workspace, tmp_path):
+    flags = ["--num_samples", "3", "--timestep_respacing", "50", "--seed", "7"]
+    first = anndata.read_h5ad(sample(workspace["model"], tmp_path / "a", *flags)).X
+    second = anndata.read_h5ad(sample(workspace["model"], tmp_path / "b", *flags)).X
+    np.testing.assert_array_equal(first, second)
+    raw = anndata.read_h5ad(sample(workspace["model"], tmp_path / "c", *flags, "--use_ema", "False"))
+    assert raw.uns["cfdiffusion"]["weights"] == "raw"
+    assert not np.array_equal(raw.X, first)
+    other_seed = anndata.read_h5ad(sample(workspace["model"], tmp_path / "d", *flags[:-1], "8")).X
+    assert not np.array_equal(other_seed, first)
+
+
+def test_autoencoder_hash_is_checked(workspace, tmp_path, capsys):
+    other_vae = VAE_train.main(["--data_dir", workspace["data"], "--save_dir", str(tmp_path / "ae2"),
+                                "--max_steps", "2", "--hidden_dims", "64", "64", "64", "--latent_dim", "16",
+                                "--progress", "False", "--seed", "3"])
+    with pytest.raises(SystemExit):
+        sample(workspace["model"], tmp_path, "--vae_path", other_vae)
+    assert "is not the one this model was trained with" in capsys.readouterr().err
+
+
+def test_ema_warmup():
+    assert ema_warmup_rate(0.9999, 0) == pytest.approx(0.1)
+    assert ema_warmup_rate(0.9999, 90) == pytest.approx(0.91)
+    assert ema_warmup_rate(0.9999, 10 ** 7) == 0.9999
