@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(VENV)/bin/bash scripts/demo.sh 2>/dev/null || bash scripts/demo.sh
+	bash scripts/demo.sh
 
 clean:
 	rm -rf checkpoint/demo

@@ -34,36 +34,51 @@ class ConditionedBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cond_scale: torch.Tensor, time_shift: torch.Tensor) -> torch.Tensor:
-        h = self.linear(x) * cond_scale + time_shift
+        h = torch.addcmul(time_shift, self.linear(x), cond_scale)
         return self.dropout(self.act(self.norm(h)))
 
 
-class _Modulations:
-    """Per-row time shifts / condition scales of the blocks, computed lazily.
+class ConditionScales:
+    """Every block's condition scale for a fixed batch of condition rows.
 
-    With ``gather=True`` the embeddings and projections are evaluated once per
-    distinct timestep / condition row and gathered back to the batch; otherwise
-    they are evaluated for every row (reference path).
+    The projections are evaluated once per DISTINCT condition row and gathered to the batch. They do
+    not depend on the timestep, so a sampler builds this once per batch and reuses it at every step.
     """
 
-    def __init__(self, model: "CellUNet", t: torch.Tensor, cond: torch.Tensor, gather: bool):
+    def __init__(self, model: "CellUNet", cond: torch.Tensor, gather: bool = True):
         if gather:
-            unique_t, self.t_index = torch.unique(t, return_inverse=True)
-            unique_cond, self.cond_index = torch.unique(cond, dim=0, return_inverse=True)
+            unique_cond, index = torch.unique(cond, dim=0, return_inverse=True)
         else:
-            unique_t, self.t_index = t, None
-            unique_cond, self.cond_index = cond, None
+            unique_cond, index = cond, None
+        c_emb = model.embed_condition(unique_cond)
+        blocks = list(model.encoder) + list(model.decoder)
+        self.batch_size = cond.shape[0]
+        self._scales = {id(block): block.cond_proj(c_emb) if index is None else block.cond_proj(c_emb)[index]
+                        for block in blocks}
+
+    def __call__(self, block: ConditionedBlock) -> torch.Tensor:
+        return self._scales[id(block)]
+
+
+class TimeShifts:
+    """Every block's time shift, computed once per DISTINCT timestep of the batch.
+
+    When the whole batch shares one timestep (every sampling step) the shift is a single row that
+    broadcasts over the batch, so no per-cell projection or gather happens at all.
+    """
+
+    def __init__(self, model: "CellUNet", t: torch.Tensor, gather: bool = True):
+        if gather and t.numel() > 0 and bool((t == t[0]).all()):
+            unique_t, self.index = t[:1], None
+        elif gather:
+            unique_t, self.index = torch.unique(t, return_inverse=True)
+        else:
+            unique_t, self.index = t, None
         self.t_emb = model.embed_time(unique_t)
-        self.c_emb = model.embed_condition(unique_cond)
 
-    @staticmethod
-    def _gather(values: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
-        return values if index is None else values[index]
-
-    def __call__(self, block: ConditionedBlock) -> Tuple[torch.Tensor, torch.Tensor]:
-        cond_scale = self._gather(block.cond_proj(self.c_emb), self.cond_index)
-        time_shift = self._gather(block.time_proj(self.t_emb), self.t_index)
-        return cond_scale, time_shift
+    def __call__(self, block: ConditionedBlock) -> torch.Tensor:
+        shift = block.time_proj(self.t_emb)
+        return shift if self.index is None else shift[self.index]
 
 
 class CellUNet(nn.Module):
@@ -172,6 +187,10 @@ class CellUNet(nn.Module):
     def embed_condition(self, cond: torch.Tensor) -> torch.Tensor:
         return self.cond_embed(self.condition_one_hot(cond))
 
+    def condition_scales(self, cond: torch.Tensor) -> ConditionScales:
+        """Condition projections of every block for ``cond``, to reuse across sampling steps."""
+        return ConditionScales(self, cond)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -179,18 +198,27 @@ class CellUNet(nn.Module):
         cond: torch.Tensor,
         cache: Optional[FeatureCache] = None,
         gather_embeddings: bool = True,
+        cond_scales: Optional[ConditionScales] = None,
     ) -> torch.Tensor:
         """Predict epsilon (B, latent_dim).
 
         cache=None runs the full network without caching. With a cache,
         ``cache.refresh`` selects a full pass that stores u_{branch+1}, otherwise
         a shallow pass through E_0..E_branch reusing the stored feature.
-        ``gather_embeddings=False`` is the unoptimised reference path for tests.
+        ``gather_embeddings=False`` is the unoptimised reference path for tests. ``cond_scales``
+        (from :meth:`condition_scales` for this ``cond``) skips recomputing the condition projections.
         """
         if cache is not None:
             self.validate_branch(cache.branch)
         shallow = cache is not None and not cache.refresh
-        modulate = _Modulations(self, t, cond, gather_embeddings)
+        if cond_scales is None:
+            cond_scales = ConditionScales(self, cond, gather_embeddings)
+        elif cond_scales.batch_size != x.shape[0]:
+            raise ValueError(f"cond_scales were built for {cond_scales.batch_size} rows, input has {x.shape[0]}")
+        time_shifts = TimeShifts(self, t, gather_embeddings)
+
+        def modulate(block: ConditionedBlock) -> Tuple[torch.Tensor, torch.Tensor]:
+            return cond_scales(block), time_shifts(block)
         num_encoder_blocks = cache.branch + 1 if shallow else self.depth
 
         skips: List[torch.Tensor] = []

@@ -36,6 +36,7 @@ def guided_eps(
     cond: torch.Tensor,
     guide_w: float,
     cache: Optional[FeatureCache] = None,
+    cond_scales=None,
 ) -> torch.Tensor:
     """Classifier-free guided noise prediction (1 + w) * eps_cond - w * eps_uncond.
 
@@ -44,11 +45,16 @@ def guided_eps(
     only the conditional pass runs and is returned unchanged.
     """
     if guide_w == 0:
-        return model(x, t, cond, cache=cache)
-    uncond = null_condition(cond, model.condition_sizes)
-    eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, uncond]), cache=cache)
+        return model(x, t, cond, cache=cache, cond_scales=cond_scales)
+    eps = model(torch.cat([x, x]), torch.cat([t, t]), guidance_batch(cond, model.condition_sizes),
+                cache=cache, cond_scales=cond_scales)
     eps_cond, eps_uncond = eps.chunk(2)
     return (1 + guide_w) * eps_cond - guide_w * eps_uncond
+
+
+def guidance_batch(cond: torch.Tensor, condition_sizes: Sequence[int]) -> torch.Tensor:
+    """The condition rows of one guided forward: the conditional rows, then their null copies."""
+    return torch.cat([cond, null_condition(cond, condition_sizes)])
 
 
 def guided_eps_fn(
@@ -71,9 +77,12 @@ def guided_eps_fn(
         if not refresh[0]:
             raise ValueError("the refresh schedule must refresh at step 0 to fill the cache")
 
+    # the condition projections do not depend on the step: compute them once for the whole loop
+    cond_scales = model.condition_scales(cond if guide_w == 0 else guidance_batch(cond, model.condition_sizes))
+
     def eps_fn(x: torch.Tensor, t: torch.Tensor, step_index: int) -> torch.Tensor:
         if cache is not None:
             cache.refresh = bool(refresh[step_index])
-        return guided_eps(model, x, t, cond, guide_w, cache=cache)
+        return guided_eps(model, x, t, cond, guide_w, cache=cache, cond_scales=cond_scales)
 
     return eps_fn

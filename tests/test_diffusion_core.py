@@ -112,8 +112,32 @@ def test_gathered_embeddings_match_reference(case):
         fast = model(x, t, cond)
         reference = model(x, t, cond, gather_embeddings=False)
         fast_float_t = model(x, t.float(), cond)
+        precomputed = model(x, t, cond, cond_scales=model.condition_scales(cond))
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast_float_t, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(precomputed, reference, atol=1e-5, rtol=0)
+
+
+def test_guided_sampling_with_reused_condition_scales_equals_per_step_computation():
+    """The sampler's eps_fn reuses condition projections across steps; outputs equal recomputing them."""
+    model = tiny_model()
+    x, _, cond = random_inputs(10)
+    eps_fn = guided_eps_fn(model, cond, guide_w=1.5)
+    with torch.no_grad():
+        for timestep in (999, 500, 3):
+            t = torch.full((10,), timestep)
+            straightforward = guided_eps(model, x, t, cond, 1.5)
+            uncond = null_condition(cond, SIZES)
+            by_hand = 2.5 * model(x, t, cond, gather_embeddings=False) - 1.5 * model(x, t, uncond, gather_embeddings=False)
+            torch.testing.assert_close(eps_fn(x, t, 0), straightforward, atol=1e-5, rtol=0)
+            torch.testing.assert_close(straightforward, by_hand, atol=1e-5, rtol=0)
+
+
+def test_condition_scales_must_match_the_batch():
+    model = tiny_model()
+    x, t, cond = random_inputs(6)
+    with pytest.raises(ValueError, match="cond_scales were built for 3 rows"):
+        model(x, t, cond, cond_scales=model.condition_scales(cond[:3]))
 
 
 def test_macs_per_sample():
