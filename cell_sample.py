@@ -6,19 +6,22 @@
 Conditions: by default every class (one label key) or every combination seen in training (several keys).
 --condition cell_type1=beta,donor=human1 generates one condition (repeat the flag for more); a key left
 out stays unconditioned. --match_counts generates as many cells per condition as training had.
+Several processes (torchrun --nproc_per_node N cell_sample.py ... or mpiexec -n N python cell_sample.py ...)
+split the batches; rank 0 writes the same output as one process with the same --seed and --batch_size.
 """
 import argparse
 
 import torch
 
-from guided_diffusion.cli import (UsageError, add_debug_arg, add_device_arg, command, non_negative_int,
-                                  positive_int, resolve_device, str2bool)
-from guided_diffusion.sampling import (SamplerSettings, describe_condition, generate, load_diffusion_model,
+from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,
+                                  command, non_negative_float, non_negative_int, positive_int, str2bool)
+from guided_diffusion.dist_util import setup_distributed
+from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, describe_condition, generate, load_diffusion_model,
                                        plan_conditions, resolve_autoencoder)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, help="model{step}.pt (or ema_*.pt) from cell_train.py")
     parser.add_argument("--sample_dir", default="output", help="folder for the latents and generated.h5ad")
     parser.add_argument("--vae_path", default="", help="autoencoder (default: the one recorded in the checkpoint)")
@@ -30,11 +33,12 @@ def build_parser():
     parser.add_argument("--match_counts", type=str2bool, nargs="?", const=True, default=False,
                         help="as many cells per condition as the training data had")
     parser.add_argument("--num_samples", type=positive_int, default=1000, help="cells per condition")
-    parser.add_argument("--batch_size", type=positive_int, default=1024)
-    parser.add_argument("--guide_w", type=float, default=0.5, help="classifier-free guidance weight")
-    parser.add_argument("--use_ddim", type=str2bool, default=False)
-    parser.add_argument("--timestep_respacing", default="", help="e.g. 250 or ddim50 (default: all 1000 steps)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--batch_size", type=positive_int, default=DEFAULT_SETTINGS.batch_size)
+    parser.add_argument("--guide_w", type=float, default=DEFAULT_SETTINGS.guide_w, help="classifier-free guidance weight")
+    parser.add_argument("--use_ddim", type=str2bool, default=DEFAULT_SETTINGS.use_ddim)
+    parser.add_argument("--timestep_respacing", default=DEFAULT_SETTINGS.timestep_respacing,
+                        help=f"e.g. 250 or ddim50 (default: {DEFAULT_SETTINGS.timestep_respacing or 1000})")
+    parser.add_argument("--eta", type=non_negative_float, default=DEFAULT_SETTINGS.eta, help="DDIM eta")
     parser.add_argument("--clip_denoised", type=str2bool, default=False)
     parser.add_argument("--use_ema", type=str2bool, default=True)
     parser.add_argument("--branch", type=non_negative_int, default=None, help="default: recorded in the checkpoint")
@@ -63,7 +67,9 @@ def settings_from_args(args, recorded):
 @command
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = resolve_device(args.device)
+    check_writable_dir(args.sample_dir, "--sample_dir")
+    context = setup_distributed(args.device)
+    device = context.device
     torch.manual_seed(args.seed)
     loaded = load_diffusion_model(args.model_path, use_ema=args.use_ema, device=device)
     if args.num_classes is not None and list(args.num_classes) != list(loaded.model.condition_sizes):
@@ -72,8 +78,11 @@ def main(argv=None):
     settings = settings_from_args(args, loaded.payload["sampling_defaults"])
     plan = plan_conditions(loaded, args.condition, args.all_combinations, args.match_counts, args.num_samples)
     autoencoder = resolve_autoencoder(loaded, args.vae_path, device)
-    print(f"generating {sum(n for _, n in plan)} cells in {len(plan)} conditions with {settings.describe()}")
-    path, _ = generate(loaded, autoencoder, plan, settings, args.sample_dir, progress=args.progress)
+    if context.is_main:
+        print(f"generating {sum(n for _, n in plan)} cells in {len(plan)} conditions with {settings.describe()}")
+    path, _ = generate(loaded, autoencoder, plan, settings, args.sample_dir, progress=args.progress, context=context)
+    if not context.is_main:
+        return path
     for row, count in plan[:20]:
         print(f"  {describe_condition(row, loaded.label_keys, loaded.vocabularies)}: {count}")
     if len(plan) > 20:

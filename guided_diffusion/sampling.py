@@ -48,6 +48,9 @@ class SamplerSettings:
                f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), w={self.guide_w}"
 
 
+DEFAULT_SETTINGS = SamplerSettings()
+
+
 class LoadedModel:
     """A diffusion checkpoint turned back into a model plus the metadata it carries."""
 
@@ -176,12 +179,18 @@ def build_sampling_diffusion(settings, num_timesteps=1000):
     try:
         return create_diffusion(num_timesteps, settings.timestep_respacing or str(num_timesteps))
     except ValueError as error:
-        raise UsageError(f"--timestep_respacing {settings.timestep_respacing!r}: {error}") from None
+        raise UsageError(f"--timestep_respacing {settings.timestep_respacing!r}: {error}; give a step count "
+                         f"such as 250 or ddim50 (at most {num_timesteps})") from None
 
 
 @torch.inference_mode()
-def sample_latents(model, cond_rows, noise, settings, progress=True):
-    """Reverse diffusion for every row of ``cond_rows`` starting from ``noise``; batches mix conditions."""
+def sample_latents(model, cond_rows, noise, settings, progress=True, batches=None):
+    """Reverse diffusion for every row of ``cond_rows`` starting from ``noise``; batches mix conditions.
+
+    Batch ``b`` holds rows ``[b * batch_size, (b + 1) * batch_size)`` and draws its step noise from a
+    generator seeded by (seed, b), so a batch's result does not depend on which process runs it.
+    ``batches`` (a ``range`` of batch numbers, default all) runs only those and returns their rows.
+    """
     device = next(model.parameters()).device
     diffusion = build_sampling_diffusion(settings)
     try:
@@ -189,12 +198,14 @@ def sample_latents(model, cond_rows, noise, settings, progress=True):
         if settings.cache_interval > 1:
             model.validate_branch(settings.branch)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise UsageError(f"{error}; check --branch, --cache_interval and --non_uniform") from None
     n_cells = len(cond_rows)
-    n_batches = -(-n_cells // settings.batch_size)
-    latents = torch.empty_like(noise)
-    bar = tqdm(total=n_batches * diffusion.num_timesteps, desc="sampling", unit="step", disable=not progress)
-    for batch_index, start in enumerate(range(0, n_cells, settings.batch_size)):
+    batches = range(-(-n_cells // settings.batch_size)) if batches is None else batches
+    first_row = min(batches.start * settings.batch_size, n_cells)
+    latents = noise.new_empty((min(batches.stop * settings.batch_size, n_cells) - first_row,) + noise.shape[1:])
+    bar = tqdm(total=len(batches) * diffusion.num_timesteps, desc="sampling", unit="step", disable=not progress)
+    for batch_index in batches:
+        start = batch_index * settings.batch_size
         part = slice(start, start + settings.batch_size)
         cond = cond_rows[part].to(device)
         cache = model.make_cache(settings.branch) if settings.cache_interval > 1 else None
@@ -207,7 +218,7 @@ def sample_latents(model, cond_rows, noise, settings, progress=True):
             x = diffusion.ddim_sample_loop(eps_fn, noise[part].shape, eta=settings.eta, **common)
         else:
             x = diffusion.p_sample_loop(eps_fn, noise[part].shape, **common)
-        latents[part] = x.cpu()
+        latents[start - first_row:start - first_row + len(x)] = x.cpu()
     bar.close()
     return latents
 
@@ -255,8 +266,13 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=2048, pr
         raise
 
 
-def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True):
-    """Sample every planned condition, save per-condition latents and one decoded, labelled h5ad."""
+def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, context=None):
+    """Sample every planned condition, save per-condition latents and one decoded, labelled h5ad.
+
+    With a distributed ``context`` each rank samples a contiguous range of whole batches, the latents
+    are gathered and rank 0 writes the outputs (identical to one process with the same seed and
+    --batch_size); the other ranks return (path, None) once they are written.
+    """
     keys, vocabularies = loaded.label_keys, loaded.vocabularies
     sizes = list(loaded.model.condition_sizes)
     latent_dim = loaded.model.latent_dim
@@ -265,7 +281,18 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True):
         rows.append(torch.tensor([row] * count, dtype=torch.long).reshape(count, len(sizes)))
         noises.append(condition_noise(settings.seed, condition_index, count, latent_dim))
     cond_rows, noise = torch.cat(rows), torch.cat(noises)
-    latents = sample_latents(loaded.model, cond_rows, noise, settings, progress=progress).numpy()
+    path = os.path.join(sample_dir, "generated.h5ad")
+    if context is not None and context.is_distributed:
+        n_batches = -(-len(cond_rows) // settings.batch_size)
+        batches = range(n_batches)[context.shard(n_batches)]
+        local = sample_latents(loaded.model, cond_rows, noise, settings, progress=progress and context.is_main,
+                               batches=batches).numpy()
+        latents = context.all_gather_rows(local)
+        if not context.is_main:
+            context.barrier()
+            return path, None
+    else:
+        latents = sample_latents(loaded.model, cond_rows, noise, settings, progress=progress).numpy()
 
     os.makedirs(sample_dir, exist_ok=True)
     start = 0
@@ -286,6 +313,7 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True):
         "label_keys": keys, "n_cells": int(len(latents)), **{k: v for k, v in asdict(settings).items()},
         "sampler": "ddim" if settings.use_ddim else "ddpm",
     }}
-    path = os.path.join(sample_dir, "generated.h5ad")
     write_decoded_h5ad(path, autoencoder, latents, obs, uns, progress=progress)
+    if context is not None:
+        context.barrier()
     return path, latents

@@ -1,0 +1,155 @@
+"""Sampling throughput: cells/s and useful GFLOP/s against the matmul peak measured in the same run.
+
+    python benchmarks/bench_sampling.py            # full table (median of 3 runs per row)
+    python benchmarks/bench_sampling.py --runs 1 --quick
+
+Each row runs the whole sampling process of cell_sample.py — noise → guided reverse diffusion (with the
+feature cache) → decoding to all genes streamed into an .h5ad — with a randomly initialised default-size
+model (the cost does not depend on the weights): CellUNet [512, 512, 256, 128] over 128-d latents,
+14 classes, guidance w=0.5 (conditional + unconditional halves), and the autoencoder decoder to 20,125 genes.
+Useful FLOPs are counted from the model's shapes: 2 x multiply-adds of the main-path Linear layers per
+cell per step (full or shallow pass, doubled for guidance) plus the decoder's; per-timestep and
+per-condition projections are not counted (they are amortised, or waste in the reference path).
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from guided_diffusion.cell_model import CellUNet  # noqa: E402
+from guided_diffusion.feature_cache import refresh_schedule  # noqa: E402
+from guided_diffusion.respace import create_diffusion  # noqa: E402
+from guided_diffusion.sampling import DEFAULT_SETTINGS, SamplerSettings, sample_latents, write_decoded_h5ad  # noqa: E402
+from VAE.VAE_model import VAE, Autoencoder  # noqa: E402
+from guided_diffusion.data import Normalization  # noqa: E402
+
+NUM_GENES = 20125
+NUM_CLASSES = 14
+
+
+class PerCellProjections(torch.nn.Module):
+    """The straightforward computation (as the original code): every block's time and condition
+    projections recomputed for every cell at every step. Same outputs, more multiply-adds."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.condition_sizes = model.condition_sizes
+        self.latent_dim = model.latent_dim
+        self.validate_branch = model.validate_branch
+        self.make_cache = model.make_cache
+
+    def condition_scales(self, cond):
+        return None
+
+    def forward(self, x, t, cond, cache=None, cond_scales=None):
+        return self.model(x, t, cond, cache=cache, gather_embeddings=False)
+
+
+def matmul_peak_gflops(size=2048, repeats=20):
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 * repeats / best / 1e9
+
+
+def decoder_macs(autoencoder_model):
+    return sum(m.in_features * m.out_features for m in autoencoder_model.decoder if isinstance(m, torch.nn.Linear))
+
+
+def useful_flops_per_cell(model, settings, decoder_mac_count):
+    steps = create_diffusion(1000, settings.timestep_respacing or "1000").num_timesteps
+    refresh = refresh_schedule(steps, settings.cache_interval, settings.non_uniform)
+    full = model.macs_per_sample()
+    shallow = model.macs_per_sample(shallow=True, branch=settings.branch) if settings.cache_interval > 1 else full
+    passes = 2 if settings.guide_w != 0 else 1
+    macs = sum(full if r else shallow for r in refresh) * passes + decoder_mac_count
+    return 2 * macs
+
+
+def run_once(model, autoencoder, settings, n_cells, folder):
+    cond = (torch.arange(n_cells) % NUM_CLASSES)[:, None]
+    noise = torch.randn(n_cells, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    obs = pd.DataFrame({"cell_type1": pd.Categorical([f"type{c}" for c in cond[:, 0].tolist()])},
+                       index=[f"c{i}" for i in range(n_cells)])
+    start = time.perf_counter()
+    latents = sample_latents(model, cond, noise, settings, progress=False)
+    write_decoded_h5ad(os.path.join(folder, "generated.h5ad"), autoencoder, latents.numpy(), obs, {}, progress=False)
+    return time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3, help="runs per row (the median is reported)")
+    parser.add_argument("--quick", action="store_true", help="skip the slow 1000-step rows")
+    parser.add_argument("--cells", type=int, default=4096, help="cells per run for the fast rows")
+    parser.add_argument("--faithful_cells", type=int, default=512, help="cells per run for 1000-step rows")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    model = CellUNet(condition_sizes=(NUM_CLASSES,)).eval()
+    autoencoder = Autoencoder(VAE(NUM_GENES).eval(), [f"g{i}" for i in range(NUM_GENES)], Normalization())
+    decoder_mac_count = decoder_macs(autoencoder.model)
+    peak = matmul_peak_gflops()
+    default = DEFAULT_SETTINGS
+
+    def settings(**changes):
+        values = dict(vars(default))
+        values.update(changes)
+        return SamplerSettings(**values)
+
+    faithful = dict(use_ddim=False, timestep_respacing="1000", non_uniform=False, branch=0, batch_size=1024)
+    rows = []
+    if not args.quick:
+        rows += [
+            ("reference path (per-cell projections), DDPM-1000 cache 5", settings(**faithful, cache_interval=5),
+             args.faithful_cells, True),
+            ("faithful DDPM-1000, cache 1", settings(**faithful, cache_interval=1), args.faithful_cells, False),
+            ("faithful DDPM-1000, cache 5", settings(**faithful, cache_interval=5), args.faithful_cells, False),
+            ("DDPM-1000, cache 5 non-uniform", settings(**dict(faithful, non_uniform=True), cache_interval=5),
+             args.faithful_cells, False),
+        ]
+    for steps in (100, 50):
+        for interval in (1, 5):
+            rows.append((f"DDIM {steps}, cache {interval}", settings(use_ddim=True, timestep_respacing=f"ddim{steps}",
+                                                                     cache_interval=interval, non_uniform=False,
+                                                                     batch_size=1024), args.cells, False))
+    for batch in (256, 1024, 4096):
+        rows.append((f"default ({default.describe()}), batch {batch}", settings(batch_size=batch), args.cells, False))
+
+    print(f"matmul peak (fp32, {torch.get_num_threads()} threads, 2048^3): {peak:.0f} GFLOP/s")
+    print(f"{'configuration':<78} {'cells/s':>9} {'s/1000 cells':>12} {'useful GFLOP/s':>15} {'% peak':>7}")
+    results = []
+    with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
+        for name, config, n_cells, per_cell in rows:
+            run_model = PerCellProjections(model) if per_cell else model
+            seconds = statistics.median(run_once(run_model, autoencoder, config, n_cells, folder)
+                                        for _ in range(args.runs))
+            gflops = useful_flops_per_cell(model, config, decoder_mac_count) * n_cells / seconds / 1e9
+            cells_per_second = n_cells / seconds
+            results.append((name, cells_per_second))
+            print(f"{name:<78} {cells_per_second:>9.1f} {1000 / cells_per_second:>12.2f} {gflops:>15.1f} "
+                  f"{100 * gflops / peak:>6.0f}%", flush=True)
+    by_name = dict(results)
+    reference = by_name.get("reference path (per-cell projections), DDPM-1000 cache 5")
+    best_default = max(v for k, v in results if k.startswith("default"))
+    if reference:
+        print(f"default vs the reference-path DDPM-1000 cache 5 (the original's computation): "
+              f"{best_default / reference:.1f}x cells/s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation of generated cells: metrics library, orchestration with plots and report, notebooks."""

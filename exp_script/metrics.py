@@ -1,0 +1,280 @@
+"""One function per evaluation metric, on plain arrays.
+
+Every function takes cells x features arrays (log-normalized expression or an embedding of it)
+and returns numbers; none of them reads files or knows about the command line. "Reference" is
+the real side of a comparison, "compared" the side under test (generated cells, or the other half
+of the real cells for the positive control).
+"""
+import contextlib
+import logging
+import warnings
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+MMD_BANDWIDTH_MULTIPLIERS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def gene_mean_correlations(reference, compared):
+    """Spearman (``scc``) and Pearson (``pcc``) correlation of the per-gene mean expression."""
+    reference_means = np.asarray(reference, dtype=np.float64).mean(axis=0)
+    compared_means = np.asarray(compared, dtype=np.float64).mean(axis=0)
+    if np.ptp(reference_means) == 0 or np.ptp(compared_means) == 0:
+        return {"scc": float("nan"), "pcc": float("nan")}
+    return {
+        "scc": float(stats.spearmanr(reference_means, compared_means).statistic),
+        "pcc": float(stats.pearsonr(reference_means, compared_means).statistic),
+    }
+
+
+def wasserstein_per_gene(reference, compared, genes_per_chunk=2048):
+    """Exact 1-D Wasserstein-1 distance between the two samples of every gene (column).
+
+    Vectorised form of ``scipy.stats.wasserstein_distance``: W1 is the integral over t in (0, 1]
+    of |Q_ref(t) - Q_cmp(t)| where Q are the empirical quantile functions. Both are step
+    functions whose steps fall on i/n and j/m, so on every interval between consecutive steps
+    (the same intervals for all genes) each side is one order statistic.
+    """
+    reference = np.asarray(reference, dtype=np.float32)
+    compared = np.asarray(compared, dtype=np.float32)
+    n, m = reference.shape[0], compared.shape[0]
+    if n == 0 or m == 0:
+        raise ValueError("both samples need at least one cell")
+    # step positions as integers over the common denominator n * m
+    steps = np.union1d(np.arange(1, n + 1, dtype=np.int64) * m, np.arange(1, m + 1, dtype=np.int64) * n)
+    widths = np.diff(np.concatenate([[0], steps])) / float(n * m)
+    reference_rank = (steps + m - 1) // m - 1
+    compared_rank = (steps + n - 1) // n - 1
+    distances = np.empty(reference.shape[1], dtype=np.float64)
+    for start in range(0, reference.shape[1], genes_per_chunk):
+        stop = start + genes_per_chunk
+        reference_sorted = np.sort(reference[:, start:stop], axis=0)
+        compared_sorted = np.sort(compared[:, start:stop], axis=0)
+        gaps = np.abs(reference_sorted[reference_rank] - compared_sorted[compared_rank])
+        distances[start:stop] = widths @ gaps
+    return distances
+
+
+def mean_wasserstein(reference, compared):
+    """Per-gene 1-D Wasserstein distance averaged over genes."""
+    return float(wasserstein_per_gene(reference, compared).mean())
+
+
+def wasserstein_of_means(reference, compared):
+    """The paper's figure: 1-D Wasserstein distance between the two per-gene mean vectors."""
+    return float(stats.wasserstein_distance(np.asarray(reference).mean(axis=0),
+                                            np.asarray(compared).mean(axis=0)))
+
+
+def rbf_gammas(embedding, rng, multipliers=MMD_BANDWIDTH_MULTIPLIERS, max_cells=1000):
+    """RBF kernel widths from the median squared distance among ``embedding`` rows (the median
+    heuristic), scaled by each multiplier: gamma = 1 / (multiplier * median)."""
+    embedding = np.asarray(embedding, dtype=np.float64)
+    if embedding.shape[0] > max_cells:
+        embedding = embedding[rng.choice(embedding.shape[0], max_cells, replace=False)]
+    squared = _squared_distances(embedding, embedding)
+    upper = squared[np.triu_indices_from(squared, k=1)]
+    median = float(np.median(upper)) if upper.size else 0.0
+    if median <= 0:
+        median = 1.0
+    return [1.0 / (multiplier * median) for multiplier in multipliers]
+
+
+def mmd_rbf(reference, compared, gammas):
+    """Unbiased squared maximum mean discrepancy with an RBF kernel, averaged over bandwidths.
+
+    About 0 (it can be slightly negative) when both samples come from one distribution.
+    """
+    x = np.asarray(reference, dtype=np.float64)
+    y = np.asarray(compared, dtype=np.float64)
+    n, m = x.shape[0], y.shape[0]
+    if n < 2 or m < 2:
+        return float("nan")
+    xx, yy, xy = _squared_distances(x, x), _squared_distances(y, y), _squared_distances(x, y)
+    values = []
+    for gamma in gammas:
+        kxx, kyy, kxy = np.exp(-gamma * xx), np.exp(-gamma * yy), np.exp(-gamma * xy)
+        within_x = (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        within_y = (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        values.append(within_x + within_y - 2.0 * kxy.mean())
+    return float(np.mean(values))
+
+
+def _squared_distances(x, y):
+    squared = (x * x).sum(axis=1)[:, None] + (y * y).sum(axis=1)[None, :] - 2.0 * (x @ y.T)
+    return np.maximum(squared, 0.0)
+
+
+def lisi_per_cell(embedding, sources, n_neighbors=90):
+    """Per-cell LISI of ``sources`` on a kNN graph of ``embedding`` (scib-metrics' implementation).
+
+    Returns the LISI values (1 = only one source around the cell, 2 = two sources evenly mixed)
+    and the scaled iLISI of scib-metrics' ``ilisi_knn`` for all cells.
+    """
+    from scib_metrics import ilisi_knn, lisi_knn
+    from scib_metrics.nearest_neighbors import NeighborsResults
+
+    embedding = np.asarray(embedding, dtype=np.float32)
+    sources = np.asarray(sources)
+    k = int(min(n_neighbors, embedding.shape[0] - 1))
+    if k < 3 or len(np.unique(sources)) < 2:
+        return np.full(embedding.shape[0], np.nan), float("nan")
+    distances, indices = NearestNeighbors(n_neighbors=k).fit(embedding).kneighbors(embedding)
+    graph = NeighborsResults(indices=indices, distances=distances)
+    return np.asarray(lisi_knn(graph, sources)), float(ilisi_knn(graph, sources))
+
+
+def scaled_ilisi(lisi_values, n_sources=2):
+    """scib's scaling of the median LISI into [0, 1]: 1 means sources perfectly mixed."""
+    lisi_values = np.asarray(lisi_values, dtype=np.float64)
+    if lisi_values.size == 0 or np.all(np.isnan(lisi_values)):
+        return float("nan")
+    return float((np.nanmedian(lisi_values) - 1.0) / (n_sources - 1))
+
+
+def out_of_fold_probabilities(features, is_compared, classifier, folds=5, seed=0, groups=None):
+    """P(compared) for every cell, each predicted by a classifier that did not see it.
+
+    The folds are stratified by side and, if ``groups`` (e.g. cell labels) is given, by side and
+    group together: every fold then holds out the same share of real and compared cells of each
+    group. Otherwise a small group whose fold happens to hold out more cells of one side leaves
+    the other side in the majority around them, which biases the AUC below 0.5 under the null.
+    """
+    features = np.asarray(features)
+    is_compared = np.asarray(is_compared, dtype=bool)
+    probabilities = np.full(features.shape[0], np.nan)
+    n_splits = int(min(folds, is_compared.sum(), (~is_compared).sum()))
+    if n_splits < 2:
+        return probabilities
+    strata = is_compared.astype(str)
+    if groups is not None:
+        strata = np.char.add(np.char.add(strata, "|"), np.asarray(groups, dtype=str))
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # groups smaller than the number of folds are fine here
+        splits = list(splitter.split(features, strata))
+    for train, test in splits:
+        model = classifier().fit(features[train], is_compared[train])
+        column = list(model.classes_).index(True)
+        probabilities[test] = model.predict_proba(features[test])[:, column]
+    return probabilities
+
+
+def knn_classifier(n_neighbors=5):
+    return lambda: KNeighborsClassifier(n_neighbors=n_neighbors)
+
+
+def random_forest_classifier(n_trees=100, seed=0, n_jobs=2):
+    return lambda: RandomForestClassifier(n_estimators=n_trees, random_state=seed, n_jobs=n_jobs)
+
+
+def two_sample_scores(probabilities, is_compared):
+    """AUC and balanced accuracy of real-vs-compared predictions; 0.5 = indistinguishable."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    is_compared = np.asarray(is_compared, dtype=bool)
+    known = ~np.isnan(probabilities)
+    probabilities, is_compared = probabilities[known], is_compared[known]
+    if is_compared.all() or not is_compared.any():
+        return {"auc": float("nan"), "accuracy": float("nan")}
+    return {
+        "auc": float(roc_auc_score(is_compared, probabilities)),
+        "accuracy": float(balanced_accuracy_score(is_compared, probabilities > 0.5)),
+    }
+
+
+@contextlib.contextmanager
+def _quiet_celltypist():
+    """celltypist configures the root logger at import and logs every step at INFO; keep the
+    caller's logging as it was and silence celltypist's own messages."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import celltypist  # noqa: F401  (imported here for its logging side effect)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    celltypist_logger = logging.getLogger("celltypist.logger")
+    previous = celltypist_logger.level
+    celltypist_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        celltypist_logger.setLevel(previous)
+
+
+def train_celltypist(expression, labels, genes, seed=0):
+    """A CellTypist logistic-regression model (SGD training) fitted on log-normalized cells."""
+    import anndata
+
+    with _quiet_celltypist():
+        import celltypist
+
+        reference = anndata.AnnData(X=np.asarray(expression, dtype=np.float32),
+                                    obs=pd.DataFrame({"label": np.asarray(labels, dtype=str)},
+                                                     index=_cell_names(len(labels))),
+                                    var=pd.DataFrame(index=list(genes)))
+        return celltypist.train(reference, labels="label", check_expression=False, use_SGD=True,
+                                n_jobs=1, random_state=seed)
+
+
+def predict_celltypist(model, expression, genes):
+    """Best-match CellTypist labels for log-normalized cells (values clipped to the range
+    CellTypist accepts for log1p data normalized to 10,000 counts)."""
+    import anndata
+
+    with _quiet_celltypist():
+        import celltypist
+
+        values = np.clip(np.asarray(expression, dtype=np.float32), 0.0, 9.2)
+        query = anndata.AnnData(X=values, obs=pd.DataFrame(index=_cell_names(values.shape[0])),
+                                var=pd.DataFrame(index=list(genes)))
+        result = celltypist.annotate(query, model=model, majority_voting=False)
+        return result.predicted_labels["predicted_labels"].astype(str).to_numpy()
+
+
+def label_accuracy(predicted, intended):
+    """Fraction of cells predicted as their intended label."""
+    predicted, intended = np.asarray(predicted), np.asarray(intended)
+    if predicted.size == 0:
+        return float("nan")
+    return float(np.mean(predicted == intended))
+
+
+def marker_genes(expression, labels, genes, groups, top_n=50):
+    """Top ``top_n`` up-regulated genes of each group against the rest of ``groups``
+    (Wilcoxon rank-sum, scanpy's ``rank_genes_groups``). Cells of other labels are left out."""
+    import anndata
+    import scanpy as sc
+
+    labels = np.asarray(labels, dtype=str)
+    groups = [str(group) for group in groups]
+    if len(groups) < 2:
+        return {}
+    keep = np.isin(labels, groups)
+    adata = anndata.AnnData(X=np.asarray(expression, dtype=np.float32)[keep],
+                            obs=pd.DataFrame({"label": pd.Categorical(labels[keep], categories=groups)},
+                                             index=_cell_names(int(keep.sum()))),
+                            var=pd.DataFrame(index=list(genes)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sc.tl.rank_genes_groups(adata, "label", method="wilcoxon", n_genes=top_n)
+    names = adata.uns["rank_genes_groups"]["names"]
+    return {group: [str(gene) for gene in names[group]] for group in groups}
+
+
+def _cell_names(count):
+    return [f"cell{i}" for i in range(count)]
+
+
+def jaccard(first, second):
+    """|A ∩ B| / |A ∪ B| of two gene lists; NaN when both are empty."""
+    first, second = set(first), set(second)
+    union = first | second
+    return float(len(first & second) / len(union)) if union else float("nan")
