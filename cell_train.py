@@ -5,17 +5,20 @@
         --num_classes 14 --branch 0 --cache_interval 5 --non_uniform False
 
 Several conditions: repeat --label_key (e.g. --label_key cell_type1 --label_key donor).
+Several processes: torchrun --nproc_per_node N cell_train.py ... or mpiexec -n N python cell_train.py ...;
+files larger than memory: --backed True (see docs/scaling.md).
 """
 import argparse
 
 from guided_diffusion.cell_training import train_diffusion
-from guided_diffusion.cli import (add_debug_arg, add_device_arg, command, fraction, non_negative_int,
-                                  positive_int, str2bool)
+from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, fraction,
+                                  non_negative_float, non_negative_int, positive_float, positive_int, probability,
+                                  str2bool)
 from guided_diffusion.data import add_data_args
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser)
     parser.add_argument("--vae_path", required=True, help="autoencoder checkpoint (VAE/VAE_train.py)")
     parser.add_argument("--save_dir", default="checkpoint/diffusion")
@@ -24,19 +27,23 @@ def build_parser():
                         help="classes per label key; inferred from the data, checked if given")
     parser.add_argument("--lr_anneal_steps", type=non_negative_int, default=800000,
                         help="train this many steps, the LR falling linearly to 0 (0: no end, constant LR)")
-    parser.add_argument("--batch_size", type=positive_int, default=128)
+    parser.add_argument("--batch_size", type=positive_int, default=128,
+                        help="global batch, split across processes under torchrun/mpiexec")
     parser.add_argument("--microbatch", type=int, default=-1, help="split batches for memory (-1: off)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight_decay", type=float, default=1e-4)
-    parser.add_argument("--ema_rate", type=float, default=0.9999)
-    parser.add_argument("--p_uncond", type=float, default=0.1,
+    parser.add_argument("--lr", type=positive_float, default=1e-4)
+    parser.add_argument("--weight_decay", type=non_negative_float, default=1e-4)
+    parser.add_argument("--ema_rate", type=probability, default=0.9999)
+    parser.add_argument("--p_uncond", type=probability, default=0.1,
                         help="probability of dropping each label key (classifier-free guidance)")
     parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=[512, 512, 256, 128])
+    parser.add_argument("--latent_scale", default="auto",
+                        help="multiply the latents by this for diffusion; 'auto' = unit variance (1 = original)")
     parser.add_argument("--dropout", type=fraction, default=0.0)
     parser.add_argument("--save_interval", type=positive_int, default=200000)
     parser.add_argument("--log_interval", type=positive_int, default=100)
-    parser.add_argument("--resume_checkpoint", default="", help="model{step}.pt to resume from")
-    parser.add_argument("--max_minutes", type=float, default=None, help="stop (and save) after this many minutes")
+    parser.add_argument("--resume_checkpoint", default="",
+                        help="model{step}.pt to resume from, or its folder (the newest complete checkpoint)")
+    parser.add_argument("--max_minutes", type=positive_float, default=None, help="stop (and save) after this many minutes")
     parser.add_argument("--seed", type=int, default=0)
     sampling = parser.add_argument_group("sampling defaults recorded in the checkpoint")
     sampling.add_argument("--branch", type=non_negative_int, default=0)

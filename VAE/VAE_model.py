@@ -55,6 +55,16 @@ class VAE(nn.Module):
             decoder.append(nn.ReLU())
         self.decoder = nn.Sequential(*decoder)
 
+    def init_output_bias(self, gene_means):
+        """Start the decoder's output at each gene's mean expression.
+
+        Without it the ReLU output starts at zero for most genes and lowly expressed genes are never
+        learned in a short run (their reconstruction stays exactly 0).
+        """
+        output = [m for m in self.decoder if isinstance(m, nn.Linear)][-1]
+        with torch.no_grad():
+            output.bias.copy_(torch.as_tensor(gene_means, dtype=output.bias.dtype))
+
     def config(self):
         return {"num_genes": self.num_genes, "latent_dim": self.latent_dim, "hidden_dims": list(self.hidden_dims),
                 "dropout": self.dropout, "decoder_activation": self.decoder_activation}

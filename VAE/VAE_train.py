@@ -2,6 +2,9 @@
 
     python VAE/VAE_train.py --data_dir dataset/baron_human.h5ad --num_genes 20125 \
         --save_dir checkpoint/AE --max_steps 200000
+
+Several processes (--batch_size stays the global batch): torchrun --nproc_per_node N VAE/VAE_train.py ...
+or mpiexec -n N python VAE/VAE_train.py ...; files larger than memory: --backed True (see docs/scaling.md).
 """
 import argparse
 import os
@@ -10,35 +13,38 @@ import sys
 if __package__ in (None, ""):  # run as a script, from the project root or from inside VAE/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.cli import (add_debug_arg, add_device_arg, command, fraction, positive_int,  # noqa: E402
-                                  str2bool)
+from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, fraction,  # noqa: E402
+                                  non_negative_float, non_negative_int, positive_float, positive_int, str2bool)
 from guided_diffusion.data import add_data_args  # noqa: E402
+from guided_diffusion.dist_util import setup_distributed  # noqa: E402
 from VAE.autoencoder_training import train_autoencoder  # noqa: E402
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(parser, labels=False)
     parser.add_argument("--num_genes", type=positive_int, default=None,
                         help="number of genes; inferred from the data, checked if given")
     parser.add_argument("--save_dir", required=True, help="folder for checkpoints and train_log.csv")
     parser.add_argument("--max_steps", type=positive_int, default=200000)
-    parser.add_argument("--max_minutes", type=float, default=None, help="stop (and save) after this many minutes")
-    parser.add_argument("--batch_size", type=positive_int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--weight_decay", type=float, default=1e-5)
+    parser.add_argument("--max_minutes", type=positive_float, default=None, help="stop (and save) after this many minutes")
+    parser.add_argument("--batch_size", type=positive_int, default=128,
+                        help="global batch, split across processes when distributed")
+    parser.add_argument("--lr", type=positive_float, default=1e-3)
+    parser.add_argument("--weight_decay", type=non_negative_float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint_freq", type=positive_int, default=50000)
     parser.add_argument("--log_interval", type=positive_int, default=100)
     parser.add_argument("--state_dict", default="", help="autoencoder checkpoint to start from (resumes "
-                                                         "optimizer, data order and step when present)")
-    parser.add_argument("--start_step", type=int, default=None, help="override the starting step")
+                                                         "optimizer, data order and step when present), or "
+                                                         "a --save_dir (its newest checkpoint of this --seed)")
+    parser.add_argument("--start_step", type=non_negative_int, default=None, help="override the starting step")
     parser.add_argument("--loss_ae", default="mse", choices=["mse"], help="reconstruction loss")
     parser.add_argument("--decoder_activation", default="ReLU", choices=["ReLU", "linear"])
     parser.add_argument("--latent_dim", type=positive_int, default=128)
     parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=[1024, 1024, 1024],
                         help="encoder widths (the decoder mirrors them)")
-    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--dropout", type=fraction, default=0.0)
     parser.add_argument("--val_fraction", type=fraction, default=0.1, help="held-out cells for validation")
     parser.add_argument("--progress", type=str2bool, default=True)
     add_device_arg(parser)
@@ -50,6 +56,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     path, report, seconds = train_autoencoder(args, progress=args.progress)
+    if not setup_distributed(args.device).is_main:
+        return path
     print(f"saved {path} ({seconds:.1f} s)")
     if report:
         print(f"held-out reconstruction on {report['n_cells']} cells: MSE {report['mse']:.4f}, "

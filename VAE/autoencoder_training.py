@@ -1,15 +1,18 @@
-"""Training loop of the autoencoder: resumable exactly, checkpoints atomic, CSV log, tqdm progress."""
+"""Training loop of the autoencoder: resumable exactly, checkpoints atomic, CSV log, tqdm progress;
+one process, or several on torch.distributed (torchrun / mpiexec)."""
 import csv
 import os
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from guided_diffusion.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from guided_diffusion.cli import UsageError, resolve_device
-from guided_diffusion.data import (BatchSampler, check_genes, load_dataset, split_train_validation)
+from guided_diffusion.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from guided_diffusion.cli import StopAtStepBoundary, UsageError, check_writable_dir
+from guided_diffusion.data import check_genes, load_dataset, make_batch_sampler, split_train_validation
+from guided_diffusion.dist_util import setup_distributed
 
 from .VAE_model import VAE
 
@@ -52,25 +55,57 @@ class CsvLog:
             csv.writer(stream).writerow([row.get(field, "") for field in self.fields])
 
 
+def gene_means(dataset, indices, seed, max_cells=50000, chunk=1024):
+    """Mean model input per gene over (at most ``max_cells`` of) the training cells, read in chunks."""
+    indices = np.asarray(indices)
+    if len(indices) > max_cells:
+        indices = np.sort(np.random.default_rng([seed, 7]).choice(indices, max_cells, replace=False))
+    total = np.zeros(dataset.n_genes, dtype=np.float64)
+    for start in range(0, len(indices), chunk):
+        total += dataset.rows(indices[start:start + chunk]).sum(axis=0, dtype=np.float64)
+    return total / max(len(indices), 1)
+
+
 def train_autoencoder(args, progress=True):
-    """Train (or resume) the autoencoder described by the parsed ``args``; returns the last checkpoint path."""
-    device = resolve_device(args.device)
+    """Train (or resume) the autoencoder described by the parsed ``args``; returns the last checkpoint path.
+
+    Under torchrun/mpiexec every rank trains a DistributedDataParallel replica on its slice of each
+    global batch of ``--batch_size`` cells (BatchNorm statistics synchronized over ranks); rank 0
+    evaluates, logs and writes checkpoints, which hold only global state (any world size resumes).
+    """
+    context = setup_distributed(args.device)
+    device = context.device
+    context.check_batch_size(args.batch_size)
     dataset = load_dataset(args.data_dir, label_keys=[], layer=args.layer, input_is_log=args.input_is_log,
-                           filters=args.filter, require_labels=False)
+                           filters=args.filter, require_labels=False, backed=args.backed,
+                           block_rows=args.block_rows)
+    try:
+        return _train(args, dataset, context, device, progress and context.is_main)
+    finally:
+        dataset.close()
+
+
+def _train(args, dataset, context, device, progress):
     if args.num_genes is not None and args.num_genes != dataset.n_genes:
         raise UsageError(f"--num_genes {args.num_genes} contradicts the data, which has {dataset.n_genes} "
                          f"genes; omit --num_genes or fix it")
-    os.makedirs(args.save_dir, exist_ok=True)
-    if not os.access(args.save_dir, os.W_OK):
-        raise UsageError(f"cannot write to --save_dir {args.save_dir}")
+    if context.is_main:
+        check_writable_dir(args.save_dir, "--save_dir")
 
     train_index, val_index = split_train_validation(dataset.n_cells, args.val_fraction, args.seed)
     torch.manual_seed(args.seed)
     model = VAE(dataset.n_genes, latent_dim=args.latent_dim, hidden_dims=args.hidden_dims, dropout=args.dropout,
-                decoder_activation=args.decoder_activation).to(device)
+                decoder_activation=args.decoder_activation)
+    model = context.synchronize_batchnorm(model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sampler = BatchSampler(train_index, args.batch_size, args.seed)
+    sampler = make_batch_sampler(dataset, train_index, args.batch_size, args.seed)
     step = 0
+    if args.state_dict and os.path.isdir(args.state_dict):  # a folder: its newest checkpoint of this seed
+        folder = args.state_dict
+        args.state_dict = latest_checkpoint(folder, rf"model_seed={args.seed}_step=(\d+)\.pt")
+        if args.state_dict is None:
+            raise UsageError(f"--state_dict {folder} holds no model_seed={args.seed}_step=*.pt; give a checkpoint "
+                             f"file or start without --state_dict")
     if args.state_dict:
         payload = load_checkpoint(args.state_dict, kinds=("autoencoder",))
         check_genes(payload["genes"], dataset.genes, what=f"checkpoint {args.state_dict}")
@@ -83,60 +118,83 @@ def train_autoencoder(args, progress=True):
             sampler.load_state_dict(payload["sampler"])
             set_rng_state(payload["rng"])
         step = int(payload["step"])
+    else:
+        model.init_output_bias(gene_means(dataset, train_index, args.seed))
     if args.start_step is not None:
         step = args.start_step
+    replica = context.wrap(model)
 
-    def save(at_step):
+    def save(at_step, wait=True):
         path = checkpoint_path(args.save_dir, args.seed, at_step)
-        save_checkpoint({
-            "model_config": model.config(), "state_dict": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng_state(),
-            "step": at_step, "genes": dataset.genes, "normalization": dataset.normalization.to_dict(),
-            "train_config": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list))},
-            "val_fraction": args.val_fraction, "seed": args.seed,
-        }, path, kind="autoencoder")
+        if context.is_main:
+            save_checkpoint({
+                "model_config": model.config(), "state_dict": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng_state(),
+                "step": at_step, "genes": dataset.genes, "normalization": dataset.normalization.to_dict(),
+                "train_config": {k: v for k, v in vars(args).items()
+                                 if isinstance(v, (int, float, str, bool, list))},
+                "val_fraction": args.val_fraction, "seed": args.seed,
+            }, path, kind="autoencoder")
+        if wait:
+            context.barrier()
         return path
 
-    log = CsvLog(os.path.join(args.save_dir, "train_log.csv"), ["step", "train_loss", "val_loss", "seconds"])
+    if context.is_main:
+        os.makedirs(args.save_dir, exist_ok=True)
+    log = CsvLog(os.path.join(args.save_dir, "train_log.csv"),
+                 ["step", "train_loss", "val_loss", "seconds"]) if context.is_main else None
     started = time.monotonic()
     deadline = started + args.max_minutes * 60 if args.max_minutes else None
     last_path, running, running_count = None, 0.0, 0
     model.train()
     bar = tqdm(total=args.max_steps, initial=step, desc="autoencoder", disable=not progress, unit="step")
-    try:
+    with StopAtStepBoundary() as stop:  # Ctrl-C/SIGTERM: finish the step, save, exit 130/143
         while step < args.max_steps:
-            batch = torch.from_numpy(dataset.rows(sampler.next_batch())).to(device)
-            loss = model.loss(batch)
+            batch_index = sampler.next_batch()
+            local_index = batch_index[context.shard(len(batch_index))]
+            batch = torch.from_numpy(dataset.rows(local_index)).to(device)
+            reconstruction, _ = replica(batch)
+            local_loss = F.mse_loss(reconstruction, batch)
+            # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
+            share = len(local_index) / len(batch_index)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (local_loss * (share * context.world_size)).backward()
             optimizer.step()
             step += 1
-            running += loss.item()
+            running += local_loss.item() * share
             running_count += 1
             bar.update(1)
             bar.set_postfix(loss=f"{running / running_count:.4f}")
-            out_of_time = deadline is not None and time.monotonic() >= deadline
+            out_of_time = deadline is not None and context.any(time.monotonic() >= deadline)
             if step % args.log_interval == 0 or step % args.checkpoint_freq == 0 or step == args.max_steps \
                     or out_of_time:
-                val_loss = ""
-                if len(val_index) and (step % args.checkpoint_freq == 0 or step == args.max_steps or out_of_time):
-                    val_loss = evaluate_reconstruction(model, dataset, val_index[:2048])["mse"]
-                log.write(step=step, train_loss=running / running_count, val_loss=val_loss,
-                          seconds=round(time.monotonic() - started, 2))
+                train_loss = float(context.sum([running])[0]) / running_count
+                if context.is_main:
+                    val_loss = ""
+                    if len(val_index) and (step % args.checkpoint_freq == 0 or step == args.max_steps
+                                           or out_of_time):
+                        val_loss = evaluate_reconstruction(model, dataset, val_index[:2048])["mse"]
+                    log.write(step=step, train_loss=train_loss, val_loss=val_loss,
+                              seconds=round(time.monotonic() - started, 2))
                 running, running_count = 0.0, 0
             if step % args.checkpoint_freq == 0:
                 last_path = save(step)
+            if context.any(stop.requested):
+                if last_path is None or not last_path.endswith(f"_step={step}.pt"):
+                    last_path = save(step)
+                bar.close()
+                if context.is_main:
+                    print(f"interrupted: saved {last_path}; resume with --state_dict {last_path}", flush=True)
+                raise SystemExit(stop.exit_code if stop.requested else 130)
             if out_of_time:
-                bar.write(f"--max_minutes {args.max_minutes} reached at step {step}")
+                if context.is_main:
+                    bar.write(f"--max_minutes {args.max_minutes} reached at step {step}")
                 break
-    except KeyboardInterrupt:
-        last_path = save(step)
-        bar.close()
-        print(f"interrupted: saved {last_path}; resume with --state_dict {last_path}")
-        raise SystemExit(130) from None
     bar.close()
     if last_path is None or not last_path.endswith(f"_step={step}.pt"):
         last_path = save(step)
     seconds = time.monotonic() - started
-    report = evaluate_reconstruction(model, dataset, val_index) if len(val_index) else None
+    report = None
+    if context.is_main and len(val_index):
+        report = evaluate_reconstruction(model, dataset, val_index)
     return last_path, report, seconds

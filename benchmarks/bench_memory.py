@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO_ROOT))
 from guided_diffusion.data import DEFAULT_BLOCK_ROWS, BlockShuffledSampler, load_dataset  # noqa: E402
 
 N_TYPES = 10
+LATENT_DIM = 128
 WRITE_CHUNK_ROWS = 2000
 
 
@@ -149,6 +150,7 @@ def main(argv=None):
             rows.append({"cells": n_cells, "genes": args.genes, "nnz": nnz, "mode": mode,
                          "file_mib": path.stat().st_size / 2 ** 20,
                          "dense_gib": n_cells * args.genes * 4 / 2 ** 30,
+                         "latents_mib": n_cells * LATENT_DIM * 4 / 2 ** 20,
                          "ae_peak_mib": ae_rss, "ae_s": ae_seconds,
                          "diffusion_peak_mib": diffusion_rss, "diffusion_s": diffusion_seconds,
                          "scan_cells_per_s": scan_rate, "batch_cells_per_s": batch_rate})
@@ -163,11 +165,12 @@ def main(argv=None):
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
     for mode in args.modes:
         sized = table[table["mode"] == mode].sort_values("cells")
-        if len(sized) > 1:
-            small, large = sized.iloc[0], sized.iloc[-1]
-            print(f"{mode}: {int(large.cells)} vs {int(small.cells)} cells ({large.cells / small.cells:.0f}x): "
+        small = sized.iloc[0]
+        for _, large in sized.iloc[1:].iterrows():
+            print(f"{mode}: {int(large.cells)} vs {int(small.cells)} cells: "
                   f"autoencoder peak {large.ae_peak_mib / small.ae_peak_mib:.2f}x, "
-                  f"diffusion peak {large.diffusion_peak_mib / small.diffusion_peak_mib:.2f}x")
+                  f"diffusion peak {large.diffusion_peak_mib / small.diffusion_peak_mib:.2f}x "
+                  f"(its latents: +{large.latents_mib - small.latents_mib:.0f} MiB)")
     return table
 
 

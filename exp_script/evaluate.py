@@ -15,7 +15,7 @@ import sys
 if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from exp_script.evaluation import METRICS, EvaluationSettings, evaluate  # noqa: E402
+from exp_script.evaluation import METRICS, EvaluationSettings, evaluate, metrics_table  # noqa: E402
 from guided_diffusion.cli import (ArgumentParser, add_debug_arg, check_writable_dir, command,  # noqa: E402
                                   non_negative_int, positive_int, str2bool)
 from guided_diffusion.data import DEFAULT_LABEL_KEY  # noqa: E402
@@ -60,8 +60,11 @@ def main(argv=None):
                                   marker_genes=args.marker_genes, max_cells=args.max_cells,
                                   metrics=tuple(args.metrics), plots=args.plots)
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if args.progress else None
-    return evaluate(args.real, args.generated, args.label_key, args.out, layer=args.layer,
-                    input_is_log=args.input_is_log, filters=args.filter, settings=settings, log=log)
+    results = evaluate(args.real, args.generated, args.label_key, args.out, layer=args.layer,
+                       input_is_log=args.input_is_log, filters=args.filter, settings=settings, log=log)
+    print(metrics_table(results).to_string(float_format=lambda value: f"{value:.4f}"))
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+    return results
 
 
 if __name__ == "__main__":

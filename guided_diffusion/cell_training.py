@@ -1,4 +1,10 @@
-"""h5ad -> normalize -> encode with the autoencoder -> latents -> train the conditional denoiser."""
+"""h5ad -> normalize -> encode with the autoencoder -> latents -> train the conditional denoiser.
+
+With ``--backed`` the h5ad is streamed: cells are encoded block by block and only the N x latent_dim
+latents (plus labels) are held in memory. Under torchrun/mpiexec each rank encodes its contiguous
+share of the cells and the latents are all-gathered, then training runs data-parallel
+(:class:`~guided_diffusion.train_util.DiffusionTrainer`).
+"""
 import os
 
 import numpy as np
@@ -8,8 +14,9 @@ from VAE.VAE_model import load_autoencoder
 
 from .cell_model import CellUNet
 from .checkpoint import file_sha256
-from .cli import UsageError, resolve_device
+from .cli import UsageError, check_writable_dir
 from .data import check_genes, check_num_classes, load_dataset
+from .dist_util import DistributedContext, setup_distributed
 from .respace import create_diffusion
 from .train_util import DiffusionTrainer
 
@@ -22,29 +29,87 @@ def condition_counts(label_codes):
     return [[int(c) for c in combo] + [int(n)] for combo, n in zip(combos, counts)]
 
 
-def prepare_latents(args, device, progress=True):
-    """Load the data and the autoencoder, check they agree, and encode every cell (in batches)."""
+class CellRange:
+    """Cells ``[start, stop)`` of a dataset, seen as a dataset of their own (``n_cells`` and ``rows``)."""
+
+    def __init__(self, dataset, start, stop):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    @property
+    def n_cells(self):
+        return self.stop - self.start
+
+    def rows(self, index):
+        return self.dataset.rows(np.asarray(index) + self.start)
+
+
+def prepare_latents(args, device, progress=True, context=None):
+    """Load the data and the autoencoder, check they agree, and encode every cell (in batches).
+
+    Distributed, each rank encodes its share of the cells and every rank receives all latents.
+    """
+    context = context or DistributedContext(device=device)
     dataset = load_dataset(args.data_dir, label_keys=args.label_key, layer=args.layer,
-                           input_is_log=args.input_is_log, filters=args.filter)
-    check_num_classes(args.num_classes, dataset)
-    autoencoder, _ = load_autoencoder(args.vae_path, device=device)
-    check_genes(autoencoder.genes, dataset.genes, what=f"the autoencoder {args.vae_path}")
-    if autoencoder.normalization.input_is_log != dataset.normalization.input_is_log:
-        raise UsageError(f"the autoencoder was trained on {'log-normalized' if autoencoder.normalization.input_is_log else 'raw-count'} "
-                         f"input but --input_is_log is {dataset.normalization.input_is_log}")
-    latents = autoencoder.encode_dataset(dataset, batch_size=1024, progress=progress)
+                           input_is_log=args.input_is_log, filters=args.filter,
+                           backed=args.backed, block_rows=args.block_rows)
+    try:
+        check_num_classes(args.num_classes, dataset)
+        autoencoder, _ = load_autoencoder(args.vae_path, device=device)
+        check_genes(autoencoder.genes, dataset.genes, what=f"the autoencoder {args.vae_path}")
+        if autoencoder.normalization.input_is_log != dataset.normalization.input_is_log:
+            raise UsageError(f"the autoencoder was trained on {'log-normalized' if autoencoder.normalization.input_is_log else 'raw-count'} "
+                             f"input but --input_is_log is {dataset.normalization.input_is_log}")
+        share = context.shard(dataset.n_cells)
+        local = autoencoder.encode_dataset(CellRange(dataset, share.start, share.stop), batch_size=1024,
+                                           progress=progress and context.is_main)
+        latents = context.all_gather_rows(local)
+    finally:
+        dataset.close()
     return dataset, autoencoder, latents
+
+
+def latent_std(latents, chunk_rows=8192):
+    """Standard deviation of all latent components, in float64 row chunks (no N x latent_dim temporary)."""
+    count = latents.size
+    mean = sum(float(latents[start:start + chunk_rows].sum(dtype=np.float64))
+               for start in range(0, len(latents), chunk_rows)) / count
+    squares = 0.0
+    for start in range(0, len(latents), chunk_rows):
+        centred = latents[start:start + chunk_rows].astype(np.float64).ravel() - mean
+        squares += float(centred @ centred)
+    return (squares / count) ** 0.5
+
+
+def resolve_latent_scale(value, latents):
+    """The factor the latents are multiplied by for diffusion (the sampler divides it out again).
+
+    ``auto`` gives the latent components unit variance: the autoencoder's latents lie on the unit
+    sphere, so each of the 128 components is only ~0.09 in size and, unscaled, the signal is drowned
+    by the unit-variance noise for most of the schedule. ``1`` keeps the original cfDiffusion scale.
+    """
+    if str(value).lower() == "auto":
+        return float(1.0 / max(latent_std(latents), 1e-8))
+    try:
+        scale = float(value)
+    except ValueError:
+        raise UsageError(f"--latent_scale takes 'auto' or a positive number, got {value!r}") from None
+    if not scale > 0:
+        raise UsageError(f"--latent_scale must be positive, got {value}")
+    return scale
 
 
 def train_diffusion(args, progress=True):
     """Train (or resume) the diffusion model; returns the path of the last model file."""
-    device = resolve_device(args.device)
+    context = setup_distributed(args.device)
+    device = context.device
+    context.check_batch_size(args.batch_size)
     save_dir = os.path.join(args.save_dir, args.model_name)
-    os.makedirs(save_dir, exist_ok=True)
-    if not os.access(save_dir, os.W_OK):
-        raise UsageError(f"cannot write to {save_dir}")
-    dataset, autoencoder, latents = prepare_latents(args, device, progress)
+    if context.is_main:
+        check_writable_dir(save_dir, "--save_dir")  # created by the trainer once the inputs are checked
+    dataset, autoencoder, latents = prepare_latents(args, device, progress, context)
 
+    latent_scale = resolve_latent_scale(args.latent_scale, latents)
+    np.multiply(latents, latent_scale, out=latents)  # in place: the N x latent_dim latents exist once
     torch.manual_seed(args.seed)
     model = CellUNet(latent_dim=latents.shape[1], hidden_dims=args.hidden_dims,
                      condition_sizes=dataset.num_classes, dropout=args.dropout)
@@ -64,6 +129,7 @@ def train_diffusion(args, progress=True):
         "diffusion": {"steps": DIFFUSION_STEPS, "schedule": "linear", "predict": "epsilon"},
         "sampling_defaults": {"branch": args.branch, "cache_interval": args.cache_interval,
                               "non_uniform": args.non_uniform},
+        "latent_scale": latent_scale,
         "p_uncond": args.p_uncond,
         "seed": args.seed,
     }
@@ -72,7 +138,7 @@ def train_diffusion(args, progress=True):
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, weight_decay=args.weight_decay,
         ema_rate=args.ema_rate, lr_anneal_steps=args.lr_anneal_steps, p_uncond=args.p_uncond,
         save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed, device=device,
-        max_minutes=args.max_minutes)
+        max_minutes=args.max_minutes, context=context)
     if args.resume_checkpoint:
         trainer.resume(args.resume_checkpoint)
     return trainer.run_loop(progress=progress)

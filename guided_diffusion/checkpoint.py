@@ -3,9 +3,18 @@
 Every file is a dict with ``format_version`` and ``kind`` (``autoencoder``, ``diffusion_model``,
 ``diffusion_ema`` or ``diffusion_optimizer``) so a file given in the wrong place is refused with a
 clear message instead of failing deep inside the model.
+
+Writes go to a hidden temporary file in the same folder (``.NAME.tmp-XXXX``), are fsynced and then
+renamed, so a file with the final name is always complete, even if the process is killed mid-write;
+a killed write leaves only the temporary file, which is safe to delete (the next write of the same
+name removes it). Reads use
+``torch.load(weights_only=True)``, so a file holding arbitrary Python objects is refused, never executed.
 """
+import collections
 import hashlib
 import os
+import pickle
+import re
 import tempfile
 
 import blobfile as bf
@@ -22,13 +31,42 @@ KIND_DESCRIPTIONS = {
     "diffusion_optimizer": "a diffusion optimizer state (cell_train.py opt*.pt)",
 }
 
+# what a checkpoint may contain: exactly what torch.load(weights_only=True) reads back
+_PLAIN_TYPES = (str, bytes, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
+_CONTAINERS = (dict, collections.OrderedDict, list, tuple)
+
+
+def check_plain(value, where="payload"):
+    """Raise TypeError naming the first entry that is not a tensor, a plain value or a plain container.
+
+    Exact types are required: a numpy float is a ``float`` subclass but would make the file
+    unreadable with ``weights_only=True``.
+    """
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES:
+        return
+    if type(value) not in _CONTAINERS:
+        raise TypeError(f"checkpoint entry {where} is a {type(value).__module__}.{type(value).__name__}; "
+                        f"only tensors, str/int/float/bool/None and dict/list/tuple can be saved")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            check_plain(key, f"{where} key {key!r}")
+            check_plain(item, f"{where}[{key!r}]")
+    else:
+        for index, item in enumerate(value):
+            check_plain(item, f"{where}[{index}]")
+
 
 def save_checkpoint(payload, path, kind):
     """Write ``payload`` (a dict) to ``path`` atomically: temp file in the same folder, fsync, rename."""
+    if kind not in KIND_DESCRIPTIONS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}")
     payload = dict(payload, format_version=FORMAT_VERSION, kind=kind)
+    check_plain(payload)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    _remove_stale_temporaries(folder, prefix)
+    handle, temp_path = tempfile.mkstemp(prefix=prefix, dir=folder)
     try:
         with os.fdopen(handle, "wb") as stream:
             torch.save(payload, stream)
@@ -40,7 +78,32 @@ def save_checkpoint(payload, path, kind):
         if os.path.exists(temp_path):
             os.remove(temp_path)
         raise
+    _fsync_folder(folder)
     return path
+
+
+def _remove_stale_temporaries(folder, prefix):
+    """Delete what an earlier, killed write of the same file left (one writer per file name)."""
+    for name in os.listdir(folder):
+        if name.startswith(prefix):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def _fsync_folder(folder):
+    """Make the rename itself durable (a power cut right after it would otherwise lose it)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def _current_umask():
@@ -58,19 +121,53 @@ def load_checkpoint(path, kinds=None):
     try:
         with bf.BlobFile(path, "rb") as stream:
             payload = torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "global" in str(error).lower():  # a class or function reference: what code execution needs
+            raise UsageError(f"refusing to load {path}: it holds Python objects other than tensors and plain "
+                             f"containers, which could run code; it was not loaded. Use a checkpoint written "
+                             f"by cfDiffusion") from error
+        raise UsageError(_unreadable(path, error)) from error
     except Exception as error:
-        raise UsageError(f"cannot read checkpoint {path} (truncated, corrupt or not a cfDiffusion "
-                         f"checkpoint): {type(error).__name__}") from error
+        raise UsageError(_unreadable(path, error)) from error
     if not isinstance(payload, dict) or "format_version" not in payload or "kind" not in payload:
-        raise UsageError(f"{path} is not a cfDiffusion checkpoint (no format_version/kind)")
-    if int(payload["format_version"]) > FORMAT_VERSION:
-        raise UsageError(f"{path} has checkpoint format version {payload['format_version']}, newer than "
-                         f"this code reads ({FORMAT_VERSION}); update cfDiffusion")
+        raise UsageError(f"{path} is not a cfDiffusion checkpoint (no format_version/kind); "
+                         f"pass a file written by VAE/VAE_train.py or cell_train.py")
+    version = payload["format_version"]
+    if type(version) is not int or version < 1:
+        raise UsageError(f"{path} has an invalid checkpoint format_version {version!r}; it is not a "
+                         f"cfDiffusion checkpoint or is corrupt")
+    if version > FORMAT_VERSION:
+        raise UsageError(f"{path} has checkpoint format version {version}, newer than this code reads "
+                         f"({FORMAT_VERSION}); update cfDiffusion")
     if kinds is not None and payload["kind"] not in kinds:
         wanted = " or ".join(KIND_DESCRIPTIONS[k] for k in kinds)
-        found = KIND_DESCRIPTIONS.get(payload["kind"], payload["kind"])
+        found = KIND_DESCRIPTIONS.get(payload["kind"], f"a checkpoint of unknown kind {payload['kind']!r}")
         raise UsageError(f"{path} is {found}, but {wanted} is expected here")
     return payload
+
+
+def _unreadable(path, error):
+    return (f"cannot read checkpoint {path}: it is truncated, corrupt or not a cfDiffusion checkpoint "
+            f"({type(error).__name__}); use an earlier checkpoint or re-create it")
+
+
+def latest_checkpoint(folder, pattern, required_siblings=lambda step: ()):
+    """The file in ``folder`` whose name matches ``pattern`` (one group: the step) with the highest step
+    whose ``required_siblings(step)`` (file names in the same folder) all exist; None if there is none.
+
+    Temporary files of interrupted writes never match: they start with a dot and end in ``.tmp-XXXX``.
+    """
+    best = None
+    regex = re.compile(pattern)
+    for name in os.listdir(folder):
+        match = regex.fullmatch(name)
+        if not match:
+            continue
+        step = int(match.group(1))
+        if all(os.path.exists(os.path.join(folder, sibling)) for sibling in required_siblings(step)):
+            if best is None or step > best[0]:
+                best = (step, os.path.join(folder, name))
+    return None if best is None else best[1]
 
 
 def file_sha256(path, chunk_size=1 << 20):

@@ -55,8 +55,9 @@ def _resolve_device(noise: Optional[torch.Tensor], device, generator: Optional[t
 class GaussianDiffusion:
     """Forward process, epsilon-MSE loss and reverse samplers for a beta schedule."""
 
-    def __init__(self, betas: np.ndarray):
+    def __init__(self, betas: np.ndarray, clip_bound: float = 1.0):
         betas = np.asarray(betas, dtype=np.float64)
+        self.clip_bound = float(clip_bound)  # clip_denoised clamps predicted x0 to [-clip_bound, clip_bound]
         if betas.ndim != 1 or not ((betas > 0).all() and (betas <= 1).all()):
             raise ValueError("betas must be a 1-D array with values in (0, 1]")
         self.betas = betas
@@ -130,7 +131,7 @@ class GaussianDiffusion:
         eps = eps_fn(x, self.model_timesteps(t), step_index)
         x0 = self.predict_x0_from_eps(x, t, eps)
         if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+            x0 = x0.clamp(-self.clip_bound, self.clip_bound)
         return x0, eps
 
     def p_sample(

@@ -52,7 +52,7 @@ class SpacedDiffusion(GaussianDiffusion):
     any ``eps_fn``) always receives the ORIGINAL timesteps via ``timestep_map``.
     """
 
-    def __init__(self, use_timesteps: Iterable[int], betas: np.ndarray):
+    def __init__(self, use_timesteps: Iterable[int], betas: np.ndarray, clip_bound: float = 1.0):
         base = GaussianDiffusion(betas)
         keep = sorted(set(int(t) for t in use_timesteps))
         if not keep or keep[0] < 0 or keep[-1] >= base.num_timesteps:
@@ -66,17 +66,19 @@ class SpacedDiffusion(GaussianDiffusion):
             alpha_cumprod = base.alphas_cumprod[t]
             new_betas.append(1.0 - alpha_cumprod / last_alpha_cumprod)
             last_alpha_cumprod = alpha_cumprod
-        super().__init__(np.array(new_betas, dtype=np.float64))
+        super().__init__(np.array(new_betas, dtype=np.float64), clip_bound=clip_bound)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.timestep_map).to(t.device)[t]
 
 
-def create_diffusion(steps: int = 1000, timestep_respacing: Optional[Union[str, Sequence[int]]] = "") -> SpacedDiffusion:
+def create_diffusion(steps: int = 1000, timestep_respacing: Optional[Union[str, Sequence[int]]] = "",
+                     clip_bound: float = 1.0) -> SpacedDiffusion:
     """Linear-schedule diffusion of ``steps`` steps, optionally respaced for sampling.
 
     ``timestep_respacing`` "" or None keeps all steps; otherwise see ``space_timesteps``.
+    ``clip_bound`` is the range of the data (``clip_denoised`` clamps predicted x0 to it).
     """
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [steps]
-    return SpacedDiffusion(space_timesteps(steps, timestep_respacing), linear_beta_schedule(steps))
+    return SpacedDiffusion(space_timesteps(steps, timestep_respacing), linear_beta_schedule(steps), clip_bound)

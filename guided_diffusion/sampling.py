@@ -175,24 +175,27 @@ def condition_noise(seed, condition_index, n_cells, latent_dim):
 
 
 # ---- the reverse process ---------------------------------------------------------------------------
-def build_sampling_diffusion(settings, num_timesteps=1000):
+def build_sampling_diffusion(settings, num_timesteps=1000, latent_scale=1.0):
     try:
-        return create_diffusion(num_timesteps, settings.timestep_respacing or str(num_timesteps))
+        return create_diffusion(num_timesteps, settings.timestep_respacing or str(num_timesteps),
+                                clip_bound=latent_scale)
     except ValueError as error:
         raise UsageError(f"--timestep_respacing {settings.timestep_respacing!r}: {error}; give a step count "
                          f"such as 250 or ddim50 (at most {num_timesteps})") from None
 
 
 @torch.inference_mode()
-def sample_latents(model, cond_rows, noise, settings, progress=True, batches=None):
+def sample_latents(model, cond_rows, noise, settings, progress=True, batches=None, latent_scale=1.0):
     """Reverse diffusion for every row of ``cond_rows`` starting from ``noise``; batches mix conditions.
 
     Batch ``b`` holds rows ``[b * batch_size, (b + 1) * batch_size)`` and draws its step noise from a
     generator seeded by (seed, b), so a batch's result does not depend on which process runs it.
     ``batches`` (a ``range`` of batch numbers, default all) runs only those and returns their rows.
+    The model works on latents multiplied by ``latent_scale`` (recorded at training); the result is
+    returned in the autoencoder's latent space (divided by it).
     """
     device = next(model.parameters()).device
-    diffusion = build_sampling_diffusion(settings)
+    diffusion = build_sampling_diffusion(settings, latent_scale=latent_scale)
     try:
         refresh = refresh_schedule(diffusion.num_timesteps, settings.cache_interval, settings.non_uniform)
         if settings.cache_interval > 1:
@@ -220,7 +223,7 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
             x = diffusion.p_sample_loop(eps_fn, noise[part].shape, **common)
         latents[start - first_row:start - first_row + len(x)] = x.cpu()
     bar.close()
-    return latents
+    return latents / latent_scale
 
 
 # ---- outputs -----------------------------------------------------------------------------------------
@@ -281,18 +284,20 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
         rows.append(torch.tensor([row] * count, dtype=torch.long).reshape(count, len(sizes)))
         noises.append(condition_noise(settings.seed, condition_index, count, latent_dim))
     cond_rows, noise = torch.cat(rows), torch.cat(noises)
+    latent_scale = float(loaded.payload.get("latent_scale", 1.0))
     path = os.path.join(sample_dir, "generated.h5ad")
     if context is not None and context.is_distributed:
         n_batches = -(-len(cond_rows) // settings.batch_size)
         batches = range(n_batches)[context.shard(n_batches)]
         local = sample_latents(loaded.model, cond_rows, noise, settings, progress=progress and context.is_main,
-                               batches=batches).numpy()
+                               batches=batches, latent_scale=latent_scale).numpy()
         latents = context.all_gather_rows(local)
         if not context.is_main:
             context.barrier()
             return path, None
     else:
-        latents = sample_latents(loaded.model, cond_rows, noise, settings, progress=progress).numpy()
+        latents = sample_latents(loaded.model, cond_rows, noise, settings, progress=progress,
+                                 latent_scale=latent_scale).numpy()
 
     os.makedirs(sample_dir, exist_ok=True)
     start = 0

@@ -1,6 +1,17 @@
-import pytest
+"""Shared fixtures. Tests run single-threaded: on a 2-core machine several test processes (and the
+2-process distributed tests) would otherwise oversubscribe the cores, and exact-resume comparisons need
+one fixed thread count."""
+import os
 
-from synthetic import make_counts_adata
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from synthetic import make_counts_adata  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture

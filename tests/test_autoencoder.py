@@ -91,3 +91,15 @@ def test_script_runs_from_inside_vae_folder(tmp_path, counts_h5ad):
         cwd=REPO_ROOT / "VAE", capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "model_seed=0_step=3.pt").exists()
+
+
+def test_decoder_output_starts_at_gene_means(counts_h5ad):
+    from VAE.autoencoder_training import gene_means
+
+    dataset = load_dataset(str(counts_h5ad), label_keys=[])
+    means = gene_means(dataset, np.arange(dataset.n_cells), seed=0, chunk=16)
+    np.testing.assert_allclose(means, dataset.rows(np.arange(dataset.n_cells)).mean(axis=0), rtol=1e-5)
+    model = VAE(num_genes=dataset.n_genes, hidden_dims=(16, 16, 16))
+    model.init_output_bias(means)
+    output = [m for m in model.decoder if isinstance(m, torch.nn.Linear)][-1]
+    np.testing.assert_allclose(output.bias.detach().numpy(), means, rtol=1e-6)
