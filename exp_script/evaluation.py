@@ -20,7 +20,6 @@ Design (written into every report):
   set; the others are listed as skipped with their counts.
 """
 import json
-import os
 import platform
 import sys
 import time
@@ -37,6 +36,7 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
+from guided_diffusion.atomic import atomic_output
 from guided_diffusion.cli import UsageError
 from guided_diffusion.data import load_dataset, read_h5ad
 
@@ -602,10 +602,8 @@ def _json_ready(value):
 
 
 def write_atomic(path, text):
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with atomic_output(path) as temporary:
+        Path(temporary).write_text(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -772,9 +770,8 @@ def plot_per_label(results):
 def save_figure(figure, path):
     """PNG via a temporary file and a rename; returns the file name (relative to the report)."""
     path = Path(path)
-    temporary = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temporary, dpi=110)
-    os.replace(temporary, path)
+    with atomic_output(path) as temporary:
+        figure.savefig(temporary, dpi=110, format="png")
     return path.name
 
 

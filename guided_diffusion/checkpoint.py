@@ -15,11 +15,11 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
 
 import blobfile as bf
 import torch
 
+from .atomic import atomic_output
 from .cli import UsageError
 
 FORMAT_VERSION = 1
@@ -62,54 +62,9 @@ def save_checkpoint(payload, path, kind):
         raise ValueError(f"unknown checkpoint kind {kind!r}")
     payload = dict(payload, format_version=FORMAT_VERSION, kind=kind)
     check_plain(payload)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    prefix = f".{os.path.basename(path)}.tmp-"
-    _remove_stale_temporaries(folder, prefix)
-    handle, temp_path = tempfile.mkstemp(prefix=prefix, dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(payload, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp_path, 0o666 & ~_current_umask())
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
-    _fsync_folder(folder)
+    with atomic_output(path) as temp_path, open(temp_path, "wb") as stream:
+        torch.save(payload, stream)
     return path
-
-
-def _remove_stale_temporaries(folder, prefix):
-    """Delete what an earlier, killed write of the same file left (one writer per file name)."""
-    for name in os.listdir(folder):
-        if name.startswith(prefix):
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
-def _fsync_folder(folder):
-    """Make the rename itself durable (a power cut right after it would otherwise lose it)."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
-def _current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_checkpoint(path, kinds=None):

@@ -5,7 +5,6 @@ path and hash), so ``--model_path`` is all a user has to give.
 """
 import itertools
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 
 import h5py
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from VAE.VAE_model import load_autoencoder
 
 from .cell_model import CellUNet
+from .atomic import atomic_output
 from .checkpoint import file_sha256, load_checkpoint
 from .cli import UsageError
 from .data import check_genes
@@ -228,25 +228,14 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
 
 # ---- outputs -----------------------------------------------------------------------------------------
 def _atomic_npy(path, array):
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".npy", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.save(stream, array)
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
+    with atomic_output(path) as temp_path, open(temp_path, "wb") as stream:
+        np.save(stream, array)
 
 
 def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=2048, progress=True):
     """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temp_path = tempfile.mkstemp(prefix=".tmp-", suffix=".h5ad", dir=folder)
-    os.close(handle)
     n_cells, n_genes = len(latents), len(autoencoder.genes)
-    try:
+    with atomic_output(path) as temp_path:
         with h5py.File(temp_path, "w") as store:
             store.attrs["encoding-type"] = "anndata"
             store.attrs["encoding-version"] = "0.1.0"
@@ -262,11 +251,6 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=2048, pr
             write_elem(store, "uns", uns)
             for empty in ("obsm", "varm", "obsp", "varp", "layers"):
                 write_elem(store, empty, {})
-        os.replace(temp_path, path)
-    except BaseException:
-        if os.path.exists(temp_path):
-            os.remove(temp_path)
-        raise
 
 
 def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, context=None):

@@ -14,6 +14,12 @@ from synthetic import make_counts_adata  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Some libraries used by earlier tests change torch's thread count; pin it for every test."""
+    torch.set_num_threads(1)
+
+
 @pytest.fixture
 def counts_adata():
     return make_counts_adata()

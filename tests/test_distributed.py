@@ -68,15 +68,6 @@ def launch(launcher, script, argv):
     return result
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The launched ranks run one thread each; so do the references (and a loaded 2-core machine stays fast)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Single-process runs of the three scripts on tiny data; the launches reuse their inputs."""

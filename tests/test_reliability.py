@@ -39,14 +39,6 @@ TINY_AE = ["--hidden_dims", "16", "16", "16", "--latent_dim", "8", "--batch_size
 TINY_UNET = ["--hidden_dims", "16", "16", "8", "8", "--batch_size", "16", "--progress", "False"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """Counts (two label keys; no type_2 cell of donor1), a tiny autoencoder and a tiny diffusion model."""
