@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench-sampling bench-memory clean
 
 install: $(STAMP)
 
@@ -20,6 +20,12 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+bench-sampling: $(STAMP)
+	$(PY) benchmarks/bench_sampling.py
+
+bench-memory: $(STAMP)
+	$(PY) benchmarks/bench_memory.py --sizes 20000 200000
 
 clean:
 	rm -rf checkpoint/demo

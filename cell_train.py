@@ -15,6 +15,7 @@ from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg,
                                   non_negative_float, non_negative_int, positive_float, positive_int, probability,
                                   str2bool)
 from guided_diffusion.data import add_data_args
+from guided_diffusion.dist_util import setup_distributed
 
 
 def build_parser():
@@ -59,7 +60,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     path = train_diffusion(args, progress=args.progress)
-    print(f"saved {path}")
+    if setup_distributed(args.device).is_main:
+        print(f"saved {path}")
     return path
 
 

@@ -117,6 +117,7 @@ def main(argv=None):
              args.faithful_cells, True),
             ("faithful DDPM-1000, cache 1", settings(**faithful, cache_interval=1), args.faithful_cells, False),
             ("faithful DDPM-1000, cache 5", settings(**faithful, cache_interval=5), args.faithful_cells, False),
+            ("DDPM-1000, cache 10", settings(**faithful, cache_interval=10), args.faithful_cells, False),
             ("DDPM-1000, cache 5 non-uniform", settings(**dict(faithful, non_uniform=True), cache_interval=5),
              args.faithful_cells, False),
         ]
