@@ -16,7 +16,8 @@ import torch
 from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,
                                   command, non_negative_float, non_negative_int, positive_int, str2bool)
 from guided_diffusion.dist_util import setup_distributed
-from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, describe_condition, generate, load_diffusion_model,
+from guided_diffusion.sampling import (DEFAULT_SETTINGS, OBSERVATIONS, SamplerSettings, describe_condition, generate,
+                                       load_diffusion_model,
                                        plan_conditions, resolve_autoencoder)
 
 
@@ -44,6 +45,10 @@ def build_parser():
     parser.add_argument("--branch", type=non_negative_int, default=None, help="default: recorded in the checkpoint")
     parser.add_argument("--cache_interval", type=int, default=None, help="default: recorded in the checkpoint")
     parser.add_argument("--non_uniform", type=str2bool, default=None, help="default: recorded in the checkpoint")
+    parser.add_argument("--observation", default=DEFAULT_SETTINGS.observation, choices=OBSERVATIONS,
+                        help="counts: draw counts from the autoencoder's negative binomial (X = their log-normalized "
+                             "values, layers['counts'] = the counts); mean: the decoded mean expression; "
+                             "auto: counts for autoencoders trained with --loss_ae nb, else mean")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", type=str2bool, default=True)
     add_device_arg(parser)
@@ -61,7 +66,7 @@ def settings_from_args(args, recorded):
     return SamplerSettings(guide_w=args.guide_w, use_ddim=args.use_ddim, timestep_respacing=args.timestep_respacing,
                            eta=args.eta, cache_interval=pick("cache_interval"), branch=pick("branch"),
                            non_uniform=pick("non_uniform"), clip_denoised=args.clip_denoised,
-                           batch_size=args.batch_size, seed=args.seed)
+                           batch_size=args.batch_size, seed=args.seed, observation=args.observation)
 
 
 @command

@@ -1,8 +1,15 @@
 """The gene-expression autoencoder: all genes -> 128-d L2-normalized latent -> all genes.
 
 Architecture of the cfDiffusion paper: encoder MLP genes -> 1024 -> 1024 -> 1024 -> latent with
-BatchNorm + PReLU (dropout configurable), the latent L2-normalized; decoder mirrored, with an
-optional ReLU on the output (log-normalized expression is non-negative). Loss: MSE.
+BatchNorm + PReLU (dropout configurable), the latent L2-normalized; decoder mirrored. The encoder
+always reads log-normalized expression. Two decoders (``loss_ae``):
+
+* ``mse`` (the original): the decoder outputs log-normalized expression (optional ReLU), trained
+  with mean squared error; decoding gives smooth expression.
+* ``nb``: the decoder outputs each gene's share of the cell's counts (softmax over genes) and the
+  model learns a per-gene negative-binomial dispersion; trained by the negative-binomial likelihood
+  of the raw counts (mean = share x the cell's total counts). Decoding can then draw counts, so
+  generated cells carry the sampling noise and sparsity of real ones (:meth:`VAE.sample_counts`).
 """
 import numpy as np
 import torch
@@ -15,6 +22,11 @@ from guided_diffusion.cli import UsageError
 from guided_diffusion.data import Normalization
 
 DECODER_ACTIVATIONS = ("ReLU", "linear")
+LOSSES = ("mse", "nb")
+# inverse-CDF draws handle entries whose NB success ratio mean / (theta + mean) is at most this;
+# heavier-tailed entries (highly expressed genes) are drawn as Poisson(Gamma) instead
+INVERSE_CDF_MAX_RATIO = 0.9
+INVERSE_CDF_MAX_STEPS = 256
 
 
 def _mlp_block(in_features, out_features, dropout):
@@ -28,16 +40,20 @@ class VAE(nn.Module):
     """Deterministic autoencoder (named VAE as in the original project)."""
 
     def __init__(self, num_genes, latent_dim=128, hidden_dims=(1024, 1024, 1024), dropout=0.0,
-                 decoder_activation="ReLU"):
+                 decoder_activation="ReLU", loss_ae="mse", target_sum=1e4):
         super().__init__()
         if decoder_activation not in DECODER_ACTIVATIONS:
             raise UsageError(f"--decoder_activation must be one of {', '.join(DECODER_ACTIVATIONS)}, "
                              f"got {decoder_activation!r}")
+        if loss_ae not in LOSSES:
+            raise UsageError(f"--loss_ae must be one of {', '.join(LOSSES)}, got {loss_ae!r}")
         self.num_genes = int(num_genes)
         self.latent_dim = int(latent_dim)
         self.hidden_dims = [int(h) for h in hidden_dims]
         self.dropout = float(dropout)
-        self.decoder_activation = decoder_activation
+        self.loss_ae = loss_ae
+        self.decoder_activation = decoder_activation if loss_ae == "mse" else "linear"  # nb: logits
+        self.target_sum = float(target_sum)
 
         encoder, width = [], self.num_genes
         for hidden in self.hidden_dims:
@@ -51,12 +67,19 @@ class VAE(nn.Module):
             decoder += _mlp_block(width, hidden, self.dropout)
             width = hidden
         decoder.append(nn.Linear(width, self.num_genes))
-        if decoder_activation == "ReLU":
+        if self.decoder_activation == "ReLU":
             decoder.append(nn.ReLU())
         self.decoder = nn.Sequential(*decoder)
+        if loss_ae == "nb":
+            self.log_theta = nn.Parameter(torch.zeros(self.num_genes))  # per-gene inverse dispersion
+
+    @property
+    def models_counts(self):
+        return self.loss_ae == "nb"
 
     def init_output_bias(self, gene_means):
-        """Start the decoder's output at each gene's mean expression.
+        """Start the decoder's output at each gene's mean: its mean log-normalized expression (mse) or
+        the log of its mean share of the counts (nb).
 
         Without it the ReLU output starts at zero for most genes and lowly expressed genes are never
         learned in a short run (their reconstruction stays exactly 0).
@@ -67,38 +90,120 @@ class VAE(nn.Module):
 
     def config(self):
         return {"num_genes": self.num_genes, "latent_dim": self.latent_dim, "hidden_dims": list(self.hidden_dims),
-                "dropout": self.dropout, "decoder_activation": self.decoder_activation}
+                "dropout": self.dropout, "decoder_activation": self.decoder_activation, "loss_ae": self.loss_ae,
+                "target_sum": self.target_sum}
 
     def embed(self, x):
         return F.normalize(self.encoder(x), dim=1)
 
     def forward(self, x):
+        """(decoder output, latent): log-normalized expression (mse) or per-gene logits (nb)."""
         latent = self.embed(x)
         return self.decoder(latent), latent
 
-    def loss(self, x):
-        reconstruction, _ = self(x)
-        return F.mse_loss(reconstruction, x)
+    def reconstruction_loss(self, output, x, counts=None, totals=None):
+        """Mean squared error on log-normalized ``x`` (mse), or the negative-binomial negative
+        log-likelihood of the raw ``counts`` given each cell's ``totals``, averaged over entries (nb)."""
+        if self.loss_ae == "mse":
+            return F.mse_loss(output, x)
+        return negative_binomial_nll(F.log_softmax(output, dim=1) + torch.log(totals)[:, None],
+                                     self.log_theta, counts)
+
+    def _mean_expression(self, output):
+        if self.loss_ae == "mse":
+            return output
+        return torch.log1p(torch.softmax(output, dim=1) * self.target_sum)
+
+    def _in_eval_mode(self, function, *args):
+        was_training = self.training
+        self.eval()
+        try:
+            return function(*args)
+        finally:
+            self.train(was_training)
 
     @torch.inference_mode()
     def encode(self, x):
         """Latents of log-normalized expression, computed in eval mode (train mode is restored)."""
-        was_training = self.training
-        self.eval()
-        try:
-            return self.embed(x)
-        finally:
-            self.train(was_training)
+        return self._in_eval_mode(self.embed, x)
 
     @torch.inference_mode()
     def decode(self, latent):
-        """Log-normalized expression from latents, computed in eval mode (train mode is restored)."""
-        was_training = self.training
-        self.eval()
-        try:
-            return self.decoder(latent)
-        finally:
-            self.train(was_training)
+        """Mean log-normalized expression from latents (nb: log1p of the expected share x target_sum),
+        computed in eval mode (train mode is restored)."""
+        return self._in_eval_mode(lambda z: self._mean_expression(self.decoder(z)), latent)
+
+    @torch.inference_mode()
+    def sample_counts(self, latent, totals, generator):
+        """Raw counts drawn from the decoded negative binomial: mean = share x ``totals`` (one per cell)."""
+        if not self.models_counts:
+            raise UsageError("this autoencoder was trained with --loss_ae mse and has no count model; "
+                             "decode the mean expression instead (--observation mean)")
+        shares = self._in_eval_mode(lambda z: torch.softmax(self.decoder(z), dim=1), latent)
+        return sample_negative_binomial(shares * totals[:, None], torch.exp(self.log_theta), generator)
+
+
+def negative_binomial_nll(log_mean, log_theta, counts):
+    """Mean over entries of -log NB(counts | mean, theta), from log mean and per-gene log theta."""
+    theta = torch.exp(log_theta)
+    log_theta_plus_mean = torch.logaddexp(log_theta, log_mean)
+    log_likelihood = (theta * (log_theta - log_theta_plus_mean) + counts * (log_mean - log_theta_plus_mean)
+                      + torch.lgamma(counts + theta) - torch.lgamma(theta) - torch.lgamma(counts + 1))
+    return -log_likelihood.mean()
+
+
+def sample_negative_binomial(mean, theta, generator):
+    """Exact draws from NB(mean, theta) (variance mean + mean^2 / theta), reproducible from ``generator``.
+
+    By inverse CDF with one uniform ``v`` per entry: the draw is 0 when ``v >= 1 - P(0)``, and since
+    ``1 - P(0) <= mean``, entries with ``v >= mean`` (most of an expression matrix) are 0 without further
+    work. The remaining candidates walk the NB probability recursion in float64 until the CDF passes
+    ``1 - v``. Entries with a heavy tail (success ratio above ``INVERSE_CDF_MAX_RATIO``; their uniform is
+    not used) are drawn as Poisson(Gamma(theta, mean / theta)) instead, as are the walks not finished
+    within ``INVERSE_CDF_MAX_STEPS`` (a tail probability below 0.9^256, about 2e-12, per entry).
+    """
+    theta = theta.expand_as(mean)
+    counts = torch.zeros_like(mean)
+    flat_counts, flat_mean, flat_theta = counts.view(-1), mean.reshape(-1), theta.reshape(-1)
+    v = torch.rand(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype).view(-1)
+    # ratio mean / (theta + mean) > r  <=>  mean > theta * r / (1 - r)
+    heavy = flat_mean > flat_theta * (INVERSE_CDF_MAX_RATIO / (1 - INVERSE_CDF_MAX_RATIO))
+    candidates = torch.nonzero((v < flat_mean) & ~heavy).squeeze(1)
+    m, t = flat_mean[candidates].double(), flat_theta[candidates].double()
+    u = 1.0 - v[candidates].double()
+    ratio = m / (t + m)
+    probability = torch.exp(t * torch.log1p(-ratio))  # P(0)
+    cdf = probability.clone()
+    walk = torch.nonzero(u > cdf).squeeze(1)
+    positions, u, ratio, t, probability, cdf = (a[walk] for a in (candidates, u, ratio, t, probability, cdf))
+    # the draw is the number of k >= 0 with CDF(k) < u: walk k upwards, dropping finished entries at
+    # k = 1, 2, 4, 8, ... (dropping every step would cost more than the steps themselves)
+    drawn = torch.ones_like(probability)
+    k, next_drop = 0, 1
+    while positions.numel():
+        probability = probability * (k + t) / (k + 1) * ratio
+        k += 1
+        cdf = cdf + probability
+        below = cdf < u
+        drawn += below
+        if k == next_drop or k == INVERSE_CDF_MAX_STEPS:
+            finished = torch.nonzero(~below).squeeze(1)
+            flat_counts[positions[finished]] = drawn[finished].to(flat_counts.dtype)
+            keep = torch.nonzero(below).squeeze(1)
+            positions, u, ratio, t, probability, cdf, drawn = (
+                a[keep] for a in (positions, u, ratio, t, probability, cdf, drawn))
+            next_drop *= 2
+            if k == INVERSE_CDF_MAX_STEPS:
+                break
+    rest = torch.cat([torch.nonzero(heavy).squeeze(1), positions])
+    if rest.numel():
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=mean.device))
+        rest_theta = flat_theta[rest]
+        with torch.random.fork_rng(devices=[mean.device] if mean.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            rate = torch._standard_gamma(rest_theta) * (flat_mean[rest] / rest_theta)
+            flat_counts[rest] = torch.poisson(rate)
+    return counts
 
 
 class Autoencoder:

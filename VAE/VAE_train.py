@@ -39,8 +39,12 @@ def build_parser():
                                                          "optimizer, data order and step when present), or "
                                                          "a --save_dir (its newest checkpoint of this --seed)")
     parser.add_argument("--start_step", type=non_negative_int, default=None, help="override the starting step")
-    parser.add_argument("--loss_ae", default="mse", choices=["mse"], help="reconstruction loss")
-    parser.add_argument("--decoder_activation", default="ReLU", choices=["ReLU", "linear"])
+    parser.add_argument("--loss_ae", default="auto", choices=["auto", "nb", "mse"],
+                        help="reconstruction loss: nb = negative-binomial likelihood of the raw counts (the decoder "
+                             "can then draw realistic counts), mse = squared error on log-normalized values (the "
+                             "original); auto = nb for raw counts, mse for --input_is_log True")
+    parser.add_argument("--decoder_activation", default="ReLU", choices=["ReLU", "linear"],
+                        help="output activation of the mse decoder")
     parser.add_argument("--latent_dim", type=positive_int, default=128)
     parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=[1024, 1024, 1024],
                         help="encoder widths (the decoder mirrors them)")

@@ -6,7 +6,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from guided_diffusion.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -21,16 +20,39 @@ def checkpoint_path(save_dir, seed, step):
     return os.path.join(save_dir, f"model_seed={seed}_step={step}.pt")
 
 
+def resolve_loss(loss_ae, dataset):
+    """``auto``: the negative-binomial count model for raw counts, MSE for log-normalized input."""
+    if loss_ae == "auto":
+        return "mse" if dataset.normalization.input_is_log else "nb"
+    if loss_ae == "nb" and dataset.normalization.input_is_log:
+        raise UsageError("--loss_ae nb models raw counts, but the input is log-normalized (--input_is_log True); "
+                         "use --loss_ae mse or give the raw counts (e.g. --layer counts)")
+    return loss_ae
+
+
+def batch_loss(model, forward, dataset, index, device):
+    """Reconstruction loss of the cells ``index`` (``forward`` is the model or its DDP replica)."""
+    if model.models_counts:
+        x, counts, totals = (torch.from_numpy(a).to(device) for a in dataset.rows_and_counts(index))
+    else:
+        x, counts, totals = torch.from_numpy(dataset.rows(index)).to(device), None, None
+    output, _ = forward(x)
+    return model.reconstruction_loss(output, x, counts, totals), output, x
+
+
 @torch.no_grad()
 def evaluate_reconstruction(model, dataset, indices, batch_size=512):
-    """Held-out MSE and per-cell Pearson correlation between input and reconstruction (eval mode)."""
+    """Held-out loss, MSE and per-cell Pearson correlation between the log-normalized input and the
+    decoded mean expression (eval mode)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    squared_error, count, correlations = 0.0, 0, []
+    loss, squared_error, count, correlations = 0.0, 0.0, 0, []
     for start in range(0, len(indices), batch_size):
-        batch = torch.from_numpy(dataset.rows(indices[start:start + batch_size])).to(device)
-        reconstruction, _ = model(batch)
+        index = indices[start:start + batch_size]
+        batch_loss_value, output, batch = batch_loss(model, model, dataset, index, device)
+        reconstruction = model._mean_expression(output)
+        loss += float(batch_loss_value) * len(index)
         squared_error += float(((reconstruction - batch) ** 2).sum())
         count += batch.numel()
         x = batch - batch.mean(dim=1, keepdim=True)
@@ -39,8 +61,8 @@ def evaluate_reconstruction(model, dataset, indices, batch_size=512):
         correlations.append(((x * y).sum(dim=1) / denominator).cpu().numpy())
     model.train(was_training)
     correlations = np.concatenate(correlations) if correlations else np.array([np.nan])
-    return {"mse": squared_error / max(count, 1), "median_cell_pearson": float(np.median(correlations)),
-            "n_cells": int(len(indices))}
+    return {"loss": loss / max(len(indices), 1), "mse": squared_error / max(count, 1),
+            "median_cell_pearson": float(np.median(correlations)), "n_cells": int(len(indices))}
 
 
 class CsvLog:
@@ -55,15 +77,24 @@ class CsvLog:
             csv.writer(stream).writerow([row.get(field, "") for field in self.fields])
 
 
-def gene_means(dataset, indices, seed, max_cells=50000, chunk=1024):
-    """Mean model input per gene over (at most ``max_cells`` of) the training cells, read in chunks."""
+def output_bias(dataset, indices, models_counts, seed, max_cells=50000, chunk=1024):
+    """Per-gene starting value of the decoder output, from (at most ``max_cells`` of) the training cells:
+    the mean log-normalized expression (mse), or the log of the mean share of each cell's counts (nb)."""
     indices = np.asarray(indices)
     if len(indices) > max_cells:
         indices = np.sort(np.random.default_rng([seed, 7]).choice(indices, max_cells, replace=False))
     total = np.zeros(dataset.n_genes, dtype=np.float64)
     for start in range(0, len(indices), chunk):
-        total += dataset.rows(indices[start:start + chunk]).sum(axis=0, dtype=np.float64)
-    return total / max(len(indices), 1)
+        index = indices[start:start + chunk]
+        if models_counts:
+            _, counts, totals = dataset.rows_and_counts(index)
+            total += (counts / totals[:, None]).sum(axis=0, dtype=np.float64)
+        else:
+            total += dataset.rows(index).sum(axis=0, dtype=np.float64)
+    mean = total / max(len(indices), 1)
+    if models_counts:  # genes never seen get a share far below one count per cell
+        return np.log(np.maximum(mean, 1e-3 / dataset.normalization.target_sum / max(len(indices), 1)))
+    return mean
 
 
 def train_autoencoder(args, progress=True):
@@ -95,7 +126,8 @@ def _train(args, dataset, context, device, progress):
     train_index, val_index = split_train_validation(dataset.n_cells, args.val_fraction, args.seed)
     torch.manual_seed(args.seed)
     model = VAE(dataset.n_genes, latent_dim=args.latent_dim, hidden_dims=args.hidden_dims, dropout=args.dropout,
-                decoder_activation=args.decoder_activation)
+                decoder_activation=args.decoder_activation, loss_ae=resolve_loss(args.loss_ae, dataset),
+                target_sum=dataset.normalization.target_sum)
     model = context.synchronize_batchnorm(model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sampler = make_batch_sampler(dataset, train_index, args.batch_size, args.seed)
@@ -119,7 +151,7 @@ def _train(args, dataset, context, device, progress):
             set_rng_state(payload["rng"])
         step = int(payload["step"])
     else:
-        model.init_output_bias(gene_means(dataset, train_index, args.seed))
+        model.init_output_bias(output_bias(dataset, train_index, model.models_counts, args.seed))
     if args.start_step is not None:
         step = args.start_step
     replica = context.wrap(model)
@@ -152,9 +184,7 @@ def _train(args, dataset, context, device, progress):
         while step < args.max_steps:
             batch_index = sampler.next_batch()
             local_index = batch_index[context.shard(len(batch_index))]
-            batch = torch.from_numpy(dataset.rows(local_index)).to(device)
-            reconstruction, _ = replica(batch)
-            local_loss = F.mse_loss(reconstruction, batch)
+            local_loss, _, _ = batch_loss(model, replica, dataset, local_index, device)
             # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
             share = len(local_index) / len(batch_index)
             optimizer.zero_grad(set_to_none=True)
@@ -173,7 +203,7 @@ def _train(args, dataset, context, device, progress):
                     val_loss = ""
                     if len(val_index) and (step % args.checkpoint_freq == 0 or step == args.max_steps
                                            or out_of_time):
-                        val_loss = evaluate_reconstruction(model, dataset, val_index[:2048])["mse"]
+                        val_loss = evaluate_reconstruction(model, dataset, val_index[:2048])["loss"]
                     log.write(step=step, train_loss=train_loss, val_loss=val_loss,
                               seconds=round(time.monotonic() - started, 2))
                 running, running_count = 0.0, 0

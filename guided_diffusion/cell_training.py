@@ -21,12 +21,23 @@ from .respace import create_diffusion
 from .train_util import DiffusionTrainer
 
 DIFFUSION_STEPS = 1000
+LIBRARY_SIZE_QUANTILES = 101
 
 
 def condition_counts(label_codes):
     """Every label combination seen in the data with its number of cells: [[code_1..code_K, count], ...]."""
     combos, counts = np.unique(label_codes, axis=0, return_counts=True)
     return [[int(c) for c in combo] + [int(n)] for combo, n in zip(combos, counts)]
+
+
+def library_size_quantiles(library_sizes, label_codes, n_quantiles=LIBRARY_SIZE_QUANTILES):
+    """Per label combination (in :func:`condition_counts` order), quantiles of the cells' log total counts:
+    [[code_1..code_K, n_cells, [q_0..q_n-1]], ...]; the sampler draws generated cells' totals from them."""
+    combos, inverse, cells = np.unique(label_codes, axis=0, return_inverse=True, return_counts=True)
+    log_totals = np.log(np.maximum(np.asarray(library_sizes, dtype=np.float64), 1.0))
+    levels = np.linspace(0.0, 1.0, n_quantiles)
+    return [[int(c) for c in combo] + [int(cells[i]), np.quantile(log_totals[inverse.ravel() == i], levels).tolist()]
+            for i, combo in enumerate(combos)]
 
 
 class CellRange:
@@ -121,6 +132,8 @@ def train_diffusion(args, progress=True):
         "label_keys": dataset.label_keys,
         "vocabularies": dataset.vocabularies,
         "condition_counts": condition_counts(dataset.label_codes),
+        "library_size_quantiles": None if dataset.library_sizes() is None
+        else library_size_quantiles(dataset.library_sizes(), dataset.label_codes),
         "genes": dataset.genes,
         "normalization": dataset.normalization.to_dict(),
         "vae_path": args.vae_path,

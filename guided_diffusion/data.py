@@ -221,8 +221,8 @@ class CellDataset:
             np.log1p(dense, out=dense)
         return dense
 
-    def rows(self, index):
-        """Dense float32 model input (log-normalized) for the given row indices."""
+    def raw_rows(self, index):
+        """Dense float32 stored values (raw counts, or the log-normalized input) of the given rows."""
         index = np.asarray(index)
         order = np.argsort(index, kind="stable")
         block = self.matrix[index[order]]
@@ -230,7 +230,26 @@ class CellDataset:
         block = block.astype(np.float32, copy=False)
         dense = np.empty_like(block)
         dense[order] = block
-        return self._log_normalize(dense, index)
+        return dense
+
+    def rows(self, index):
+        """Dense float32 model input (log-normalized) for the given row indices."""
+        return self._log_normalize(self.raw_rows(index), index)
+
+    def rows_and_counts(self, index):
+        """(model input, raw counts, per-cell total counts) of the given rows; needs raw-count input."""
+        if self.size_factors is None:
+            raise UsageError("a count likelihood needs raw counts, but the input is log-normalized "
+                             "(--input_is_log True); use --loss_ae mse")
+        counts = self.raw_rows(index)
+        totals = (self.normalization.target_sum / self.size_factors[np.asarray(index)]).astype(np.float32)
+        return self._log_normalize(counts.copy(), index), counts, totals
+
+    def library_sizes(self):
+        """Total counts of every cell (None for log-normalized input)."""
+        if self.size_factors is None:
+            return None
+        return (self.normalization.target_sum / self.size_factors.astype(np.float64)).astype(np.float32)
 
     def label_strings(self, key, codes):
         vocabulary = self.vocabularies[key]
@@ -357,8 +376,8 @@ class BackedCellDataset(CellDataset):
                 totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
         return None if totals is None else _size_factors(totals, self.normalization.target_sum)
 
-    def rows(self, index):
-        """Dense float32 model input (log-normalized) for the given cells, read block by block."""
+    def raw_rows(self, index):
+        """Dense float32 stored values of the given cells, read block by block."""
         index = np.asarray(index, dtype=np.int64)
         dense = np.empty((len(index), self.n_genes), dtype=np.float32)
         block_of = index // self.block_rows
@@ -370,7 +389,7 @@ class BackedCellDataset(CellDataset):
             number = int(block_of[positions[0]])
             local = index[positions] - number * self.block_rows
             dense[positions] = self._cached_block(number)[local].toarray()
-        return self._log_normalize(dense, index)
+        return dense
 
     def close(self):
         self._cache.clear()

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import h5py
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import torch
 from anndata.io import write_elem
 from tqdm.auto import tqdm
@@ -41,11 +42,28 @@ class SamplerSettings:
     clip_denoised: bool = False
     batch_size: int = 1024
     seed: int = 0
+    observation: str = "auto"
 
     def describe(self):
         steps = self.timestep_respacing or "1000"
         return f"{'DDIM' if self.use_ddim else 'DDPM'} {steps} steps, cache {self.cache_interval} " \
                f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), w={self.guide_w}"
+
+
+OBSERVATIONS = ("auto", "counts", "mean")
+
+
+def resolve_observation(observation, autoencoder):
+    """``counts`` (draw counts from the decoder's negative binomial; the default for autoencoders trained
+    with --loss_ae nb) or ``mean`` (the decoded mean expression; the only choice for mse autoencoders)."""
+    if observation not in OBSERVATIONS:
+        raise UsageError(f"--observation must be one of {', '.join(OBSERVATIONS)}, got {observation!r}")
+    if observation == "auto":
+        return "counts" if autoencoder.model.models_counts else "mean"
+    if observation == "counts" and not autoencoder.model.models_counts:
+        raise UsageError("--observation counts needs an autoencoder trained with --loss_ae nb; this one was "
+                         "trained with mse: use --observation mean")
+    return observation
 
 
 DEFAULT_SETTINGS = SamplerSettings()
@@ -174,6 +192,31 @@ def condition_noise(seed, condition_index, n_cells, latent_dim):
     return torch.randn((n_cells, latent_dim), generator=generator)
 
 
+def draw_library_sizes(row, quantile_entries, condition_sizes, count, seed, condition_index):
+    """Total counts for ``count`` generated cells of condition ``row``.
+
+    ``quantile_entries`` is the checkpoint's ``library_size_quantiles``: per training label combination
+    [code_1..code_K, n_cells, [quantiles of log total counts]]. Each cell picks a combination matching
+    ``row`` (null keys match anything) in proportion to its cells, then a total interpolated from its
+    quantiles at a uniform level. Reproducible from (seed, condition_index).
+    """
+    matching = [entry for entry in quantile_entries
+                if all(r == size or r == c for r, c, size in zip(row, entry[:-2], condition_sizes))]
+    if not matching:
+        raise UsageError("no training cells match this condition, so there are no library sizes to draw from; "
+                         "use --observation mean")
+    weights = np.array([entry[-2] for entry in matching], dtype=np.float64)
+    quantiles = np.array([entry[-1] for entry in matching], dtype=np.float64)
+    rng = np.random.default_rng([seed, 3_000_017, condition_index])
+    chosen = rng.choice(len(matching), size=count, p=weights / weights.sum())
+    levels = rng.random(count) * (quantiles.shape[1] - 1)
+    lower = np.floor(levels).astype(np.int64)
+    upper = np.minimum(lower + 1, quantiles.shape[1] - 1)
+    fraction = levels - lower
+    log_totals = quantiles[chosen, lower] * (1 - fraction) + quantiles[chosen, upper] * fraction
+    return np.exp(log_totals).astype(np.float32)
+
+
 # ---- the reverse process ---------------------------------------------------------------------------
 def build_sampling_diffusion(settings, num_timesteps=1000, latent_scale=1.0):
     try:
@@ -232,24 +275,80 @@ def _atomic_npy(path, array):
         np.save(stream, array)
 
 
-def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=2048, progress=True):
-    """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete)."""
+class StreamedCsrMatrix:
+    """An anndata ``csr_matrix`` element in an open h5py group, written one block of rows at a time."""
+
+    def __init__(self, parent, name, shape, dtype="float32"):
+        group = parent.create_group(name)
+        group.attrs["encoding-type"] = "csr_matrix"
+        group.attrs["encoding-version"] = "0.1.0"
+        group.attrs["shape"] = np.asarray(shape, dtype=np.int64)
+        self.data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 16,))
+        self.indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32",
+                                            chunks=(1 << 16,))
+        self.indptr = group.create_dataset("indptr", shape=(shape[0] + 1,), dtype="int64")
+        self.indptr[0] = 0
+        self.rows, self.nnz = 0, 0
+
+    def append(self, block):
+        nnz = block.nnz
+        for dataset, values in ((self.data, block.data), (self.indices, block.indices)):
+            dataset.resize((self.nnz + nnz,))
+            dataset[self.nnz:] = values
+        self.indptr[self.rows + 1:self.rows + 1 + block.shape[0]] = block.indptr[1:] + self.nnz
+        self.rows += block.shape[0]
+        self.nnz += nnz
+
+
+def log_normalize_counts(counts, target_sum):
+    """CSR counts -> CSR log1p(counts / cell total x target_sum), as the loader normalizes real cells."""
+    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.where(totals > 0, target_sum / np.maximum(totals, 1e-12), 0.0)
+    normalized = counts.astype(np.float32, copy=True)
+    normalized.data = np.log1p(normalized.data * np.repeat(scale, np.diff(normalized.indptr))).astype(np.float32)
+    return normalized
+
+
+def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, progress=True, library_sizes=None,
+                       seed=0):
+    """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete).
+
+    Without ``library_sizes``, X is the decoded mean expression (dense). With them (one total per cell),
+    counts are drawn from the autoencoder's negative binomial: X holds their log-normalized values and
+    ``layers['counts']`` the counts, both sparse; chunk ``i`` draws from a generator seeded by (seed, i).
+    """
     n_cells, n_genes = len(latents), len(autoencoder.genes)
+    device = autoencoder.device
     with atomic_output(path) as temp_path:
         with h5py.File(temp_path, "w") as store:
             store.attrs["encoding-type"] = "anndata"
             store.attrs["encoding-version"] = "0.1.0"
-            matrix = store.create_dataset("X", shape=(n_cells, n_genes), dtype="float32",
-                                          chunks=(max(1, min(chunk_size, n_cells, 256)), n_genes))
-            matrix.attrs["encoding-type"] = "array"
-            matrix.attrs["encoding-version"] = "0.2.0"
-            for start in tqdm(range(0, n_cells, chunk_size), desc="decode", unit="chunk", disable=not progress):
-                block = torch.as_tensor(latents[start:start + chunk_size]).to(autoencoder.device)
-                matrix[start:start + len(block)] = autoencoder.model.decode(block).cpu().numpy()
+            if library_sizes is None:
+                matrix = store.create_dataset("X", shape=(n_cells, n_genes), dtype="float32",
+                                              chunks=(max(1, min(chunk_size, n_cells, 256)), n_genes))
+                matrix.attrs["encoding-type"] = "array"
+                matrix.attrs["encoding-version"] = "0.2.0"
+                write_elem(store, "layers", {})
+            else:
+                matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes))
+                write_elem(store, "layers", {})
+                counts_matrix = StreamedCsrMatrix(store["layers"], "counts", (n_cells, n_genes))
+            chunks = range(0, n_cells, chunk_size)
+            for number, start in enumerate(tqdm(chunks, desc="decode", unit="chunk", disable=not progress)):
+                block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
+                if library_sizes is None:
+                    matrix[start:start + len(block)] = autoencoder.model.decode(block).cpu().numpy()
+                    continue
+                generator = torch.Generator(device=device).manual_seed(
+                    int(np.random.SeedSequence([seed, 2_000_003, number]).generate_state(1)[0]))
+                totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
+                counts = sp.csr_matrix(autoencoder.model.sample_counts(block, totals, generator).cpu().numpy())
+                counts_matrix.append(counts)
+                matrix.append(log_normalize_counts(counts, autoencoder.normalization.target_sum))
             write_elem(store, "obs", obs)
             write_elem(store, "var", pd.DataFrame(index=pd.Index(autoencoder.genes, name="gene")))
             write_elem(store, "uns", uns)
-            for empty in ("obsm", "varm", "obsp", "varp", "layers"):
+            for empty in ("obsm", "varm", "obsp", "varp"):
                 write_elem(store, empty, {})
 
 
@@ -283,6 +382,17 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
         latents = sample_latents(loaded.model, cond_rows, noise, settings, progress=progress,
                                  latent_scale=latent_scale).numpy()
 
+    observation = resolve_observation(settings.observation, autoencoder)
+    library_sizes = None
+    if observation == "counts":
+        quantiles = loaded.payload.get("library_size_quantiles")
+        if not quantiles:
+            raise UsageError(f"{loaded.path} records no library sizes (trained on log-normalized input); "
+                             f"use --observation mean")
+        library_sizes = np.concatenate([
+            draw_library_sizes(row, quantiles, sizes, count, settings.seed, condition_index)
+            for condition_index, (row, count) in enumerate(plan)])
+
     os.makedirs(sample_dir, exist_ok=True)
     start = 0
     for row, count in plan:
@@ -294,15 +404,18 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
         names = vocabularies[key] + ["unconditioned"]
         codes = cond_rows[:, column].numpy()
         labels[key] = pd.Categorical([names[c] for c in codes], categories=sorted(set(names[c] for c in codes)))
+    if library_sizes is not None:
+        labels["library_size"] = library_sizes
     obs = pd.DataFrame(labels, index=pd.Index([f"generated_{i}" for i in range(len(latents))], name="cell"))
     uns = {"cfdiffusion": {
         "checkpoint": os.path.basename(loaded.path), "step": int(loaded.payload["step"]), "weights": loaded.weights,
         "vae_path": os.path.basename(autoencoder.path), "normalization": "log1p(normalize_total 1e4)"
         if not autoencoder.normalization.input_is_log else "as the training input (log-normalized)",
         "label_keys": keys, "n_cells": int(len(latents)), **{k: v for k, v in asdict(settings).items()},
-        "sampler": "ddim" if settings.use_ddim else "ddpm",
+        "sampler": "ddim" if settings.use_ddim else "ddpm", "observation": observation,
     }}
-    write_decoded_h5ad(path, autoencoder, latents, obs, uns, progress=progress)
+    write_decoded_h5ad(path, autoencoder, latents, obs, uns, progress=progress, library_sizes=library_sizes,
+                       seed=settings.seed)
     if context is not None:
         context.barrier()
     return path, latents

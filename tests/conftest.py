@@ -30,3 +30,16 @@ def counts_h5ad(tmp_path, counts_adata):
     path = tmp_path / "counts.h5ad"
     counts_adata.write_h5ad(path)
     return path
+
+
+@pytest.fixture
+def log_h5ad(tmp_path, counts_adata):
+    """The synthetic cells log-normalized (normalize_total 1e4, log1p), stored in X."""
+    import scanpy as sc
+
+    adata = counts_adata.copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    path = tmp_path / "log.h5ad"
+    adata.write_h5ad(path)
+    return path

@@ -32,12 +32,15 @@ def test_architecture_and_l2_normalized_latent():
     assert VAE(10, decoder_activation="linear").decoder[-1].__class__ is torch.nn.Linear
 
 
-def test_loss_falls_and_checkpoint_rebuilds_model(tmp_path, counts_h5ad):
-    path = train(counts_h5ad, tmp_path, "--max_steps", "60", "--checkpoint_freq", "30", "--val_fraction", "0.2")
+@pytest.mark.parametrize("loss_ae, drop", [("mse", 0.7), ("nb", 0.95)])
+def test_loss_falls_and_checkpoint_rebuilds_model(tmp_path, counts_h5ad, loss_ae, drop):
+    path = train(counts_h5ad, tmp_path, "--max_steps", "60", "--checkpoint_freq", "30", "--val_fraction", "0.2",
+                 "--loss_ae", loss_ae)
     assert path.endswith("model_seed=0_step=60.pt")
     assert (tmp_path / "model_seed=0_step=30.pt").exists()
     log = np.genfromtxt(tmp_path / "train_log.csv", delimiter=",", names=True)
-    assert log["train_loss"][-1] < 0.7 * log["train_loss"][0]
+    assert log["train_loss"][-1] < drop * log["train_loss"][0]
+    assert load_checkpoint(path)["model_config"]["loss_ae"] == loss_ae
 
     payload = load_checkpoint(path)  # weights_only=True inside
     assert payload["kind"] == "autoencoder" and payload["step"] == 60
@@ -94,12 +97,85 @@ def test_script_runs_from_inside_vae_folder(tmp_path, counts_h5ad):
 
 
 def test_decoder_output_starts_at_gene_means(counts_h5ad):
-    from VAE.autoencoder_training import gene_means
+    from VAE.autoencoder_training import output_bias
 
     dataset = load_dataset(str(counts_h5ad), label_keys=[])
-    means = gene_means(dataset, np.arange(dataset.n_cells), seed=0, chunk=16)
-    np.testing.assert_allclose(means, dataset.rows(np.arange(dataset.n_cells)).mean(axis=0), rtol=1e-5)
+    everything = np.arange(dataset.n_cells)
+    means = output_bias(dataset, everything, models_counts=False, seed=0, chunk=16)
+    np.testing.assert_allclose(means, dataset.rows(everything).mean(axis=0), rtol=1e-5)
     model = VAE(num_genes=dataset.n_genes, hidden_dims=(16, 16, 16))
     model.init_output_bias(means)
     output = [m for m in model.decoder if isinstance(m, torch.nn.Linear)][-1]
     np.testing.assert_allclose(output.bias.detach().numpy(), means, rtol=1e-6)
+
+    # nb: the bias is the log of each gene's mean share of the counts, so an untrained decoder's softmax
+    # (all hidden units at zero) gives the mean share profile
+    log_shares = output_bias(dataset, everything, models_counts=True, seed=0, chunk=16)
+    _, counts, totals = dataset.rows_and_counts(everything)
+    np.testing.assert_allclose(np.exp(log_shares), (counts / totals[:, None]).mean(axis=0), rtol=1e-5)
+
+
+def test_loss_auto_picks_the_count_model_for_counts_only(tmp_path, counts_h5ad, log_h5ad, capsys):
+    counts_model = load_checkpoint(train(counts_h5ad, tmp_path / "c", "--max_steps", "2"))["model_config"]
+    log_model = load_checkpoint(train(log_h5ad, tmp_path / "l", "--max_steps", "2", "--input_is_log", "True"))
+    assert counts_model["loss_ae"] == "nb" and log_model["model_config"]["loss_ae"] == "mse"
+    with pytest.raises(SystemExit) as exit_info:
+        train(log_h5ad, tmp_path / "x", "--max_steps", "2", "--input_is_log", "True", "--loss_ae", "nb")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: --loss_ae nb models raw counts, but the input is log-normalized (--input_is_log True); "
+        "use --loss_ae mse or give the raw counts (e.g. --layer counts)")
+
+
+def test_negative_binomial_nll_matches_scipy():
+    from scipy.stats import nbinom
+
+    from VAE.VAE_model import negative_binomial_nll
+
+    mean = torch.tensor([[0.01, 0.5, 3.0, 40.0], [2.0, 0.2, 10.0, 1.0]], dtype=torch.float64)
+    theta = torch.tensor([0.3, 1.0, 2.5, 8.0], dtype=torch.float64)
+    counts = torch.tensor([[0.0, 1.0, 2.0, 35.0], [0.0, 3.0, 12.0, 0.0]], dtype=torch.float64)
+    expected = -nbinom.logpmf(counts.numpy(), theta.numpy(), (theta / (theta + mean)).numpy()).mean()
+    got = negative_binomial_nll(torch.log(mean), torch.log(theta), counts)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-10)
+
+
+@pytest.mark.parametrize("theta", [0.05, 0.7, 4.0])
+def test_negative_binomial_draws_have_the_right_distribution(theta):
+    from scipy.stats import nbinom
+
+    from VAE.VAE_model import INVERSE_CDF_MAX_RATIO, sample_negative_binomial
+
+    # small means (inverse CDF), a mean past the heavy-tail ratio (Gamma-Poisson) and one in between
+    means = torch.tensor([0.002, 0.04 * theta, theta, 4.0 * theta, 8.0 * theta, 12.0 * theta, 30.0 * theta])
+    ratios = means / (theta + means)
+    assert ratios[-2:].min() > INVERSE_CDF_MAX_RATIO > ratios[:-2].max()
+    n = 100_000
+    draws = sample_negative_binomial(means.repeat(n, 1), torch.full((7,), theta), torch.Generator().manual_seed(3))
+    assert torch.equal(draws, torch.round(draws)) and (draws >= 0).all()
+    p = (theta / (theta + means)).numpy()
+    # per column: frequencies of 0, 1, 2 and the mean within 5 standard errors of the NB's
+    for column in range(7):
+        values = draws[:, column].numpy()
+        for k in range(3):
+            probability = nbinom.pmf(k, theta, p[column])
+            assert abs((values == k).mean() - probability) < 5 * np.sqrt(probability * (1 - probability) / n) + 1e-5
+        variance = float(means[column] + means[column] ** 2 / theta)
+        assert abs(values.mean() - float(means[column])) < 5 * np.sqrt(variance / n)
+    again = sample_negative_binomial(means.repeat(n, 1), torch.full((7,), theta), torch.Generator().manual_seed(3))
+    assert torch.equal(draws, again)
+
+
+def test_count_decoder_means_and_draws():
+    torch.manual_seed(0)
+    model = VAE(num_genes=30, latent_dim=8, hidden_dims=(16, 16, 16), loss_ae="nb")
+    assert isinstance(model.decoder[-1], torch.nn.Linear) and model.config()["decoder_activation"] == "linear"
+    latent = model.encode(torch.rand(4, 30))
+    with torch.inference_mode():
+        shares = torch.softmax(model.eval().decoder(latent), dim=1)
+    np.testing.assert_allclose(model.decode(latent).numpy(), torch.log1p(shares * 1e4).numpy(), rtol=1e-6)
+    totals = torch.tensor([100.0, 1000.0, 5000.0, 20000.0])
+    draws = torch.stack([model.sample_counts(latent, totals, torch.Generator().manual_seed(s)) for s in range(200)])
+    np.testing.assert_allclose(draws.sum(dim=2).mean(dim=0).numpy(), totals.numpy(), rtol=0.1)
+    with pytest.raises(Exception, match="--loss_ae mse"):
+        VAE(num_genes=30, hidden_dims=(16, 16, 16)).sample_counts(latent, totals, torch.Generator())

@@ -67,7 +67,14 @@ def test_original_command_lines_and_outputs(workspace, tmp_path):
     provenance = generated.uns["cfdiffusion"]
     assert provenance["step"] == 30 and provenance["weights"] == "ema" and provenance["cache_interval"] == 5
     assert provenance["sampler"] == "ddpm" and provenance["guide_w"] == 0.5
-    assert np.isfinite(generated.X).all() and (generated.X >= 0).all()
+    # the autoencoder models counts (--loss_ae auto on raw counts): X is log-normalized drawn counts
+    assert provenance["observation"] == "counts"
+    counts = generated.layers["counts"].toarray()
+    assert np.array_equal(counts, np.round(counts)) and (counts >= 0).all()
+    totals = counts.sum(axis=1, keepdims=True)
+    expected = np.log1p(counts / np.maximum(totals, 1) * 1e4)
+    np.testing.assert_allclose(generated.X.toarray(), expected, rtol=1e-5, atol=1e-6)
+    assert (generated.obs["library_size"] > 0).all()
 
 
 def test_training_log_anneals_lr_to_zero_with_quartile_losses(workspace):
@@ -160,13 +167,13 @@ def test_resume_is_bit_identical(workspace):
 
 def test_same_seed_same_cells_and_use_ema_switch(workspace, tmp_path):
     flags = ["--num_samples", "3", "--timestep_respacing", "50", "--seed", "7"]
-    first = anndata.read_h5ad(sample(workspace["model"], tmp_path / "a", *flags)).X
-    second = anndata.read_h5ad(sample(workspace["model"], tmp_path / "b", *flags)).X
+    first = anndata.read_h5ad(sample(workspace["model"], tmp_path / "a", *flags)).X.toarray()
+    second = anndata.read_h5ad(sample(workspace["model"], tmp_path / "b", *flags)).X.toarray()
     np.testing.assert_array_equal(first, second)
     raw = anndata.read_h5ad(sample(workspace["model"], tmp_path / "c", *flags, "--use_ema", "False"))
     assert raw.uns["cfdiffusion"]["weights"] == "raw"
-    assert not np.array_equal(raw.X, first)
-    other_seed = anndata.read_h5ad(sample(workspace["model"], tmp_path / "d", *flags[:-1], "8")).X
+    assert not np.array_equal(raw.X.toarray(), first)
+    other_seed = anndata.read_h5ad(sample(workspace["model"], tmp_path / "d", *flags[:-1], "8")).X.toarray()
     assert not np.array_equal(other_seed, first)
 
 
@@ -183,3 +190,55 @@ def test_ema_warmup():
     assert ema_warmup_rate(0.9999, 0) == pytest.approx(0.1)
     assert ema_warmup_rate(0.9999, 90) == pytest.approx(0.91)
     assert ema_warmup_rate(0.9999, 10 ** 7) == 0.9999
+
+
+def test_observation_mean_decodes_the_saved_latents(workspace, tmp_path):
+    from VAE.VAE_model import load_autoencoder
+
+    out = sample(workspace["model"], tmp_path, "--condition", "cell_type1=type_1,donor=donor0", "--num_samples", "5",
+                 "--timestep_respacing", "20", "--observation", "mean")
+    generated = anndata.read_h5ad(out)
+    assert generated.uns["cfdiffusion"]["observation"] == "mean" and "counts" not in generated.layers
+    assert "library_size" not in generated.obs
+    autoencoder, _ = load_autoencoder(workspace["vae"])
+    latents = torch.from_numpy(np.load(tmp_path / "cell1_0_cache5_uniform.npy"))
+    np.testing.assert_allclose(np.asarray(generated.X), autoencoder.model.decode(latents).numpy(), rtol=1e-6)
+
+
+def test_library_sizes_follow_the_training_cells_of_the_condition(workspace):
+    from guided_diffusion.data import load_dataset
+    from guided_diffusion.sampling import draw_library_sizes
+
+    payload = load_checkpoint(workspace["model"])
+    entries, sizes = payload["library_size_quantiles"], [3, 2]
+    dataset = load_dataset(workspace["data"], label_keys=["cell_type1", "donor"])
+    totals, codes = dataset.library_sizes(), dataset.label_codes
+    for row, chosen in (([2, 1], (codes[:, 0] == 2) & (codes[:, 1] == 1)), ([0, 2], codes[:, 0] == 0)):
+        drawn = draw_library_sizes(row, entries, sizes, 20000, seed=5, condition_index=0)
+        real = totals[chosen]
+        assert real.min() * 0.999 <= drawn.min() and drawn.max() <= real.max() * 1.001
+        # the pooled condition (donor left out) mixes both donors in proportion to their cells
+        np.testing.assert_allclose(np.median(np.log(drawn)), np.median(np.log(real)), atol=0.1)
+        np.testing.assert_allclose(np.log(drawn).mean(), np.log(real).mean(), atol=0.05)
+    np.testing.assert_array_equal(draw_library_sizes([2, 1], entries, sizes, 50, 5, 0),
+                                  draw_library_sizes([2, 1], entries, sizes, 50, 5, 0))
+
+
+def test_counts_need_a_count_autoencoder(workspace, tmp_path, capsys):
+    data = workspace["data"]
+    vae = VAE_train.main(["--data_dir", data, "--save_dir", str(tmp_path / "ae"), "--max_steps", "3",
+                          "--hidden_dims", "32", "32", "32", "--latent_dim", "16", "--loss_ae", "mse",
+                          "--progress", "False"])
+    model = cell_train.main(["--data_dir", data, "--vae_path", vae, "--model_name", "mse",
+                             "--save_dir", str(tmp_path / "diffusion"), "--lr_anneal_steps", "2",
+                             "--progress", "False", *TINY_UNET])
+    out = sample(model, tmp_path / "auto", "--num_samples", "2", "--timestep_respacing", "10")
+    assert anndata.read_h5ad(out).uns["cfdiffusion"]["observation"] == "mean"
+    with pytest.raises(SystemExit) as exit_info:
+        sample(model, tmp_path / "counts", "--num_samples", "2", "--timestep_respacing", "10",
+               "--observation", "counts")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --observation counts needs an autoencoder trained with --loss_ae nb; this one was trained "
+        "with mse: use --observation mean")
+    assert not os.path.exists(tmp_path / "counts" / "generated.h5ad")
