@@ -199,9 +199,10 @@ class CellDataset:
         self.normalization = normalization
         self.obs_names = obs_names
         if normalization.input_is_log:
-            self.size_factors = None
+            self.size_factors, self.totals = None, None
         else:
-            self.size_factors = _size_factors(matrix.sum(axis=1), normalization.target_sum)
+            self.totals = np.asarray(matrix.sum(axis=1), dtype=np.float32).ravel()
+            self.size_factors = _size_factors(self.totals, normalization.target_sum)
 
     @property
     def n_cells(self):
@@ -237,7 +238,8 @@ class CellDataset:
         return self._log_normalize(self.raw_rows(index), index)
 
     def rows_and_counts(self, index):
-        """(model input, raw counts, per-cell total counts) of the given rows; needs raw-count input."""
+        """(model input, raw counts, per-cell total counts) of the given rows; needs raw-count input.
+        Cells without counts get a total of 1 (their likelihood is that of all zeros)."""
         if self.size_factors is None:
             raise UsageError("a count likelihood needs raw counts, but the input is log-normalized "
                              "(--input_is_log True); use --loss_ae mse")
@@ -247,9 +249,7 @@ class CellDataset:
 
     def library_sizes(self):
         """Total counts of every cell (None for log-normalized input)."""
-        if self.size_factors is None:
-            return None
-        return (self.normalization.target_sum / self.size_factors.astype(np.float64)).astype(np.float32)
+        return self.totals
 
     def label_strings(self, key, codes):
         vocabulary = self.vocabularies[key]
@@ -374,6 +374,7 @@ class BackedCellDataset(CellDataset):
             if totals is not None:
                 start = number * self.block_rows
                 totals[start:start + block.shape[0]] = np.asarray(block.sum(axis=1), dtype=np.float64).ravel()
+        self.totals = None if totals is None else totals.astype(np.float32)
         return None if totals is None else _size_factors(totals, self.normalization.target_sum)
 
     def raw_rows(self, index):

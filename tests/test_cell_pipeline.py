@@ -242,3 +242,25 @@ def test_counts_need_a_count_autoencoder(workspace, tmp_path, capsys):
         "error: --observation counts needs an autoencoder trained with --loss_ae nb; this one was trained "
         "with mse: use --observation mean")
     assert not os.path.exists(tmp_path / "counts" / "generated.h5ad")
+
+
+def test_reconstruction_cli_draws_counts_at_each_cells_total(workspace, tmp_path):
+    from exp_script import reconstruct
+    from guided_diffusion.data import load_dataset
+    from VAE.VAE_model import load_autoencoder
+
+    argv = ["--data_dir", workspace["data"], "--vae_path", workspace["vae"], "--progress", "False"]
+    counts_path = reconstruct.main([*argv, "--out", str(tmp_path / "counts.h5ad")])
+    mean_path = reconstruct.main([*argv, "--out", str(tmp_path / "mean.h5ad"), "--observation", "mean"])
+    real = anndata.read_h5ad(workspace["data"])
+    drawn, mean = anndata.read_h5ad(counts_path), anndata.read_h5ad(mean_path)
+    assert list(drawn.obs["cell_type1"]) == list(real.obs["cell_type1"].astype(str))
+    np.testing.assert_allclose(drawn.obs["library_size"], np.asarray(real.X.sum(axis=1)).ravel(), rtol=1e-6)
+    dataset = load_dataset(workspace["data"])
+    autoencoder, _ = load_autoencoder(workspace["vae"])
+    latents = torch.from_numpy(autoencoder.encode_dataset(dataset, progress=False))
+    np.testing.assert_allclose(np.asarray(mean.X), autoencoder.model.decode(latents).numpy(), rtol=1e-5, atol=1e-6)
+    # drawn totals scatter around each cell's own total; a cell without counts gets none
+    drawn_totals, totals = np.asarray(drawn.layers["counts"].sum(axis=1)).ravel(), drawn.obs["library_size"].to_numpy()
+    assert (drawn_totals[totals == 0] == 0).all() and (totals == 0).sum() == 1
+    assert 0.8 < np.median(drawn_totals[totals > 0] / totals[totals > 0]) < 1.2
