@@ -7,7 +7,7 @@ PY=${PY:-.venv/bin/python}
 DATA=dataset/baron_human.h5ad
 OUT=checkpoint/demo
 AE_STEPS=${AE_STEPS:-600}
-DIFFUSION_STEPS=${DIFFUSION_STEPS:-4000}
+DIFFUSION_STEPS=${DIFFUSION_STEPS:-8000}
 mkdir -p "$OUT"
 timings="$OUT/timings.txt"
 : > "$timings"
@@ -28,8 +28,7 @@ stage diffusion "$PY" cell_train.py --data_dir "$DATA" --vae_path "$AE" --model_
   --lr_anneal_steps "$DIFFUSION_STEPS" --save_interval "$DIFFUSION_STEPS" --lr 1e-3 --num_classes 14 \
   --branch 0 --cache_interval 5 --non_uniform False
 MODEL=$(printf "%s/diffusion/baron/model%06d.pt" "$OUT" "$DIFFUSION_STEPS")
-stage sampling "$PY" cell_sample.py --model_path "$MODEL" --sample_dir "$OUT/samples" --match_counts \
-  --timestep_respacing 100 --cache_interval 1
+stage sampling "$PY" cell_sample.py --model_path "$MODEL" --sample_dir "$OUT/samples" --match_counts
 stage evaluation "$PY" exp_script/evaluate.py --real "$DATA" --generated "$OUT/samples/generated.h5ad" \
   --label_key cell_type1 --out "$OUT/evaluation"
 echo

@@ -264,3 +264,13 @@ def test_reconstruction_cli_draws_counts_at_each_cells_total(workspace, tmp_path
     drawn_totals, totals = np.asarray(drawn.layers["counts"].sum(axis=1)).ravel(), drawn.obs["library_size"].to_numpy()
     assert (drawn_totals[totals == 0] == 0).all() and (totals == 0).sum() == 1
     assert 0.8 < np.median(drawn_totals[totals > 0] / totals[totals > 0]) < 1.2
+
+
+def test_unseen_combinations_take_library_sizes_of_their_first_keys():
+    from guided_diffusion.sampling import draw_library_sizes
+
+    # type 0 was seen only with donor 0, type 1 only with donor 1
+    entries = [[0, 0, 10, [np.log(100.0)] * 3], [1, 1, 10, [np.log(5000.0)] * 3]]
+    np.testing.assert_allclose(draw_library_sizes([0, 1], entries, [2, 2], 4, 0, 0), 100.0, rtol=1e-5)
+    np.testing.assert_allclose(draw_library_sizes([1, 0], entries, [2, 2], 4, 0, 0), 5000.0, rtol=1e-5)
+    np.testing.assert_allclose(draw_library_sizes([0, 2], entries, [2, 2], 4, 0, 0), 100.0, rtol=1e-5)
