@@ -21,7 +21,7 @@ import torch
 from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,
                                   command, non_negative_float, non_negative_int, positive_int, str2bool)
 from guided_diffusion.dist_util import setup_distributed
-from guided_diffusion.sampling import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, SamplerSettings, describe_condition, generate,
+from guided_diffusion.sampling import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, PRECISIONS, SamplerSettings, describe_condition, generate,
                                        load_diffusion_model,
                                        plan_conditions, resolve_autoencoder)
 
@@ -56,6 +56,9 @@ def build_parser():
                         help="counts: draw counts from the autoencoder's negative binomial (X = their log-normalized "
                              "values, layers['counts'] = the counts); mean: the decoded mean expression; "
                              "auto: counts for autoencoders trained with --loss_ae nb, else mean")
+    parser.add_argument("--precision", default=DEFAULT_SETTINGS.precision, choices=PRECISIONS,
+                        help="matrix multiplications in fp32 or bf16 (torch.autocast; fast on CPUs with AMX/AVX512-BF16 "
+                             "and on recent GPUs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", type=str2bool, default=True)
     add_device_arg(parser)
@@ -73,7 +76,8 @@ def settings_from_args(args, recorded):
     return SamplerSettings(guide_w=args.guide_w, use_ddim=args.use_ddim, timestep_respacing=args.timestep_respacing,
                            eta=args.eta, cache_interval=pick("cache_interval"), branch=pick("branch"),
                            non_uniform=pick("non_uniform"), clip_denoised=args.clip_denoised,
-                           batch_size=args.batch_size, seed=args.seed, observation=args.observation)
+                           batch_size=args.batch_size, seed=args.seed, observation=args.observation,
+                           precision=args.precision)
 
 
 @command

@@ -112,7 +112,7 @@ class VAE(nn.Module):
     def _mean_expression(self, output):
         if self.loss_ae == "mse":
             return output
-        return torch.log1p(torch.softmax(output, dim=1) * self.target_sum)
+        return torch.log1p(torch.softmax(output.float(), dim=1) * self.target_sum)
 
     def _in_eval_mode(self, function, *args):
         was_training = self.training
@@ -135,12 +135,13 @@ class VAE(nn.Module):
 
     @torch.inference_mode()
     def sample_counts(self, latent, totals, generator):
-        """Raw counts drawn from the decoded negative binomial: mean = share x ``totals`` (one per cell)."""
+        """Raw counts drawn from the decoded negative binomial: mean = share x ``totals`` (one per cell);
+        a sparse CSR tensor (cells x genes)."""
         if not self.models_counts:
             raise UsageError("this autoencoder was trained with --loss_ae mse and has no count model; "
                              "decode the mean expression instead (--observation mean)")
-        shares = self._in_eval_mode(lambda z: torch.softmax(self.decoder(z), dim=1), latent)
-        return sample_negative_binomial(shares * totals[:, None], torch.exp(self.log_theta), generator)
+        shares = self._in_eval_mode(lambda z: torch.softmax(self.decoder(z).float(), dim=1), latent)
+        return sample_negative_binomial(shares * totals[:, None], torch.exp(self.log_theta.float()), generator)
 
 
 def negative_binomial_nll(log_mean, log_theta, counts):
@@ -155,6 +156,7 @@ def negative_binomial_nll(log_mean, log_theta, counts):
 def sample_negative_binomial(mean, theta, generator):
     """Exact draws from NB(mean, theta) (variance mean + mean^2 / theta), reproducible from ``generator``.
 
+    ``mean`` is (cells, genes), ``theta`` (genes,); returns the draws as a sparse CSR tensor (float32).
     By inverse CDF with one uniform ``v`` per entry: the draw is 0 when ``v >= 1 - P(0)``, and since
     ``1 - P(0) <= mean``, entries with ``v >= mean`` (most of an expression matrix) are 0 without further
     work. The remaining candidates walk the NB probability recursion in float64 until the CDF passes
@@ -162,25 +164,30 @@ def sample_negative_binomial(mean, theta, generator):
     not used) are drawn as Poisson(Gamma(theta, mean / theta)) instead, as are the walks not finished
     within ``INVERSE_CDF_MAX_STEPS`` (a tail probability below 0.9^256, about 2e-12, per entry).
     """
-    theta = theta.expand_as(mean)
-    counts = torch.zeros_like(mean)
-    flat_counts, flat_mean, flat_theta = counts.view(-1), mean.reshape(-1), theta.reshape(-1)
-    v = torch.rand(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype).view(-1)
+    n_cells, n_genes = mean.shape
+    flat_mean = mean.reshape(-1)
+    v = torch.rand(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     # ratio mean / (theta + mean) > r  <=>  mean > theta * r / (1 - r)
-    heavy = flat_mean > flat_theta * (INVERSE_CDF_MAX_RATIO / (1 - INVERSE_CDF_MAX_RATIO))
-    candidates = torch.nonzero((v < flat_mean) & ~heavy).squeeze(1)
-    m, t = flat_mean[candidates].double(), flat_theta[candidates].double()
-    u = 1.0 - v[candidates].double()
+    heavy_threshold = theta * (INVERSE_CDF_MAX_RATIO / (1 - INVERSE_CDF_MAX_RATIO))
+    candidate_mask = v < mean
+    if heavy_threshold.min() < 1:  # otherwise every heavy entry has mean > 1 > v and is a candidate already
+        candidate_mask |= mean > heavy_threshold
+    candidates = torch.nonzero(candidate_mask.view(-1)).squeeze(1)  # sorted flat positions
+    genes = candidates % n_genes
+    m, t = flat_mean[candidates].double(), theta[genes].double()
+    heavy = m > heavy_threshold[genes].double()
+    u = 1.0 - v.view(-1)[candidates].double()
     ratio = m / (t + m)
     probability = torch.exp(t * torch.log1p(-ratio))  # P(0)
     cdf = probability.clone()
-    walk = torch.nonzero(u > cdf).squeeze(1)
-    positions, u, ratio, t, probability, cdf = (a[walk] for a in (candidates, u, ratio, t, probability, cdf))
+    walk = torch.nonzero((u > cdf) & ~heavy).squeeze(1)  # candidates whose inverse-CDF draw is not 0
+    draws = torch.zeros(len(candidates), dtype=torch.float32, device=mean.device)
+    u, ratio, t, probability, cdf = (a[walk] for a in (u, ratio, t, probability, cdf))
     # the draw is the number of k >= 0 with CDF(k) < u: walk k upwards, dropping finished entries at
     # k = 1, 2, 4, 8, ... (dropping every step would cost more than the steps themselves)
     drawn = torch.ones_like(probability)
     k, next_drop = 0, 1
-    while positions.numel():
+    while walk.numel():
         probability = probability * (k + t) / (k + 1) * ratio
         k += 1
         cdf = cdf + probability
@@ -188,22 +195,27 @@ def sample_negative_binomial(mean, theta, generator):
         drawn += below
         if k == next_drop or k == INVERSE_CDF_MAX_STEPS:
             finished = torch.nonzero(~below).squeeze(1)
-            flat_counts[positions[finished]] = drawn[finished].to(flat_counts.dtype)
+            draws[walk[finished]] = drawn[finished].float()
             keep = torch.nonzero(below).squeeze(1)
-            positions, u, ratio, t, probability, cdf, drawn = (
-                a[keep] for a in (positions, u, ratio, t, probability, cdf, drawn))
+            walk, u, ratio, t, probability, cdf, drawn = (a[keep] for a in (walk, u, ratio, t, probability, cdf, drawn))
             next_drop *= 2
             if k == INVERSE_CDF_MAX_STEPS:
                 break
-    rest = torch.cat([torch.nonzero(heavy).squeeze(1), positions])
+    rest = torch.cat([walk, torch.nonzero(heavy).squeeze(1)])  # entries for Gamma-Poisson
     if rest.numel():
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=mean.device))
-        rest_theta = flat_theta[rest]
+        rest_theta = theta[genes[rest]].float()
         with torch.random.fork_rng(devices=[mean.device] if mean.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            rate = torch._standard_gamma(rest_theta) * (flat_mean[rest] / rest_theta)
-            flat_counts[rest] = torch.poisson(rate)
-    return counts
+            rate = torch._standard_gamma(rest_theta) * (flat_mean[candidates[rest]].float() / rest_theta)
+            draws[rest] = torch.poisson(rate)
+    nonzero = torch.nonzero(draws).squeeze(1)
+    positions, draws = candidates[nonzero], draws[nonzero]
+    rows = torch.div(positions, n_genes, rounding_mode="floor")
+    crow = torch.zeros(n_cells + 1, dtype=torch.int64, device=mean.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_cells), dim=0)
+    return torch.sparse_csr_tensor(crow, positions - rows * n_genes, draws, size=(n_cells, n_genes),
+                                   check_invariants=False)
 
 
 class Autoencoder:

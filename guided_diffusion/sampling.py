@@ -43,6 +43,7 @@ class SamplerSettings:
     batch_size: int = 1024
     seed: int = 0
     observation: str = "auto"
+    precision: str = "fp32"
 
     def describe(self):
         steps = self.timestep_respacing or "1000"
@@ -51,6 +52,16 @@ class SamplerSettings:
 
 
 OBSERVATIONS = ("auto", "counts", "mean")
+PRECISIONS = ("fp32", "bf16")
+
+
+def matmul_precision(precision, device):
+    """A context in which matrix multiplications run in ``precision`` (bf16: torch.autocast; the
+    elementwise math, LayerNorm, softmax and the diffusion updates stay float32)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=precision == "bf16")
 
 
 def resolve_observation(observation, autoencoder):
@@ -268,10 +279,12 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
             int(np.random.SeedSequence([settings.seed, 1_000_003, batch_index]).generate_state(1)[0]))
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,
                       on_step=lambda *_: bar.update(1))
-        if settings.use_ddim:
-            x = diffusion.ddim_sample_loop(eps_fn, noise[part].shape, eta=settings.eta, **common)
-        else:
-            x = diffusion.p_sample_loop(eps_fn, noise[part].shape, **common)
+        with matmul_precision(settings.precision, device):
+            if settings.use_ddim:
+                x = diffusion.ddim_sample_loop(eps_fn, noise[part].shape, eta=settings.eta, **common)
+            else:
+                x = diffusion.p_sample_loop(eps_fn, noise[part].shape, **common)
+        x = x.float()
         latents[start - first_row:start - first_row + len(x)] = x.cpu()
     bar.close()
     return latents / latent_scale
@@ -318,7 +331,7 @@ def log_normalize_counts(counts, target_sum):
 
 
 def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, progress=True, library_sizes=None,
-                       seed=0):
+                       seed=0, precision="fp32"):
     """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete).
 
     Without ``library_sizes``, X is the decoded mean expression (dense). With them (one total per cell),
@@ -345,12 +358,17 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
             for number, start in enumerate(tqdm(chunks, desc="decode", unit="chunk", disable=not progress)):
                 block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
                 if library_sizes is None:
-                    matrix[start:start + len(block)] = autoencoder.model.decode(block).cpu().numpy()
+                    with matmul_precision(precision, device):
+                        decoded = autoencoder.model.decode(block)
+                    matrix[start:start + len(block)] = decoded.float().cpu().numpy()
                     continue
                 generator = torch.Generator(device=device).manual_seed(
                     int(np.random.SeedSequence([seed, 2_000_003, number]).generate_state(1)[0]))
                 totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
-                counts = sp.csr_matrix(autoencoder.model.sample_counts(block, totals, generator).cpu().numpy())
+                with matmul_precision(precision, device):
+                    counts = autoencoder.model.sample_counts(block, totals, generator).cpu()
+                counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
+                                        counts.crow_indices().numpy()), shape=tuple(counts.shape))
                 counts_matrix.append(counts)
                 matrix.append(log_normalize_counts(counts, autoencoder.normalization.target_sum))
             write_elem(store, "obs", obs)
@@ -423,7 +441,7 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
         "sampler": "ddim" if settings.use_ddim else "ddpm", "observation": observation,
     }}
     write_decoded_h5ad(path, autoencoder, latents, obs, uns, progress=progress, library_sizes=library_sizes,
-                       seed=settings.seed)
+                       seed=settings.seed, precision=settings.precision)
     if context is not None:
         context.barrier()
     return path, latents
