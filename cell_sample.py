@@ -21,9 +21,9 @@ import torch
 from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,
                                   command, non_negative_float, non_negative_int, positive_int, str2bool)
 from guided_diffusion.dist_util import setup_distributed
-from guided_diffusion.sampling import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, PRECISIONS, SamplerSettings, describe_condition, generate,
-                                       load_diffusion_model,
-                                       plan_conditions, resolve_autoencoder)
+from guided_diffusion.sampling import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, PRECISIONS, SamplerSettings,
+                                       describe_condition, generate, load_diffusion_model, plan_conditions,
+                                       resolve_autoencoder, resolve_settings)
 
 
 def build_parser():
@@ -50,15 +50,18 @@ def build_parser():
     parser.add_argument("--clip_denoised", type=str2bool, default=False)
     parser.add_argument("--use_ema", type=str2bool, default=True)
     parser.add_argument("--branch", type=non_negative_int, default=None, help="default: recorded in the checkpoint")
-    parser.add_argument("--cache_interval", type=int, default=None, help="default: recorded in the checkpoint")
+    parser.add_argument("--cache_interval", type=int, default=None,
+                        help="refresh the deep features every N sampled steps (1 = no reuse); default: the "
+                             "checkpoint's interval, which counts steps of the 1000-step schedule, scaled to the "
+                             "sampled steps (5 -> 1 at 50 steps)")
     parser.add_argument("--non_uniform", type=str2bool, default=None, help="default: recorded in the checkpoint")
     parser.add_argument("--observation", default=DEFAULT_SETTINGS.observation, choices=OBSERVATIONS,
                         help="counts: draw counts from the autoencoder's negative binomial (X = their log-normalized "
                              "values, layers['counts'] = the counts); mean: the decoded mean expression; "
                              "auto: counts for autoencoders trained with --loss_ae nb, else mean")
     parser.add_argument("--precision", default=DEFAULT_SETTINGS.precision, choices=PRECISIONS,
-                        help="matrix multiplications in fp32 or bf16 (torch.autocast; fast on CPUs with AMX/AVX512-BF16 "
-                             "and on recent GPUs)")
+                        help="matrix multiplications in fp32 or bf16 (torch.autocast); auto: bf16 where the device "
+                             "runs it natively (CPUs with AMX/AVX512-BF16, CUDA GPUs with bf16), else fp32")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", type=str2bool, default=True)
     add_device_arg(parser)
@@ -66,16 +69,10 @@ def build_parser():
     return parser
 
 
-def settings_from_args(args, recorded):
-    def pick(name):
-        value = getattr(args, name)
-        return recorded[name] if value is None else value
-
-    if pick("cache_interval") <= 0:
-        raise UsageError(f"--cache_interval must be 1 or more (1 = no feature reuse), got {args.cache_interval}")
+def settings_from_args(args):
     return SamplerSettings(guide_w=args.guide_w, use_ddim=args.use_ddim, timestep_respacing=args.timestep_respacing,
-                           eta=args.eta, cache_interval=pick("cache_interval"), branch=pick("branch"),
-                           non_uniform=pick("non_uniform"), clip_denoised=args.clip_denoised,
+                           eta=args.eta, cache_interval=args.cache_interval, branch=args.branch,
+                           non_uniform=args.non_uniform, clip_denoised=args.clip_denoised,
                            batch_size=args.batch_size, seed=args.seed, observation=args.observation,
                            precision=args.precision)
 
@@ -91,7 +88,7 @@ def main(argv=None):
     if args.num_classes is not None and list(args.num_classes) != list(loaded.model.condition_sizes):
         raise UsageError(f"--num_classes {' '.join(map(str, args.num_classes))} contradicts the checkpoint "
                          f"({' '.join(map(str, loaded.model.condition_sizes))}); omit it")
-    settings = settings_from_args(args, loaded.payload["sampling_defaults"])
+    settings = resolve_settings(settings_from_args(args), loaded.payload["sampling_defaults"], device)
     plan = plan_conditions(loaded, args.condition, args.all_combinations, args.match_counts, args.num_samples)
     autoencoder = resolve_autoencoder(loaded, args.vae_path, device)
     if context.is_main:

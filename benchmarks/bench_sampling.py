@@ -30,7 +30,8 @@ import torch  # noqa: E402
 from guided_diffusion.cell_model import CellUNet  # noqa: E402
 from guided_diffusion.feature_cache import refresh_schedule  # noqa: E402
 from guided_diffusion.respace import create_diffusion  # noqa: E402
-from guided_diffusion.sampling import DEFAULT_SETTINGS, SamplerSettings, sample_latents, write_decoded_h5ad  # noqa: E402
+from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, resolve_settings, sample_latents,  # noqa: E402
+                                       write_decoded_h5ad)
 from VAE.VAE_model import VAE, Autoencoder  # noqa: E402
 from guided_diffusion.data import Normalization  # noqa: E402
 
@@ -57,8 +58,8 @@ class PerCellProjections(torch.nn.Module):
         return self.model(x, t, cond, cache=cache, gather_embeddings=False)
 
 
-def matmul_peak_gflops(size=2048, repeats=20):
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(size=2048, repeats=20, dtype=torch.float32):
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(3):
@@ -103,7 +104,7 @@ def run_once(model, autoencoder, settings, n_cells, folder, totals):
     latents = sample_latents(model, cond, noise, settings, progress=False)
     library_sizes = totals[np.arange(n_cells) % len(totals)] if settings.observation != "mean" else None
     write_decoded_h5ad(os.path.join(folder, "generated.h5ad"), autoencoder, latents.numpy(), obs, {}, progress=False,
-                       library_sizes=library_sizes)
+                       library_sizes=library_sizes, precision=settings.precision)
     return time.perf_counter() - start
 
 
@@ -123,14 +124,18 @@ def main(argv=None):
         [m for m in autoencoder.model.decoder if isinstance(m, torch.nn.Linear)][-1].weight.mul_(0.05)
     decoder_mac_count = decoder_macs(autoencoder.model)
     peak = matmul_peak_gflops()
-    default = DEFAULT_SETTINGS
+    peak_bf16 = matmul_peak_gflops(dtype=torch.bfloat16)
+    # what cell_sample.py does by default with a model trained by the original command line
+    # (--branch 0 --cache_interval 5 --non_uniform False)
+    default = resolve_settings(DEFAULT_SETTINGS, {"cache_interval": 5, "branch": 0, "non_uniform": False}, "cpu")
 
     def settings(**changes):
         values = dict(vars(default))
         values.update(changes)
         return SamplerSettings(**values)
 
-    faithful = dict(use_ddim=False, timestep_respacing="1000", non_uniform=False, branch=0, batch_size=1024)
+    faithful = dict(use_ddim=False, timestep_respacing="1000", non_uniform=False, branch=0, batch_size=1024,
+                    precision="fp32")
     rows = []
     if not args.quick:
         rows += [
@@ -146,14 +151,19 @@ def main(argv=None):
         for interval in (1, 5):
             rows.append((f"DDIM {steps}, cache {interval}", settings(use_ddim=True, timestep_respacing=f"ddim{steps}",
                                                                      cache_interval=interval, non_uniform=False,
-                                                                     batch_size=1024), args.cells, False))
-    rows.append(("DDIM 50, cache 5, decoded mean (no count draws)",
-                 settings(use_ddim=True, timestep_respacing="ddim50", cache_interval=5, non_uniform=False,
-                          batch_size=1024, observation="mean"), args.cells, False))
+                                                                     batch_size=1024, precision="fp32"),
+                         args.cells, False))
+    for precision in ("fp32", "bf16"):
+        for interval in (1, 2, 5):
+            rows.append((f"DDPM 50, cache {interval}, {precision}",
+                         settings(use_ddim=False, timestep_respacing="50", cache_interval=interval, non_uniform=False,
+                                  batch_size=1024, precision=precision), args.cells, False))
+    rows.append(("default, decoded mean (no count draws)", settings(observation="mean"), args.cells, False))
     for batch in (256, 1024, 4096):
         rows.append((f"default ({default.describe()}), batch {batch}", settings(batch_size=batch), args.cells, False))
 
-    print(f"matmul peak (fp32, {torch.get_num_threads()} threads, 2048^3): {peak:.0f} GFLOP/s")
+    print(f"matmul peak ({torch.get_num_threads()} threads, 2048^3): fp32 {peak:.0f} GFLOP/s, "
+          f"bf16 {peak_bf16:.0f} GFLOP/s; % peak is against the peak of the row's precision")
     print(f"{'configuration':<78} {'cells/s':>9} {'s/1000 cells':>12} {'useful GFLOP/s':>15} {'% peak':>7}")
     results = []
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
@@ -164,8 +174,9 @@ def main(argv=None):
             gflops = useful_flops_per_cell(model, config, decoder_mac_count) * n_cells / seconds / 1e9
             cells_per_second = n_cells / seconds
             results.append((name, cells_per_second))
+            row_peak = peak_bf16 if config.precision == "bf16" else peak
             print(f"{name:<78} {cells_per_second:>9.1f} {1000 / cells_per_second:>12.2f} {gflops:>15.1f} "
-                  f"{100 * gflops / peak:>6.0f}%", flush=True)
+                  f"{100 * gflops / row_peak:>6.0f}%", flush=True)
     by_name = dict(results)
     reference = by_name.get("reference path (per-cell projections), DDPM-1000 cache 5")
     best_default = max(v for k, v in results if k.startswith("default"))

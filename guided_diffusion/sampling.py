@@ -5,7 +5,8 @@ path and hash), so ``--model_path`` is all a user has to give.
 """
 import itertools
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 import h5py
 import numpy as np
@@ -36,14 +37,14 @@ class SamplerSettings:
     use_ddim: bool = False
     timestep_respacing: str = "50"
     eta: float = 0.0
-    cache_interval: int = 5
-    branch: int = 0
-    non_uniform: bool = False
+    cache_interval: Optional[int] = None  # None: the checkpoint's, scaled to the sampled steps
+    branch: Optional[int] = None  # None: the checkpoint's
+    non_uniform: Optional[bool] = None  # None: the checkpoint's
     clip_denoised: bool = False
     batch_size: int = 1024
     seed: int = 0
     observation: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
 
     def describe(self):
         steps = self.timestep_respacing or "1000"
@@ -52,16 +53,58 @@ class SamplerSettings:
 
 
 OBSERVATIONS = ("auto", "counts", "mean")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+FULL_SCHEDULE_STEPS = 1000
+
+
+def has_fast_bf16(device):
+    """True where bfloat16 matmuls run natively: CUDA devices that support them, CPUs with AMX or
+    AVX512-BF16 (elsewhere bf16 is emulated and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def resolve_precision(precision, device):
+    """``auto`` -> ``bf16`` where the device has fast bf16 matmuls, else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    return precision
 
 
 def matmul_precision(precision, device):
     """A context in which matrix multiplications run in ``precision`` (bf16: torch.autocast; the
     elementwise math, LayerNorm, softmax and the diffusion updates stay float32)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
-                          enabled=precision == "bf16")
+                          enabled=resolve_precision(precision, device) == "bf16")
+
+
+def scaled_cache_interval(recorded_interval, steps):
+    """The checkpoint's cache interval counts steps of the full 1000-step schedule (as the original
+    sampler ran); on ``steps`` respaced steps the same span of diffusion time is interval x steps / 1000
+    steps, at least 1 (no reuse): 5 -> 5 at 1000 steps, 2 at 500, 1 at 250 or fewer."""
+    return max(1, int(round(recorded_interval * steps / FULL_SCHEDULE_STEPS)))
+
+
+def resolve_settings(settings, recorded, device):
+    """Settings with nothing left open: the cache settings the user did not give come from the checkpoint's
+    ``sampling_defaults`` (the interval scaled to the sampled steps), ``auto`` precision from the device."""
+    if settings.cache_interval is not None and settings.cache_interval <= 0:
+        raise UsageError(f"--cache_interval must be 1 or more (1 = no feature reuse), got {settings.cache_interval}")
+    steps = build_sampling_diffusion(settings).num_timesteps
+    return replace(
+        settings,
+        cache_interval=scaled_cache_interval(recorded["cache_interval"], steps)
+        if settings.cache_interval is None else settings.cache_interval,
+        branch=recorded["branch"] if settings.branch is None else settings.branch,
+        non_uniform=recorded["non_uniform"] if settings.non_uniform is None else settings.non_uniform,
+        precision=resolve_precision(settings.precision, device))
 
 
 def resolve_observation(observation, autoencoder):
@@ -77,9 +120,10 @@ def resolve_observation(observation, autoencoder):
     return observation
 
 
-# The default: ancestral DDPM sampling on 50 of the 1000 training steps (respaced), with the checkpoint's
-# feature-cache settings (cache 5, branch 0 for the original command lines). Chosen by measurement
-# against the faithful configuration (use_ddim False, timestep_respacing "1000", cache 5): README, "Speed".
+# The default: ancestral DDPM on 50 of the 1000 training steps (respaced), the checkpoint's cache interval
+# scaled to them (5 of 1000 -> 1 of 50: no reuse), bf16 matmuls where the device runs them natively.
+# Chosen by measurement against the faithful configuration (use_ddim False, timestep_respacing 1000,
+# cache 5) on two datasets: README, "Speed".
 DEFAULT_SETTINGS = SamplerSettings()
 FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5"
 
@@ -260,8 +304,7 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
     diffusion = build_sampling_diffusion(settings, latent_scale=latent_scale)
     try:
         refresh = refresh_schedule(diffusion.num_timesteps, settings.cache_interval, settings.non_uniform)
-        if settings.cache_interval > 1:
-            model.validate_branch(settings.branch)
+        model.validate_branch(settings.branch)
     except ValueError as error:
         raise UsageError(f"{error}; check --branch, --cache_interval and --non_uniform") from None
     n_cells = len(cond_rows)
