@@ -12,6 +12,7 @@ from guided_diffusion.checkpoint import latest_checkpoint, load_checkpoint, rng_
 from guided_diffusion.cli import StopAtStepBoundary, UsageError, check_writable_dir
 from guided_diffusion.data import check_genes, load_dataset, make_batch_sampler, split_train_validation
 from guided_diffusion.dist_util import setup_distributed
+from guided_diffusion.train_util import adamw
 
 from .VAE_model import VAE
 
@@ -129,7 +130,7 @@ def _train(args, dataset, context, device, progress):
                 decoder_activation=args.decoder_activation, loss_ae=resolve_loss(args.loss_ae, dataset),
                 target_sum=dataset.normalization.target_sum)
     model = context.synchronize_batchnorm(model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sampler = make_batch_sampler(dataset, train_index, args.batch_size, args.seed)
     step = 0
     if args.state_dict and os.path.isdir(args.state_dict):  # a folder: its newest checkpoint of this seed
