@@ -200,14 +200,14 @@ def parse_condition(spec, label_keys, vocabularies, condition_sizes):
     return row
 
 
+def condition_matches(row, codes, condition_sizes):
+    """Whether training label codes ``codes`` fall under condition ``row`` (a null key matches anything)."""
+    return all(r == size or r == c for r, c, size in zip(row, codes, condition_sizes))
+
+
 def training_cell_count(row, condition_counts, condition_sizes):
     """Training cells matching ``row`` (null keys match anything)."""
-    total = 0
-    for entry in condition_counts:
-        codes, count = entry[:-1], entry[-1]
-        if all(r == size or r == c for r, c, size in zip(row, codes, condition_sizes)):
-            total += count
-    return total
+    return sum(entry[-1] for entry in condition_counts if condition_matches(row, entry[:-1], condition_sizes))
 
 
 def plan_conditions(loaded, specs=(), all_combinations=False, match_counts=False, num_samples=1000):
@@ -264,8 +264,7 @@ def draw_library_sizes(row, quantile_entries, condition_sizes, count, seed, cond
     row = list(row)
     for relaxed in range(len(row), -1, -1):  # an unseen combination: drop keys from the last until cells match
         wanted = row[:relaxed] + list(condition_sizes[relaxed:])
-        matching = [entry for entry in quantile_entries
-                    if all(r == size or r == c for r, c, size in zip(wanted, entry[:-2], condition_sizes))]
+        matching = [entry for entry in quantile_entries if condition_matches(wanted, entry[:-2], condition_sizes)]
         if matching:
             break
     weights = np.array([entry[-2] for entry in matching], dtype=np.float64)
