@@ -125,7 +125,7 @@ def resolve_observation(observation, autoencoder):
 # Chosen by measurement against the faithful configuration (use_ddim False, timestep_respacing 1000,
 # cache 5) on two datasets: README, "Speed".
 DEFAULT_SETTINGS = SamplerSettings()
-FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5"
+FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32"
 
 
 class LoadedModel:
