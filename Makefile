@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-sampling bench-memory clean
+.PHONY: install test demo bench-sampling bench-fidelity bench-memory clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 bench-sampling: $(STAMP)
 	$(PY) benchmarks/bench_sampling.py
+
+bench-fidelity: $(STAMP)
+	PY=$(PY) bash benchmarks/bench_fidelity.sh
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --sizes 20000 200000

@@ -11,6 +11,8 @@ always reads log-normalized expression. Two decoders (``loss_ae``):
   of the raw counts (mean = share x the cell's total counts). Decoding can then draw counts, so
   generated cells carry the sampling noise and sparsity of real ones (:meth:`VAE.sample_counts`).
 """
+import warnings
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -214,8 +216,10 @@ def sample_negative_binomial(mean, theta, generator):
     rows = torch.div(positions, n_genes, rounding_mode="floor")
     crow = torch.zeros(n_cells + 1, dtype=torch.int64, device=mean.device)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_cells), dim=0)
-    return torch.sparse_csr_tensor(crow, positions - rows * n_genes, draws, size=(n_cells, n_genes),
-                                   check_invariants=False)
+    with warnings.catch_warnings():  # torch marks sparse CSR tensors as beta; building one is all we do
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, positions - rows * n_genes, draws, size=(n_cells, n_genes),
+                                       check_invariants=False)
 
 
 class Autoencoder:
