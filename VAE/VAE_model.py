@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.cli import UsageError
-from guided_diffusion.data import Normalization
+from guided_diffusion.data import Normalization, check_genes
 
 DECODER_ACTIVATIONS = ("ReLU", "linear")
 LOSSES = ("mse", "nb")
@@ -234,6 +234,14 @@ class Autoencoder:
     @property
     def device(self):
         return next(self.model.parameters()).device
+
+    def check_dataset(self, dataset):
+        """Refuse data whose genes or input kind (raw counts / log-normalized) differ from the training data's."""
+        check_genes(self.genes, dataset.genes, what=f"the autoencoder {self.path}")
+        if self.normalization.input_is_log != dataset.normalization.input_is_log:
+            raise UsageError(f"the autoencoder was trained on "
+                             f"{'log-normalized' if self.normalization.input_is_log else 'raw-count'} "
+                             f"input but --input_is_log is {dataset.normalization.input_is_log}")
 
     def encode_dataset(self, dataset, batch_size=1024, progress=True):
         """Latents of every cell, encoded in batches (the matrix is densified one batch at a time)."""

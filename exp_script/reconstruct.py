@@ -17,9 +17,9 @@ if __package__ in (None, ""):  # run as a script, from the project root or from 
 
 import pandas as pd  # noqa: E402
 
-from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,  # noqa: E402
+from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, check_writable_dir,  # noqa: E402
                                   command, resolve_device, str2bool)
-from guided_diffusion.data import add_data_args, check_genes, dataset_from_args  # noqa: E402
+from guided_diffusion.data import add_data_args, dataset_from_args  # noqa: E402
 from guided_diffusion.sampling import OBSERVATIONS, resolve_observation, write_decoded_h5ad  # noqa: E402
 from VAE.VAE_model import load_autoencoder  # noqa: E402
 
@@ -44,11 +44,7 @@ def reconstruct(args):
     autoencoder, _ = load_autoencoder(args.vae_path, device=device)
     dataset = dataset_from_args(args)
     try:
-        check_genes(autoencoder.genes, dataset.genes, what=f"the autoencoder {args.vae_path}")
-        if autoencoder.normalization.input_is_log != dataset.normalization.input_is_log:
-            raise UsageError(f"the autoencoder was trained with --input_is_log "
-                             f"{autoencoder.normalization.input_is_log}, the data is read with "
-                             f"{dataset.normalization.input_is_log}")
+        autoencoder.check_dataset(dataset)
         observation = resolve_observation(args.observation, autoencoder)
         latents = autoencoder.encode_dataset(dataset, progress=args.progress)
         labels = {key: pd.Categorical(dataset.label_strings(key, dataset.label_codes[:, column]))

@@ -15,7 +15,7 @@ from VAE.VAE_model import load_autoencoder
 from .cell_model import CellUNet
 from .checkpoint import file_sha256
 from .cli import UsageError, check_writable_dir
-from .data import check_genes, check_num_classes, load_dataset
+from .data import check_num_classes, load_dataset
 from .dist_util import DistributedContext, setup_distributed
 from .respace import create_diffusion
 from .train_util import DiffusionTrainer
@@ -66,10 +66,7 @@ def prepare_latents(args, device, progress=True, context=None):
     try:
         check_num_classes(args.num_classes, dataset)
         autoencoder, _ = load_autoencoder(args.vae_path, device=device)
-        check_genes(autoencoder.genes, dataset.genes, what=f"the autoencoder {args.vae_path}")
-        if autoencoder.normalization.input_is_log != dataset.normalization.input_is_log:
-            raise UsageError(f"the autoencoder was trained on {'log-normalized' if autoencoder.normalization.input_is_log else 'raw-count'} "
-                             f"input but --input_is_log is {dataset.normalization.input_is_log}")
+        autoencoder.check_dataset(dataset)
         share = context.shard(dataset.n_cells)
         local = autoencoder.encode_dataset(CellRange(dataset, share.start, share.stop), batch_size=1024,
                                            progress=progress and context.is_main)

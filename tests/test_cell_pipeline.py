@@ -302,3 +302,15 @@ def test_default_settings_scale_the_recorded_cache_to_the_sampled_steps():
     assert resolve_settings(SamplerSettings(timestep_respacing="500"), recorded, "cpu").cache_interval == 2
     assert resolve_settings(SamplerSettings(timestep_respacing="ddim50", cache_interval=5), recorded,
                             "cpu").cache_interval == 5  # given explicitly: used as given
+
+
+def test_autoencoder_refuses_the_other_input_kind(workspace, tmp_path, capsys):
+    from exp_script import reconstruct
+
+    with pytest.raises(SystemExit) as exit_info:
+        reconstruct.main(["--data_dir", workspace["data"], "--vae_path", workspace["vae"], "--input_is_log", "True",
+                          "--out", str(tmp_path / "r.h5ad"), "--progress", "False"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: the autoencoder was trained on raw-count input but "
+                                               "--input_is_log is True")
+    assert not (tmp_path / "r.h5ad").exists()
