@@ -69,7 +69,7 @@ class DiffusionCheckpoint:
             raise UsageError(f"{path} has diffusion schema version {version!r}; this code reads 1 to "
                              f"{SCHEMA_VERSION} (update cfDiffusion)")
         if version == 1:  # the layout before this module: no training config, no latent range
-            payload.update(schema_version=1, training=None, latent_range=None)
+            payload.update(schema_version=1)
         known = {f.name for f in fields(cls)}
         missing = [f.name for f in fields(cls) if f.default is MISSING and f.name not in payload]
         if missing:

@@ -65,8 +65,8 @@ def _draw_counts(autoencoder, block, totals, generator):
     counts = autoencoder.model.sample_counts(block.float(), totals, generator).cpu()
     counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
                             counts.crow_indices().numpy()), shape=tuple(counts.shape))
-    if not np.isfinite(counts.data).all():
-        raise NonFiniteOutput("drawn counts")
+    if not (np.isfinite(counts.data).all() and (counts.data >= 0).all()):
+        raise NonFiniteOutput("drawn counts (NaN, infinite or negative)")
     return counts
 
 
