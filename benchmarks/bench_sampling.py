@@ -104,7 +104,7 @@ def run_once(model, autoencoder, settings, n_cells, folder, totals):
     latents = sample_latents(model, cond, noise, settings, progress=False)
     library_sizes = totals[np.arange(n_cells) % len(totals)] if settings.observation != "mean" else None
     write_decoded_h5ad(os.path.join(folder, "generated.h5ad"), autoencoder, latents.numpy(), obs, {}, progress=False,
-                       library_sizes=library_sizes, precision=settings.precision)
+                       library_sizes=library_sizes)
     return time.perf_counter() - start
 
 

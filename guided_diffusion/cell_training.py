@@ -16,6 +16,7 @@ from .cell_model import CellUNet
 from .checkpoint import file_sha256
 from .cli import UsageError, check_writable_dir
 from .data import check_num_classes, load_dataset
+from .diffusion_checkpoint import TRAINING_FIELDS, training_metadata
 from .dist_util import DistributedContext, setup_distributed
 from .respace import create_diffusion
 from .train_util import DiffusionTrainer
@@ -125,24 +126,15 @@ def train_diffusion(args, progress=True):
         model.validate_branch(args.branch)
     except ValueError as error:
         raise UsageError(f"--branch {args.branch}: {error}") from None
-    metadata = {
-        "label_keys": dataset.label_keys,
-        "vocabularies": dataset.vocabularies,
-        "condition_counts": condition_counts(dataset.label_codes),
-        "library_size_quantiles": None if dataset.library_sizes() is None
+    metadata = training_metadata(
+        dataset=dataset, condition_counts=condition_counts(dataset.label_codes),
+        library_size_quantiles=None if dataset.library_sizes() is None
         else library_size_quantiles(dataset.library_sizes(), dataset.label_codes),
-        "genes": dataset.genes,
-        "normalization": dataset.normalization.to_dict(),
-        "vae_path": args.vae_path,
-        "vae_path_from_model": os.path.relpath(os.path.abspath(args.vae_path), os.path.abspath(save_dir)),
-        "vae_sha256": file_sha256(args.vae_path),
-        "diffusion": {"steps": DIFFUSION_STEPS, "schedule": "linear", "predict": "epsilon"},
-        "sampling_defaults": {"branch": args.branch, "cache_interval": args.cache_interval,
-                              "non_uniform": args.non_uniform},
-        "latent_scale": latent_scale,
-        "p_uncond": args.p_uncond,
-        "seed": args.seed,
-    }
+        vae_path=args.vae_path, vae_sha256=file_sha256(args.vae_path), save_dir=save_dir,
+        diffusion_steps=DIFFUSION_STEPS, latent_scale=latent_scale, latents=latents,
+        sampling_defaults={"branch": args.branch, "cache_interval": args.cache_interval,
+                           "non_uniform": args.non_uniform},
+        training={name: getattr(args, name) for name in TRAINING_FIELDS})
     trainer = DiffusionTrainer(
         model, create_diffusion(DIFFUSION_STEPS), latents, dataset.label_codes, metadata, save_dir,
         batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, weight_decay=args.weight_decay,

@@ -33,10 +33,6 @@ class FeatureCache:
         self.refresh = True
         self.feature: Optional[torch.Tensor] = None
 
-    def clear(self) -> None:
-        self.feature = None
-        self.refresh = True
-
     def __repr__(self) -> str:
         shape = None if self.feature is None else tuple(self.feature.shape)
         return f"FeatureCache(branch={self.branch}, refresh={self.refresh}, feature_shape={shape})"

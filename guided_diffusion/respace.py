@@ -7,6 +7,9 @@ import torch
 
 from .gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
 
+# the schedule length cell_train.py trains with; the sampler uses the length recorded in the checkpoint
+TRAINING_STEPS = 1000
+
 
 def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]]) -> List[int]:
     """Timesteps (sorted) to keep from a process with ``num_timesteps`` steps.
@@ -72,7 +75,7 @@ class SpacedDiffusion(GaussianDiffusion):
         return torch.from_numpy(self.timestep_map).to(t.device)[t]
 
 
-def create_diffusion(steps: int = 1000, timestep_respacing: Optional[Union[str, Sequence[int]]] = "",
+def create_diffusion(steps: int = TRAINING_STEPS, timestep_respacing: Optional[Union[str, Sequence[int]]] = "",
                      clip_bound: float = 1.0) -> SpacedDiffusion:
     """Linear-schedule diffusion of ``steps`` steps, optionally respaced for sampling.
 

@@ -58,7 +58,7 @@ def test_original_command_lines_and_outputs(workspace, tmp_path):
     out = sample(model_path, tmp_path, "--num_classes", "3", "--branch", "0", "--cache_interval", "5",
                  "--non_uniform", "False", "--num_samples", "6", "--timestep_respacing", "100")
     assert sorted(os.listdir(tmp_path)) == ["cell0_cache5_uniform.npy", "cell1_cache5_uniform.npy",
-                                            "cell2_cache5_uniform.npy", "generated.h5ad"]
+                                            "cell2_cache5_uniform.npy", "generated.h5ad", "manifest.json"]
     assert np.load(tmp_path / "cell1_cache5_uniform.npy").shape == (6, 16)
     generated = anndata.read_h5ad(out)
     assert generated.shape == (18, 40)
@@ -96,7 +96,7 @@ def test_multi_condition_defaults_conditions_and_match_counts(workspace, tmp_pat
                  "--timestep_respacing", "ddim20", "--use_ddim", "True", "--cache_interval", "1")
     assert os.path.exists(tmp_path / "partial" / "cell2_x_cache1_uniform.npy")
     obs = anndata.read_h5ad(out).obs
-    assert set(obs["cell_type1"]) == {"type_2"} and set(obs["donor"]) == {"unconditioned"}
+    assert set(obs["cell_type1"]) == {"type_2"} and obs["donor"].isna().all()  # unconditioned: missing
 
     out = sample(model, tmp_path / "matched", "--match_counts", "--timestep_respacing", "ddim10", "--use_ddim", "True")
     counts = anndata.read_h5ad(workspace["data"]).obs.groupby(["cell_type1", "donor"], observed=True).size()
@@ -117,7 +117,7 @@ def test_unknown_condition_lists_valid_values(workspace, tmp_path, capsys):
     (["--num_classes", "14"], "--num_classes 14 contradicts the checkpoint (3 2)"),
     (["--branch", "3"], "cache branch must be an int in [0, 2]"),
     (["--cache_interval", "0"], "--cache_interval must be 1 or more"),
-    (["--timestep_respacing", "ddim5000"], "--timestep_respacing 'ddim5000'"),
+    (["--timestep_respacing", "ddim5000", "--use_ddim", "True"], "--timestep_respacing 'ddim5000'"),
 ])
 def test_sampler_refuses_bad_settings(workspace, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit):
@@ -255,13 +255,14 @@ def test_reconstruction_cli_draws_counts_at_each_cells_total(workspace, tmp_path
     real = anndata.read_h5ad(workspace["data"])
     drawn, mean = anndata.read_h5ad(counts_path), anndata.read_h5ad(mean_path)
     assert list(drawn.obs["cell_type1"]) == list(real.obs["cell_type1"].astype(str))
-    np.testing.assert_allclose(drawn.obs["library_size"], np.asarray(real.X.sum(axis=1)).ravel(), rtol=1e-6)
+    np.testing.assert_allclose(drawn.obs["target_library_size"], np.asarray(real.X.sum(axis=1)).ravel(), rtol=1e-6)
     dataset = load_dataset(workspace["data"])
     autoencoder, _ = load_autoencoder(workspace["vae"])
     latents = torch.from_numpy(autoencoder.encode_dataset(dataset, progress=False))
     np.testing.assert_allclose(np.asarray(mean.X), autoencoder.model.decode(latents).numpy(), rtol=1e-5, atol=1e-6)
     # drawn totals scatter around each cell's own total; a cell without counts gets none
-    drawn_totals, totals = np.asarray(drawn.layers["counts"].sum(axis=1)).ravel(), drawn.obs["library_size"].to_numpy()
+    drawn_totals, totals = drawn.obs["library_size"].to_numpy(), drawn.obs["target_library_size"].to_numpy()
+    np.testing.assert_array_equal(drawn_totals, np.asarray(drawn.layers["counts"].sum(axis=1)).ravel())
     assert (drawn_totals[totals == 0] == 0).all() and (totals == 0).sum() == 1
     assert 0.8 < np.median(drawn_totals[totals > 0] / totals[totals > 0]) < 1.2
 
@@ -294,13 +295,13 @@ def test_default_settings_scale_the_recorded_cache_to_the_sampled_steps():
     from guided_diffusion.sampling import DEFAULT_SETTINGS, SamplerSettings, resolve_settings
 
     recorded = {"cache_interval": 5, "branch": 0, "non_uniform": False}
-    default = resolve_settings(DEFAULT_SETTINGS, recorded, "cpu")
+    default = resolve_settings(DEFAULT_SETTINGS, recorded, "cpu", schedule_steps=1000)
     assert (default.use_ddim, default.timestep_respacing, default.cache_interval) == (False, "50", 1)
     assert default.precision in ("fp32", "bf16")
     faithful = resolve_settings(SamplerSettings(timestep_respacing="1000", precision="fp32"), recorded, "cpu")
     assert (faithful.cache_interval, faithful.branch, faithful.non_uniform) == (5, 0, False)
     assert resolve_settings(SamplerSettings(timestep_respacing="500"), recorded, "cpu").cache_interval == 2
-    assert resolve_settings(SamplerSettings(timestep_respacing="ddim50", cache_interval=5), recorded,
+    assert resolve_settings(SamplerSettings(timestep_respacing="ddim50", use_ddim=True, cache_interval=5), recorded,
                             "cpu").cache_interval == 5  # given explicitly: used as given
 
 

@@ -453,7 +453,7 @@ def test_disk_full_while_saving_leaves_no_checkpoint(workspace, tmp_path, capsys
 
 
 def test_failure_while_writing_samples_leaves_no_h5ad(workspace, tmp_path, capsys, monkeypatch):
-    import guided_diffusion.sampling as sampling
+    import guided_diffusion.h5ad_writer as sampling
 
     real_write_elem = sampling.write_elem
 
@@ -471,7 +471,7 @@ def test_unexpected_error_is_one_line_with_a_debug_hint(workspace, tmp_path, cap
     def broken(*args, **kwargs):
         raise RuntimeError("something nobody foresaw\nsecond line")
 
-    monkeypatch.setattr(cell_sample, "plan_conditions", broken)
+    monkeypatch.setattr("guided_diffusion.sampling.plan_conditions", broken)
     line = refused(capsys, cell_sample.main, sample(workspace, tmp_path), "unexpected RuntimeError", code=1)
     assert "something nobody foresaw second line" in line and "--debug" in line
 

@@ -1,0 +1,38 @@
+"""Matmul precision of the sampler: probing for fast bf16 and the autocast context.
+
+Only the denoiser's matrix multiplications run in bf16 (``denoiser_precision``); the diffusion updates,
+the decoder and everything written to disk stay float32.
+"""
+import torch
+
+from .cli import UsageError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def has_fast_bf16(device):
+    """True where bfloat16 matmuls run natively: CUDA devices that support them, CPUs with AMX or
+    AVX512-BF16 (elsewhere bf16 is emulated and slower than fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return False
+
+
+def resolve_precision(precision, device):
+    """``auto`` -> ``bf16`` where the device has fast bf16 matmuls, else ``fp32``."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    return precision
+
+
+def matmul_precision(precision, device):
+    """A context in which matrix multiplications run in ``precision`` (bf16: torch.autocast; the
+    elementwise math, LayerNorm, softmax and the diffusion updates stay float32)."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
+                          enabled=resolve_precision(precision, device) == "bf16")

@@ -1,0 +1,116 @@
+"""How the reverse process runs: :class:`SamplerSettings`, their checks, and the defaults taken from the
+checkpoint (cache settings, the noise schedule) and the device (precision)."""
+import math
+import re
+from dataclasses import dataclass, replace
+from typing import Optional
+
+from .cli import UsageError
+from .precision import PRECISIONS, resolve_precision
+from .respace import TRAINING_STEPS, create_diffusion
+
+OBSERVATIONS = ("auto", "counts", "mean")
+GUIDE_W_RANGE = (-1.0, 100.0)  # w < -1 inverts the condition; beyond 100 the guided epsilon overflows usefulness
+MAX_SEED = 2 ** 63 - 1
+_RESPACING = re.compile(r"(ddim)?([0-9]+)")
+
+
+@dataclass
+class SamplerSettings:
+    """How the reverse process runs; recorded in the output's ``uns``."""
+
+    guide_w: float = 0.5
+    use_ddim: bool = False
+    timestep_respacing: str = "50"
+    eta: float = 0.0
+    cache_interval: Optional[int] = None  # None: the checkpoint's, scaled to the sampled steps
+    branch: Optional[int] = None  # None: the checkpoint's
+    non_uniform: Optional[bool] = None  # None: the checkpoint's
+    clip_denoised: bool = False
+    batch_size: int = 1024
+    seed: int = 0
+    observation: str = "auto"
+    precision: str = "auto"
+
+    def describe(self):
+        return f"{'DDIM' if self.use_ddim else 'DDPM'} {self.timestep_respacing} steps, cache {self.cache_interval} " \
+               f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), w={self.guide_w}"
+
+
+# The default: ancestral DDPM on 50 of the 1000 training steps (respaced), the checkpoint's cache interval
+# scaled to them (5 of 1000 -> 1 of 50: no reuse), bf16 matmuls where the device runs them natively.
+# Chosen by measurement against the faithful configuration (use_ddim False, timestep_respacing 1000,
+# cache 5) on two datasets: README, "Speed".
+DEFAULT_SETTINGS = SamplerSettings()
+FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32"
+
+
+def check_settings(settings):
+    """The checks that need no checkpoint; each failure one line naming the flag."""
+    low, high = GUIDE_W_RANGE
+    if not math.isfinite(settings.guide_w) or not low <= settings.guide_w <= high:
+        raise UsageError(f"--guide_w must be a finite number in [{low:g}, {high:g}] (typically 0 to 5), "
+                         f"got {settings.guide_w}")
+    if not math.isfinite(settings.eta) or settings.eta < 0:
+        raise UsageError(f"--eta must be a finite number >= 0, got {settings.eta}")
+    if not 0 <= settings.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer in [0, 2^63), got {settings.seed}")
+    if settings.cache_interval is not None and settings.cache_interval <= 0:
+        raise UsageError(f"--cache_interval must be 1 or more (1 = no feature reuse), got {settings.cache_interval}")
+    respacing = settings.timestep_respacing
+    match = _RESPACING.fullmatch(respacing) if isinstance(respacing, str) else None
+    if match is None or int(match.group(2)) < 1:
+        raise UsageError(f"--timestep_respacing {respacing!r}: give a step count such as 50 or 1000 (all steps), "
+                         f"or ddim50 with --use_ddim True (no spaces; section lists such as 10,10,10 are not "
+                         f"supported)")
+    if match.group(1) and not settings.use_ddim:
+        raise UsageError(f"--timestep_respacing {respacing} spaces the steps for DDIM, but --use_ddim is False; "
+                         f"add --use_ddim True, or give {match.group(2)} for DDPM")
+
+
+def build_sampling_diffusion(settings, num_timesteps=TRAINING_STEPS, latent_scale=1.0):
+    """The respaced diffusion of the checkpoint's ``num_timesteps``-step schedule that the settings ask for."""
+    try:
+        return create_diffusion(num_timesteps, settings.timestep_respacing, clip_bound=latent_scale)
+    except ValueError as error:
+        raise UsageError(f"--timestep_respacing {settings.timestep_respacing!r}: {error}; give a step count "
+                         f"such as 250 or ddim50 (at most {num_timesteps})") from None
+
+
+def scaled_cache_interval(recorded_interval, steps, schedule_steps):
+    """The checkpoint's cache interval counts steps of the full ``schedule_steps`` schedule (as the original
+    sampler ran); on ``steps`` respaced steps the same span of diffusion time is interval x steps /
+    schedule_steps steps, at least 1 (no reuse): of 1000, 5 -> 5 at 1000 steps, 2 at 500, 1 at 250 or fewer."""
+    return max(1, int(round(recorded_interval * steps / schedule_steps)))
+
+
+def resolve_settings(settings, recorded, device, schedule_steps=TRAINING_STEPS):
+    """Settings with nothing left open: the cache settings the user did not give come from the checkpoint's
+    ``sampling_defaults`` (``recorded``; the interval scaled to the sampled steps of its ``schedule_steps``
+    schedule, which the sampler takes from the checkpoint), ``auto`` precision from the device."""
+    check_settings(settings)
+    steps = build_sampling_diffusion(settings, schedule_steps).num_timesteps
+    return replace(
+        settings,
+        cache_interval=scaled_cache_interval(recorded["cache_interval"], steps, schedule_steps)
+        if settings.cache_interval is None else settings.cache_interval,
+        branch=recorded["branch"] if settings.branch is None else settings.branch,
+        non_uniform=recorded["non_uniform"] if settings.non_uniform is None else settings.non_uniform,
+        precision=resolve_precision(settings.precision, device))
+
+
+def resolve_observation(observation, autoencoder):
+    """``counts`` (draw counts from the decoder's negative binomial; the default for autoencoders trained
+    with --loss_ae nb) or ``mean`` (the decoded mean expression; the only choice for mse autoencoders)."""
+    if observation not in OBSERVATIONS:
+        raise UsageError(f"--observation must be one of {', '.join(OBSERVATIONS)}, got {observation!r}")
+    if observation == "auto":
+        return "counts" if autoencoder.model.models_counts else "mean"
+    if observation == "counts" and not autoencoder.model.models_counts:
+        raise UsageError("--observation counts needs an autoencoder trained with --loss_ae nb; this one was "
+                         "trained with mse: use --observation mean")
+    return observation
+
+
+__all__ = ["OBSERVATIONS", "PRECISIONS", "SamplerSettings", "DEFAULT_SETTINGS", "FAITHFUL_FLAGS", "check_settings",
+           "build_sampling_diffusion", "scaled_cache_interval", "resolve_settings", "resolve_observation"]
