@@ -209,6 +209,8 @@ class AutoencoderTask(TrainingTask):
         self.model.load_state_dict(checkpoint.state_dict)
         if checkpoint.training_state is not None:
             self.optimizer.load_state_dict(checkpoint.training_state["optimizer"])
+            for group in self.optimizer.param_groups:  # this run's settings apply, as in the diffusion trainer
+                group["lr"], group["weight_decay"] = self.training.lr, self.training.weight_decay
             self.sampler.load_state_dict(checkpoint.training_state["sampler"])
             set_rng_state(checkpoint.training_state["rng"])
             self.last_saved_step, self.last_saved_path = checkpoint.step, path

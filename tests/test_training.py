@@ -117,8 +117,8 @@ def test_max_minutes_stops_and_saves(workspace, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(training_loop.time, "monotonic", lambda: float(next(clock)))
     path = ae(workspace, tmp_path, "--max_steps", "1000", "--max_minutes", "1")
     step = load_checkpoint(path)["step"]
-    assert 1 <= step <= 3 and path.endswith(f"_step={step}.pt")
-    assert f"--max_minutes 1.0 reached at step {step}" in capsys.readouterr().err
+    assert step == 3 and path.endswith("_step=3.pt")  # the clock passed 60 s after the third step
+    assert "--max_minutes 1.0 reached at step 3" in capsys.readouterr().out
 
 
 def test_start_step_overrides_the_counter(workspace, tmp_path):
@@ -202,8 +202,14 @@ def test_resume_refuses_another_latent_scale(workspace, tmp_path, first_half, ca
 
 
 def test_resume_refuses_other_labels_and_batch_size(workspace, tmp_path, first_half, capsys):
-    refused(capsys, resume_differently(workspace, tmp_path / "a", first_half, "--label_key", "donor"),
-            "records label keys other values, this run (--label_key) gives other values")
+    refused(capsys, resume_differently(workspace, tmp_path / "k", first_half, "--label_key", "donor"),
+            "has model config")  # 2 donors, 3 cell types: another network
+    adata = anndata.read_h5ad(workspace["data"])
+    adata.obs["cell_type1"] = adata.obs["cell_type1"].cat.rename_categories(["alpha", "beta", "gamma"])
+    data = str(tmp_path / "relabelled.h5ad")
+    adata.write_h5ad(data)
+    refused(capsys, resume_differently(workspace, tmp_path / "a", first_half, "--label_key", "cell_type1", data=data),
+            "records vocabularies other values, this run (--data_dir) gives other values")
     line = refused(capsys, resume_differently(workspace, tmp_path / "b", first_half, "--label_key", "cell_type1",
                                               "--batch_size", "8"), "was trained with --batch_size 16")
     assert "this run has --batch_size 8" in line
@@ -279,16 +285,20 @@ def test_autoencoder_batch_of_one_is_refused(workspace, tmp_path, capsys):
             "--batch_size 1 is too small: the autoencoder's BatchNorm layers need at least 2 cells per batch")
 
 
-@pytest.mark.parametrize("parser", [VAE_train.build_parser, cell_train.build_parser])
-def test_help_shows_defaults_and_explains_the_main_flags(parser):
+def option_help(text, flag):
+    """The help text of ``flag`` in ``--help`` output (its option line and the indented lines after it)."""
+    block = text.split(f"\n  {flag} ", 1)[1]
+    return " ".join(block.split("\n  -", 1)[0].split())
+
+
+@pytest.mark.parametrize("parser, steps", [(VAE_train.build_parser, "--max_steps"),
+                                           (cell_train.build_parser, "--lr_anneal_steps")])
+def test_help_shows_defaults_and_explains_the_main_flags(parser, steps):
     text = parser().format_help()
-    for flag in ("--max_steps", "--lr_anneal_steps"):
-        if flag in text:
-            assert "(default:" in text.split(flag, 1)[1].split("\n  --", 1)[0]
-    actions = {a.dest: a for a in parser()._actions}
-    for name in ("lr", "seed", "threads"):
-        assert actions[name].help, name
-    assert "(default: 0)" in text.split("--seed", 1)[1].split("\n  --", 1)[0]
+    for flag, default in ((steps, "(default: 200000)" if steps == "--max_steps" else "(default: 800000)"),
+                          ("--seed", "(default: 0)"), ("--lr", "(default: "), ("--threads", "(default: None)")):
+        described = option_help(text, flag)
+        assert default in described and len(described) > len(default) + 20, (flag, described)
 
 
 # ---- threads ---------------------------------------------------------------------------------------------------------
