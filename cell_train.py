@@ -8,21 +8,22 @@ Several conditions: repeat --label_key (e.g. --label_key cell_type1 --label_key 
 Several processes: torchrun --nproc_per_node N cell_train.py ... or mpiexec -n N python cell_train.py ...;
 files larger than memory: --backed True (see docs/scaling.md).
 """
-import argparse
-
 from guided_diffusion.cell_training import train_diffusion
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, fraction,
+from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, add_device_arg, command, fraction,
                                   non_negative_float, non_negative_int, positive_float, positive_int, probability,
                                   str2bool)
 from guided_diffusion.data import add_data_args
 from guided_diffusion.dist_util import setup_distributed
+from guided_diffusion.threads import add_threads_arg, apply_threads
+from guided_diffusion.training_config import (DataConfig, DiffusionModelConfig, DiffusionTrainingConfig, from_flags,
+                                              settings_worded_as_flags)
 
 
 def build_parser():
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(parser)
     parser.add_argument("--vae_path", required=True, help="autoencoder checkpoint (VAE/VAE_train.py)")
-    parser.add_argument("--save_dir", default="checkpoint/diffusion")
+    parser.add_argument("--save_dir", default="checkpoint/diffusion", help="files go to save_dir/model_name/")
     parser.add_argument("--model_name", default="cfDiffusion", help="files go to save_dir/model_name/")
     parser.add_argument("--num_classes", type=positive_int, nargs="+", default=None,
                         help="classes per label key; inferred from the data, checked if given")
@@ -31,26 +32,33 @@ def build_parser():
     parser.add_argument("--batch_size", type=positive_int, default=128,
                         help="global batch, split across processes under torchrun/mpiexec")
     parser.add_argument("--microbatch", type=int, default=-1, help="split batches for memory (-1: off)")
-    parser.add_argument("--lr", type=positive_float, default=1e-4)
-    parser.add_argument("--weight_decay", type=non_negative_float, default=1e-4)
-    parser.add_argument("--ema_rate", type=probability, default=0.9999)
+    parser.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (at step 0)")
+    parser.add_argument("--weight_decay", type=non_negative_float, default=1e-4, help="AdamW weight decay")
+    parser.add_argument("--ema_rate", type=probability, default=0.9999, help="decay of the EMA weights")
     parser.add_argument("--p_uncond", type=probability, default=0.1,
                         help="probability of dropping each label key (classifier-free guidance)")
-    parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=[512, 512, 256, 128])
+    parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=[512, 512, 256, 128],
+                        help="widths of the denoiser's blocks")
     parser.add_argument("--latent_scale", default="auto",
                         help="multiply the latents by this for diffusion; 'auto' = unit variance (1 = original)")
-    parser.add_argument("--dropout", type=fraction, default=0.0)
-    parser.add_argument("--save_interval", type=positive_int, default=200000)
-    parser.add_argument("--log_interval", type=positive_int, default=100)
+    parser.add_argument("--dropout", type=fraction, default=0.0, help="dropout in the denoiser")
+    parser.add_argument("--save_interval", type=positive_int, default=200000,
+                        help="steps between checkpoints (one is also saved at the end)")
+    parser.add_argument("--log_interval", type=positive_int, default=100, help="steps between rows of train_log.csv")
     parser.add_argument("--resume_checkpoint", default="",
                         help="model{step}.pt to resume from, or its folder (the newest complete checkpoint)")
+    parser.add_argument("--overwrite", type=str2bool, default=False,
+                        help="start afresh in a save_dir/model_name that holds checkpoints, deleting them")
     parser.add_argument("--max_minutes", type=positive_float, default=None, help="stop (and save) after this many minutes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the initial weights, the data order, label dropout, timesteps and noise")
     sampling = parser.add_argument_group("sampling defaults recorded in the checkpoint")
-    sampling.add_argument("--branch", type=non_negative_int, default=0)
-    sampling.add_argument("--cache_interval", type=positive_int, default=5)
-    sampling.add_argument("--non_uniform", type=str2bool, default=False)
-    parser.add_argument("--progress", type=str2bool, default=True)
+    sampling.add_argument("--branch", type=non_negative_int, default=0, help="feature-cache branch")
+    sampling.add_argument("--cache_interval", type=positive_int, default=5,
+                          help="steps between full evaluations when reusing features")
+    sampling.add_argument("--non_uniform", type=str2bool, default=False, help="non-uniform cache schedule")
+    parser.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
+    add_threads_arg(parser)
     add_device_arg(parser)
     add_debug_arg(parser)
     return parser
@@ -59,7 +67,10 @@ def build_parser():
 @command
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    path = train_diffusion(args, progress=args.progress)
+    apply_threads(args.threads)
+    with settings_worded_as_flags():
+        path = train_diffusion(from_flags(DataConfig, args), from_flags(DiffusionModelConfig, args),
+                               from_flags(DiffusionTrainingConfig, args))
     if setup_distributed(args.device).is_main:
         print(f"saved {path}")
     return path

@@ -19,9 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.cli import UsageError
 from guided_diffusion.data import Normalization, check_genes
+
+from .autoencoder_checkpoint import AutoencoderCheckpoint
 
 DECODER_ACTIVATIONS = ("ReLU", "linear")
 LOSSES = ("mse", "nb")
@@ -255,9 +256,10 @@ class Autoencoder:
 
 
 def load_autoencoder(path, device="cpu"):
-    """Rebuild the autoencoder from its checkpoint alone (weights + config + genes + normalization)."""
-    payload = load_checkpoint(path, kinds=("autoencoder",))
-    model = VAE(**payload["model_config"])
-    model.load_state_dict(payload["state_dict"])
+    """Rebuild the autoencoder from its checkpoint alone (weights + config + genes + normalization);
+    returns it with its :class:`~VAE.autoencoder_checkpoint.AutoencoderCheckpoint`."""
+    checkpoint = AutoencoderCheckpoint.load(path)
+    model = VAE(**checkpoint.model_config)
+    model.load_state_dict(checkpoint.state_dict)
     model.to(device).eval()
-    return Autoencoder(model, payload["genes"], Normalization.from_dict(payload["normalization"]), path), payload
+    return Autoencoder(model, checkpoint.genes, Normalization.from_dict(checkpoint.normalization), path), checkpoint

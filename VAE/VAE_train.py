@@ -13,53 +13,75 @@ import sys
 if __package__ in (None, ""):  # run as a script, from the project root or from inside VAE/
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, fraction,  # noqa: E402
-                                  non_negative_float, non_negative_int, positive_float, positive_int, str2bool)
+from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, add_device_arg, command,  # noqa: E402
+                                  fraction, non_negative_float, non_negative_int, positive_float, positive_int,
+                                  str2bool)
 from guided_diffusion.data import add_data_args  # noqa: E402
 from guided_diffusion.dist_util import setup_distributed  # noqa: E402
+from guided_diffusion.threads import add_threads_arg, apply_threads  # noqa: E402
+from guided_diffusion.training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig,  # noqa: E402
+                                              DataConfig, from_flags, settings_worded_as_flags)
 from VAE.autoencoder_training import train_autoencoder  # noqa: E402
 
 
 def build_parser():
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(parser, labels=False)
     parser.add_argument("--num_genes", type=positive_int, default=None,
                         help="number of genes; inferred from the data, checked if given")
     parser.add_argument("--save_dir", required=True, help="folder for checkpoints and train_log.csv")
-    parser.add_argument("--max_steps", type=positive_int, default=200000)
+    parser.add_argument("--max_steps", type=positive_int, default=200000,
+                        help="optimizer steps to train for (the step count of a resumed run included)")
     parser.add_argument("--max_minutes", type=positive_float, default=None, help="stop (and save) after this many minutes")
     parser.add_argument("--batch_size", type=positive_int, default=128,
-                        help="global batch, split across processes when distributed")
-    parser.add_argument("--lr", type=positive_float, default=1e-3)
-    parser.add_argument("--weight_decay", type=non_negative_float, default=1e-5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint_freq", type=positive_int, default=50000)
-    parser.add_argument("--log_interval", type=positive_int, default=100)
-    parser.add_argument("--state_dict", default="", help="autoencoder checkpoint to start from (resumes "
-                                                         "optimizer, data order and step when present), or "
-                                                         "a --save_dir (its newest checkpoint of this --seed)")
+                        help="global batch (at least 2: BatchNorm), split across processes when distributed")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--weight_decay", type=non_negative_float, default=1e-5, help="AdamW weight decay")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the initial weights, the validation split and the data order")
+    parser.add_argument("--checkpoint_freq", type=positive_int, default=50000,
+                        help="steps between checkpoints (one is also saved at the end); alias --save_interval")
+    add_alias(parser, "--save_interval", "checkpoint_freq", type=positive_int)
+    parser.add_argument("--log_interval", type=positive_int, default=100,
+                        help="steps between rows of train_log.csv (training and validation loss)")
+    parser.add_argument("--state_dict", default="",
+                        help="autoencoder checkpoint to start from (resumes optimizer, data order and step when its "
+                             "opt_*.pt is present), or a --save_dir (its newest checkpoint of this --seed); "
+                             "alias --resume_checkpoint")
+    add_alias(parser, "--resume_checkpoint", "state_dict")
     parser.add_argument("--start_step", type=non_negative_int, default=None, help="override the starting step")
+    parser.add_argument("--overwrite", type=str2bool, default=False,
+                        help="start afresh in a --save_dir that holds checkpoints, deleting them")
     parser.add_argument("--loss_ae", default="auto", choices=["auto", "nb", "mse"],
                         help="reconstruction loss: nb = negative-binomial likelihood of the raw counts (the decoder "
                              "can then draw realistic counts), mse = squared error on log-normalized values (the "
                              "original); auto = nb for raw counts, mse for --input_is_log True")
     parser.add_argument("--decoder_activation", default="ReLU", choices=["ReLU", "linear"],
                         help="output activation of the mse decoder")
-    parser.add_argument("--latent_dim", type=positive_int, default=128)
+    parser.add_argument("--latent_dim", type=positive_int, default=128, help="size of the latent")
     parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=[1024, 1024, 1024],
                         help="encoder widths (the decoder mirrors them)")
-    parser.add_argument("--dropout", type=fraction, default=0.0)
+    parser.add_argument("--dropout", type=fraction, default=0.0, help="dropout after each hidden layer")
     parser.add_argument("--val_fraction", type=fraction, default=0.1, help="held-out cells for validation")
-    parser.add_argument("--progress", type=str2bool, default=True)
+    parser.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
+    add_threads_arg(parser)
     add_device_arg(parser)
     add_debug_arg(parser)
     return parser
 
 
+def add_alias(parser, flag, dest, **kwargs):
+    """``flag`` sets ``dest`` too (the diffusion trainer's name for it); not listed separately in --help."""
+    parser.add_argument(flag, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
 @command
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    path, report, seconds = train_autoencoder(args, progress=args.progress)
+    apply_threads(args.threads)
+    with settings_worded_as_flags():
+        path, report, seconds = train_autoencoder(from_flags(DataConfig, args), from_flags(AutoencoderModelConfig, args),
+                                                  from_flags(AutoencoderTrainingConfig, args))
     if not setup_distributed(args.device).is_main:
         return path
     print(f"saved {path} ({seconds:.1f} s)")

@@ -1,24 +1,29 @@
 """Training loop of the autoencoder: resumable exactly, checkpoints atomic, CSV log, tqdm progress;
 one process, or several on torch.distributed (torchrun / mpiexec)."""
-import csv
 import os
 import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from guided_diffusion.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from guided_diffusion.cli import StopAtStepBoundary, UsageError, check_writable_dir
+from guided_diffusion.checkpoint import rng_state, set_rng_state
+from guided_diffusion.cli import check_writable_dir
 from guided_diffusion.data import check_genes, load_dataset, make_batch_sampler, split_train_validation
 from guided_diffusion.dist_util import setup_distributed
-from guided_diffusion.train_util import adamw
+from guided_diffusion.optim import adamw, all_finite
+from guided_diffusion.training_config import SettingError, literal, plain_dict
+from guided_diffusion.training_loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
 
+from .autoencoder_checkpoint import AutoencoderCheckpoint, checkpoint_files, latest_model_path, model_path
 from .VAE_model import VAE
+
+LOG_FIELDS = ["step", "train_loss", "val_loss", "seconds"]
+VALIDATION_CELLS = 2048  # the validation loss of each log row is taken on (at most) this many held-out cells
+RESUME_MUST_MATCH = ("batch_size", "val_fraction", "seed")  # settings a resumed run must share
 
 
 def checkpoint_path(save_dir, seed, step):
-    return os.path.join(save_dir, f"model_seed={seed}_step={step}.pt")
+    return model_path(save_dir, seed, step)
 
 
 def resolve_loss(loss_ae, dataset):
@@ -26,8 +31,9 @@ def resolve_loss(loss_ae, dataset):
     if loss_ae == "auto":
         return "mse" if dataset.normalization.input_is_log else "nb"
     if loss_ae == "nb" and dataset.normalization.input_is_log:
-        raise UsageError("--loss_ae nb models raw counts, but the input is log-normalized (--input_is_log True); "
-                         "use --loss_ae mse or give the raw counts (e.g. --layer counts)")
+        raise SettingError("{loss_ae} nb models raw counts, but the input is log-normalized ({input_is_log} True); "
+                           "use {loss_ae} mse or give the raw counts (e.g. {layer} counts)",
+                           "loss_ae", "input_is_log", "layer")
     return loss_ae
 
 
@@ -66,18 +72,6 @@ def evaluate_reconstruction(model, dataset, indices, batch_size=512):
             "median_cell_pearson": float(np.median(correlations)), "n_cells": int(len(indices))}
 
 
-class CsvLog:
-    def __init__(self, path, fields):
-        self.path, self.fields = path, fields
-        if not os.path.exists(path):
-            with open(path, "w", newline="") as stream:
-                csv.writer(stream).writerow(fields)
-
-    def write(self, **row):
-        with open(self.path, "a", newline="") as stream:
-            csv.writer(stream).writerow([row.get(field, "") for field in self.fields])
-
-
 def output_bias(dataset, indices, models_counts, seed, max_cells=50000, chunk=1024):
     """Per-gene starting value of the decoder output, from (at most ``max_cells`` of) the training cells:
     the mean log-normalized expression (mse), or the log of the mean share of each cell's counts (nb)."""
@@ -98,134 +92,169 @@ def output_bias(dataset, indices, models_counts, seed, max_cells=50000, chunk=10
     return mean
 
 
-def train_autoencoder(args, progress=True):
-    """Train (or resume) the autoencoder described by the parsed ``args``; returns the last checkpoint path.
 
-    Under torchrun/mpiexec every rank trains a DistributedDataParallel replica on its slice of each
-    global batch of ``--batch_size`` cells (BatchNorm statistics synchronized over ranks); rank 0
-    evaluates, logs and writes checkpoints, which hold only global state (any world size resumes).
+def train_autoencoder(data, model_config, training):
+    """Train (or resume) the autoencoder; returns (last checkpoint path, held-out report or None, seconds).
+
+    ``data`` is a :class:`~guided_diffusion.training_config.DataConfig`, ``model_config`` an
+    :class:`~guided_diffusion.training_config.AutoencoderModelConfig`, ``training`` an
+    :class:`~guided_diffusion.training_config.AutoencoderTrainingConfig`. Under torchrun/mpiexec every
+    rank trains a DistributedDataParallel replica on its slice of each global batch of ``batch_size``
+    cells (BatchNorm statistics synchronized over ranks); rank 0 evaluates, logs and writes checkpoints,
+    which hold only global state (any world size resumes).
     """
-    context = setup_distributed(args.device)
-    device = context.device
-    context.check_batch_size(args.batch_size)
-    dataset = load_dataset(args.data_dir, label_keys=[], layer=args.layer, input_is_log=args.input_is_log,
-                           filters=args.filter, require_labels=False, backed=args.backed,
-                           block_rows=args.block_rows)
+    check_settings(training)
+    context = setup_distributed(training.device)
+    context.check_batch_size(training.batch_size)
+    dataset = load_dataset(data.data_dir, label_keys=[], layer=data.layer, input_is_log=data.input_is_log,
+                           filters=data.filter, require_labels=False, backed=data.backed,
+                           block_rows=data.block_rows)
     try:
-        return _train(args, dataset, context, device, progress and context.is_main)
+        task = AutoencoderTask(data, model_config, training, dataset, context)
+        started = time.monotonic()
+        settings = LoopSettings(max_steps=training.max_steps, save_interval=training.checkpoint_freq,
+                                log_interval=training.log_interval, max_minutes=training.max_minutes,
+                                description="autoencoder", resume_flag="--state_dict", learning_rate=training.lr)
+        try:
+            path = run_training(task, settings, context, progress=training.progress)
+        finally:
+            task.folder.release()
+        seconds = time.monotonic() - started
+        report = None
+        if context.is_main and len(task.val_index):
+            report = evaluate_reconstruction(task.model, dataset, task.val_index)
+        return path, report, seconds
     finally:
         dataset.close()
 
 
-def _train(args, dataset, context, device, progress):
-    if args.num_genes is not None and args.num_genes != dataset.n_genes:
-        raise UsageError(f"--num_genes {args.num_genes} contradicts the data, which has {dataset.n_genes} "
-                         f"genes; omit --num_genes or fix it")
-    if context.is_main:
-        check_writable_dir(args.save_dir, "--save_dir")
+def check_settings(training):
+    if training.batch_size < 2:
+        raise SettingError(f"{{batch_size}} {training.batch_size} is too small: the autoencoder's BatchNorm layers "
+                           f"need at least 2 cells per batch; use {{batch_size}} 2 or more", "batch_size")
+    if training.seed < 0:
+        raise SettingError(f"{{seed}} must be zero or positive, got {training.seed}", "seed")
 
-    train_index, val_index = split_train_validation(dataset.n_cells, args.val_fraction, args.seed)
-    torch.manual_seed(args.seed)
-    model = VAE(dataset.n_genes, latent_dim=args.latent_dim, hidden_dims=args.hidden_dims, dropout=args.dropout,
-                decoder_activation=args.decoder_activation, loss_ae=resolve_loss(args.loss_ae, dataset),
-                target_sum=dataset.normalization.target_sum)
-    model = context.synchronize_batchnorm(model).to(device)
-    optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sampler = make_batch_sampler(dataset, train_index, args.batch_size, args.seed)
-    step = 0
-    if args.state_dict and os.path.isdir(args.state_dict):  # a folder: its newest checkpoint of this seed
-        folder = args.state_dict
-        args.state_dict = latest_checkpoint(folder, rf"model_seed={args.seed}_step=(\d+)\.pt")
-        if args.state_dict is None:
-            raise UsageError(f"--state_dict {folder} holds no model_seed={args.seed}_step=*.pt; give a checkpoint "
-                             f"file or start without --state_dict")
-    if args.state_dict:
-        payload = load_checkpoint(args.state_dict, kinds=("autoencoder",))
-        check_genes(payload["genes"], dataset.genes, what=f"checkpoint {args.state_dict}")
-        if payload["model_config"] != model.config():
-            raise UsageError(f"--state_dict {args.state_dict} was trained with {payload['model_config']}, "
-                             f"this run asks for {model.config()}")
-        model.load_state_dict(payload["state_dict"])
-        if "optimizer" in payload:
-            optimizer.load_state_dict(payload["optimizer"])
-            sampler.load_state_dict(payload["sampler"])
-            set_rng_state(payload["rng"])
-        step = int(payload["step"])
-    else:
-        model.init_output_bias(output_bias(dataset, train_index, model.models_counts, args.seed))
-    if args.start_step is not None:
-        step = args.start_step
-    replica = context.wrap(model)
 
-    def save(at_step, wait=True):
-        path = checkpoint_path(args.save_dir, args.seed, at_step)
+def resolve_resume_path(training):
+    """The checkpoint to resume from: ``state_dict`` itself, or the newest of this seed in that folder."""
+    if not training.state_dict or not os.path.isdir(training.state_dict):
+        return training.state_dict
+    path = latest_model_path(training.state_dict, training.seed)
+    if path is None:
+        raise SettingError(f"{{state_dict}} {literal(training.state_dict)} holds no model_seed={training.seed}"
+                           f"_step=*.pt; give a checkpoint file or start without {{state_dict}}", "state_dict")
+    return path
+
+
+def check_resumable(checkpoint, model, training, path):
+    """Refuse a checkpoint whose model or run settings differ from this run's (one line, both values)."""
+    if checkpoint.model_config != model.config():
+        raise SettingError(f"{{state_dict}} {literal(path)} was trained with {literal(checkpoint.model_config)}, "
+                           f"this run asks for {literal(model.config())}", "state_dict")
+    if checkpoint.training_state is None:
+        return  # weights only: a new run starting from them
+    recorded = dict(checkpoint.train_config, seed=checkpoint.seed, val_fraction=checkpoint.val_fraction)
+    for name in RESUME_MUST_MATCH:
+        if name in recorded and recorded[name] != getattr(training, name):
+            raise SettingError(f"{{state_dict}} {literal(path)} was trained with {{{name}}} {recorded[name]}, this "
+                               f"run has {{{name}}} {getattr(training, name)}; resume with the same {{{name}}} "
+                               f"(or start a new run in another {{save_dir}})", "state_dict", name, "save_dir")
+
+
+class AutoencoderTask(TrainingTask):
+    """The autoencoder's step, log row, save and resume, for :func:`~guided_diffusion.training_loop.run_training`."""
+
+    def __init__(self, data, model_config, training, dataset, context):
+        if model_config.num_genes is not None and model_config.num_genes != dataset.n_genes:
+            raise SettingError(f"{{num_genes}} {model_config.num_genes} contradicts the data, which has "
+                               f"{dataset.n_genes} genes; omit {{num_genes}} or fix it", "num_genes")
         if context.is_main:
-            save_checkpoint({
-                "model_config": model.config(), "state_dict": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng_state(),
-                "step": at_step, "genes": dataset.genes, "normalization": dataset.normalization.to_dict(),
-                "train_config": {k: v for k, v in vars(args).items()
-                                 if isinstance(v, (int, float, str, bool, list))},
-                "val_fraction": args.val_fraction, "seed": args.seed,
-            }, path, kind="autoencoder")
-        if wait:
-            context.barrier()
-        return path
+            check_writable_dir(training.save_dir, "--save_dir")
+        self.data, self.training, self.dataset, self.context = data, training, dataset, context
+        self.device = context.device
+        self.train_index, self.val_index = split_train_validation(dataset.n_cells, training.val_fraction,
+                                                                  training.seed)
+        torch.manual_seed(training.seed)
+        model = VAE(dataset.n_genes, latent_dim=model_config.latent_dim, hidden_dims=model_config.hidden_dims,
+                    dropout=model_config.dropout, decoder_activation=model_config.decoder_activation,
+                    loss_ae=resolve_loss(model_config.loss_ae, dataset),
+                    target_sum=dataset.normalization.target_sum)
+        self.model = context.synchronize_batchnorm(model).to(self.device)
+        self.optimizer = adamw(self.model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
+        self.sampler = make_batch_sampler(dataset, self.train_index, training.batch_size, training.seed)
+        self.train_config = plain_dict(data, model_config, training)
+        resume_path = resolve_resume_path(training)
+        self.step = self._start_from(resume_path) if resume_path else self._start_fresh()
+        if training.start_step is not None:
+            self.step = training.start_step
+        self.folder = claim_run_folder(training.save_dir, "--save_dir", checkpoint_files,
+                                       resuming=bool(resume_path), overwrite=training.overwrite,
+                                       resume_flag="--state_dict", is_main=context.is_main)
+        self.replica = context.wrap(self.model)
+        self.log = CsvLogger(os.path.join(training.save_dir, "train_log.csv"), LOG_FIELDS, start_step=self.step,
+                             enabled=context.is_main)
+        self.running, self.running_count = 0.0, 0
+        self.model.train()
 
-    if context.is_main:
-        os.makedirs(args.save_dir, exist_ok=True)
-    log = CsvLog(os.path.join(args.save_dir, "train_log.csv"),
-                 ["step", "train_loss", "val_loss", "seconds"]) if context.is_main else None
-    started = time.monotonic()
-    deadline = started + args.max_minutes * 60 if args.max_minutes else None
-    last_path, running, running_count = None, 0.0, 0
-    model.train()
-    bar = tqdm(total=args.max_steps, initial=step, desc="autoencoder", disable=not progress, unit="step")
-    with StopAtStepBoundary() as stop:  # Ctrl-C/SIGTERM: finish the step, save, exit 130/143
-        while step < args.max_steps:
-            batch_index = sampler.next_batch()
-            local_index = batch_index[context.shard(len(batch_index))]
-            local_loss, _, _ = batch_loss(model, replica, dataset, local_index, device)
-            # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
-            share = len(local_index) / len(batch_index)
-            optimizer.zero_grad(set_to_none=True)
-            (local_loss * (share * context.world_size)).backward()
-            optimizer.step()
-            step += 1
-            running += local_loss.item() * share
-            running_count += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{running / running_count:.4f}")
-            out_of_time = deadline is not None and context.any(time.monotonic() >= deadline)
-            if step % args.log_interval == 0 or step % args.checkpoint_freq == 0 or step == args.max_steps \
-                    or out_of_time:
-                train_loss = float(context.sum([running])[0]) / running_count
-                if context.is_main:
-                    val_loss = ""
-                    if len(val_index) and (step % args.checkpoint_freq == 0 or step == args.max_steps
-                                           or out_of_time):
-                        val_loss = evaluate_reconstruction(model, dataset, val_index[:2048])["loss"]
-                    log.write(step=step, train_loss=train_loss, val_loss=val_loss,
-                              seconds=round(time.monotonic() - started, 2))
-                running, running_count = 0.0, 0
-            if step % args.checkpoint_freq == 0:
-                last_path = save(step)
-            if context.any(stop.requested):
-                if last_path is None or not last_path.endswith(f"_step={step}.pt"):
-                    last_path = save(step)
-                bar.close()
-                if context.is_main:
-                    print(f"interrupted: saved {last_path}; resume with --state_dict {last_path}", flush=True)
-                raise SystemExit(stop.exit_code if stop.requested else 130)
-            if out_of_time:
-                if context.is_main:
-                    bar.write(f"--max_minutes {args.max_minutes} reached at step {step}")
-                break
-    bar.close()
-    if last_path is None or not last_path.endswith(f"_step={step}.pt"):
-        last_path = save(step)
-    seconds = time.monotonic() - started
-    report = None
-    if context.is_main and len(val_index):
-        report = evaluate_reconstruction(model, dataset, val_index)
-    return last_path, report, seconds
+    def _start_fresh(self):
+        self.model.init_output_bias(output_bias(self.dataset, self.train_index, self.model.models_counts,
+                                                self.training.seed))
+        return 0
+
+    def _start_from(self, path):
+        checkpoint = AutoencoderCheckpoint.load(path, with_training_state=True)
+        check_genes(checkpoint.genes, self.dataset.genes, what=f"checkpoint {path}")
+        check_resumable(checkpoint, self.model, self.training, path)
+        self.model.load_state_dict(checkpoint.state_dict)
+        if checkpoint.training_state is not None:
+            self.optimizer.load_state_dict(checkpoint.training_state["optimizer"])
+            for group in self.optimizer.param_groups:  # this run's settings apply, as in the diffusion trainer
+                group["lr"], group["weight_decay"] = self.training.lr, self.training.weight_decay
+            self.sampler.load_state_dict(checkpoint.training_state["sampler"])
+            set_rng_state(checkpoint.training_state["rng"])
+            self.last_saved_step, self.last_saved_path = checkpoint.step, path
+        return checkpoint.step
+
+    def train_step(self):
+        batch_index = self.sampler.next_batch()
+        local_index = batch_index[self.context.shard(len(batch_index))]
+        local_loss, _, _ = batch_loss(self.model, self.replica, self.dataset, local_index, self.device)
+        # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
+        share = len(local_index) / len(batch_index)
+        self.optimizer.zero_grad(set_to_none=True)
+        (local_loss * (share * self.context.world_size)).backward()
+        self.optimizer.step()
+        self.step += 1
+        loss = float(self.context.sum([local_loss.item() * share])[0])
+        self.running += loss
+        self.running_count += 1
+        return loss
+
+    def progress_postfix(self):
+        return {"loss": f"{self.running / max(self.running_count, 1):.4f}"}
+
+    def write_log(self, seconds):
+        train_loss = self.running / max(self.running_count, 1)
+        self.running, self.running_count = 0.0, 0
+        if not self.context.is_main:
+            return
+        val_loss = ""
+        if len(self.val_index):
+            val_loss = evaluate_reconstruction(self.model, self.dataset, self.val_index[:VALIDATION_CELLS])["loss"]
+        self.log.write(step=self.step, train_loss=train_loss, val_loss=val_loss, seconds=seconds)
+
+    def is_finite(self):
+        return all_finite(self.model)
+
+    def save(self):
+        path = checkpoint_path(self.training.save_dir, self.training.seed, self.step)
+        if self.context.is_main:
+            AutoencoderCheckpoint(
+                model_config=self.model.config(), state_dict=self.model.state_dict(), genes=self.dataset.genes,
+                normalization=self.dataset.normalization.to_dict(), step=self.step, seed=self.training.seed,
+                val_fraction=self.training.val_fraction, train_config=self.train_config,
+                training_state={"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                                "rng": rng_state()}).save(path)
+        self.context.barrier()
+        return path

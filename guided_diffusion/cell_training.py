@@ -14,12 +14,14 @@ from VAE.VAE_model import load_autoencoder
 
 from .cell_model import CellUNet
 from .checkpoint import file_sha256
-from .cli import UsageError, check_writable_dir
+from .cli import check_writable_dir
 from .data import check_num_classes, load_dataset
 from .diffusion_checkpoint import TRAINING_FIELDS, training_metadata
 from .dist_util import DistributedContext, setup_distributed
 from .respace import create_diffusion
-from .train_util import DiffusionTrainer
+from .train_util import DiffusionTrainer, checkpoint_files
+from .training_config import SettingError, literal
+from .training_loop import claim_run_folder
 
 DIFFUSION_STEPS = 1000
 LIBRARY_SIZE_QUANTILES = 101
@@ -55,18 +57,19 @@ class CellRange:
         return self.dataset.rows(np.asarray(index) + self.start)
 
 
-def prepare_latents(args, device, progress=True, context=None):
-    """Load the data and the autoencoder, check they agree, and encode every cell (in batches).
+def prepare_latents(data, vae_path, num_classes, device, progress=True, context=None):
+    """Load the data (a :class:`~guided_diffusion.training_config.DataConfig`) and the autoencoder, check
+    they agree, and encode every cell (in batches).
 
     Distributed, each rank encodes its share of the cells and every rank receives all latents.
     """
     context = context or DistributedContext(device=device)
-    dataset = load_dataset(args.data_dir, label_keys=args.label_key, layer=args.layer,
-                           input_is_log=args.input_is_log, filters=args.filter,
-                           backed=args.backed, block_rows=args.block_rows)
+    dataset = load_dataset(data.data_dir, label_keys=data.label_key, layer=data.layer,
+                           input_is_log=data.input_is_log, filters=data.filter,
+                           backed=data.backed, block_rows=data.block_rows)
     try:
-        check_num_classes(args.num_classes, dataset)
-        autoencoder, _ = load_autoencoder(args.vae_path, device=device)
+        check_num_classes(num_classes, dataset)
+        autoencoder, _ = load_autoencoder(vae_path, device=device)
         autoencoder.check_dataset(dataset)
         share = context.shard(dataset.n_cells)
         local = autoencoder.encode_dataset(CellRange(dataset, share.start, share.stop), batch_size=1024,
@@ -101,46 +104,75 @@ def resolve_latent_scale(value, latents):
     try:
         scale = float(value)
     except ValueError:
-        raise UsageError(f"--latent_scale takes 'auto' or a positive number, got {value!r}") from None
-    if not scale > 0:
-        raise UsageError(f"--latent_scale must be positive, got {value}")
+        raise SettingError(f"{{latent_scale}} takes 'auto' or a positive number, got {literal(repr(value))}",
+                           "latent_scale") from None
+    if not 0 < scale < float("inf"):
+        raise SettingError(f"{{latent_scale}} must be a positive number, got {literal(value)}", "latent_scale")
     return scale
 
 
-def train_diffusion(args, progress=True):
-    """Train (or resume) the diffusion model; returns the path of the last model file."""
-    context = setup_distributed(args.device)
+def train_diffusion(data, model_config, training):
+    """Train (or resume) the diffusion model; returns the path of the last model file.
+
+    ``data``, ``model_config`` and ``training`` are the :class:`~guided_diffusion.training_config.DataConfig`,
+    :class:`~guided_diffusion.training_config.DiffusionModelConfig` and
+    :class:`~guided_diffusion.training_config.DiffusionTrainingConfig` of the run.
+    """
+    if training.seed < 0:
+        raise SettingError(f"{{seed}} must be zero or positive, got {training.seed}", "seed")
+    context = setup_distributed(training.device)
     device = context.device
-    context.check_batch_size(args.batch_size)
-    save_dir = os.path.join(args.save_dir, args.model_name)
+    context.check_batch_size(training.batch_size)
+    save_dir = os.path.join(training.save_dir, training.model_name)
     if context.is_main:
         check_writable_dir(save_dir, "--save_dir")  # created by the trainer once the inputs are checked
-    dataset, autoencoder, latents = prepare_latents(args, device, progress, context)
+    dataset, autoencoder, latents = prepare_latents(data, model_config.vae_path, model_config.num_classes, device,
+                                                    training.progress, context)
 
-    latent_scale = resolve_latent_scale(args.latent_scale, latents)
+    latent_scale = resolve_latent_scale(model_config.latent_scale, latents)
     np.multiply(latents, latent_scale, out=latents)  # in place: the N x latent_dim latents exist once
-    torch.manual_seed(args.seed)
-    model = CellUNet(latent_dim=latents.shape[1], hidden_dims=args.hidden_dims,
-                     condition_sizes=dataset.num_classes, dropout=args.dropout)
+    torch.manual_seed(training.seed)
+    model = CellUNet(latent_dim=latents.shape[1], hidden_dims=model_config.hidden_dims,
+                     condition_sizes=dataset.num_classes, dropout=model_config.dropout)
     try:
-        model.validate_branch(args.branch)
+        model.validate_branch(model_config.branch)
     except ValueError as error:
-        raise UsageError(f"--branch {args.branch}: {error}") from None
+        raise SettingError(f"{{branch}} {model_config.branch}: {literal(error)}", "branch") from None
+    config = _RecordedSettings(model_config, training)
     metadata = training_metadata(
         dataset=dataset, condition_counts=condition_counts(dataset.label_codes),
         library_size_quantiles=None if dataset.library_sizes() is None
         else library_size_quantiles(dataset.library_sizes(), dataset.label_codes),
-        vae_path=args.vae_path, vae_sha256=file_sha256(args.vae_path), save_dir=save_dir,
+        vae_path=config.vae_path, vae_sha256=file_sha256(config.vae_path), save_dir=save_dir,
         diffusion_steps=DIFFUSION_STEPS, latent_scale=latent_scale, latents=latents,
-        sampling_defaults={"branch": args.branch, "cache_interval": args.cache_interval,
-                           "non_uniform": args.non_uniform},
-        training={name: getattr(args, name) for name in TRAINING_FIELDS})
+        sampling_defaults={"branch": config.branch, "cache_interval": config.cache_interval,
+                           "non_uniform": config.non_uniform},
+        training={name: getattr(config, name) for name in TRAINING_FIELDS})
     trainer = DiffusionTrainer(
         model, create_diffusion(DIFFUSION_STEPS), latents, dataset.label_codes, metadata, save_dir,
-        batch_size=args.batch_size, microbatch=args.microbatch, lr=args.lr, weight_decay=args.weight_decay,
-        ema_rate=args.ema_rate, lr_anneal_steps=args.lr_anneal_steps, p_uncond=args.p_uncond,
-        save_interval=args.save_interval, log_interval=args.log_interval, seed=args.seed, device=device,
-        max_minutes=args.max_minutes, context=context)
-    if args.resume_checkpoint:
-        trainer.resume(args.resume_checkpoint)
-    return trainer.run_loop(progress=progress)
+        batch_size=training.batch_size, microbatch=training.microbatch, lr=training.lr,
+        weight_decay=training.weight_decay, ema_rate=training.ema_rate, lr_anneal_steps=training.lr_anneal_steps,
+        p_uncond=training.p_uncond, save_interval=training.save_interval, log_interval=training.log_interval,
+        seed=training.seed, device=device, max_minutes=training.max_minutes, context=context)
+    if training.resume_checkpoint:
+        trainer.resume(training.resume_checkpoint)
+    folder = claim_run_folder(save_dir, "--save_dir", checkpoint_files, resuming=bool(training.resume_checkpoint),
+                              overwrite=training.overwrite, resume_flag="--resume_checkpoint",
+                              is_main=context.is_main)
+    try:
+        return trainer.run_loop(progress=training.progress)
+    finally:
+        folder.release()
+
+
+class _RecordedSettings:
+    """The settings the metadata records, read as ``config.NAME`` from the model or training config."""
+
+    def __init__(self, *configs):
+        self._configs = configs
+
+    def __getattr__(self, name):
+        for config in self._configs:
+            if hasattr(config, name):
+                return getattr(config, name)
+        raise AttributeError(name)

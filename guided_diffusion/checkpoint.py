@@ -26,6 +26,7 @@ FORMAT_VERSION = 1
 
 KIND_DESCRIPTIONS = {
     "autoencoder": "an autoencoder checkpoint (VAE/VAE_train.py)",
+    "autoencoder_optimizer": "an autoencoder optimizer state (VAE/VAE_train.py opt_seed=*_step=*.pt)",
     "diffusion_model": "a diffusion model checkpoint (cell_train.py model*.pt)",
     "diffusion_ema": "a diffusion EMA checkpoint (cell_train.py ema_*.pt)",
     "diffusion_optimizer": "a diffusion optimizer state (cell_train.py opt*.pt)",

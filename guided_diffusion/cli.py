@@ -31,6 +31,10 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {one_line(message)}; see {self.prog} --help\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the description's layout and shows every flag's default."""
+
+
 def one_line(text):
     """Collapse a (possibly multi-line) message into one line."""
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())

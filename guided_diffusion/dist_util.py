@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .cli import UsageError, resolve_device
+from .threads import apply_default_threads
 
 MPI_WORLD_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK")
 
@@ -41,7 +42,6 @@ class DistributedContext:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = torch.device("cpu")
-    launcher: str = "none"
 
     @property
     def is_distributed(self):
@@ -266,7 +266,6 @@ def setup_distributed(device_name="auto"):
         return _active_context
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size > 1:
-        launcher = "torchrun"
         rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
         local_world_size = _env_int("LOCAL_WORLD_SIZE", world_size)
         if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
@@ -274,7 +273,6 @@ def setup_distributed(device_name="auto"):
                              "(or mpiexec), or unset WORLD_SIZE")
         init_method = "env://"
     elif launched_by_mpi():
-        launcher = "mpi"
         rank, world_size, local_rank, local_world_size, address, port = _mpi_rendezvous()
         init_method = f"tcp://{address}:{port}"
     else:
@@ -283,10 +281,10 @@ def setup_distributed(device_name="auto"):
         return DistributedContext(device=resolve_device(device_name))
 
     device = _select_device(device_name, local_rank, local_world_size, distributed=True)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+    if device.type == "cpu":
+        apply_default_threads(local_world_size)  # the usable cores shared by this node's processes
     context = DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank,
-                                 local_world_size=local_world_size, device=device, launcher=launcher)
+                                 local_world_size=local_world_size, device=device)
     dist.init_process_group(context.backend, init_method=init_method, rank=rank, world_size=world_size)
     atexit.register(_destroy_process_group)
     _active_context = context

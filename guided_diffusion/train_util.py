@@ -1,8 +1,13 @@
-"""Diffusion training loop: AdamW, linear LR anneal, EMA with warm-up, microbatches, exact resume.
+"""Diffusion training: AdamW, linear LR anneal, EMA with warm-up, microbatches, exact resume.
 
 Files under ``save_dir`` (the original project's names):
 ``model{step:06d}.pt`` (raw weights + everything the sampler needs), ``ema_{rate}_{step:06d}.pt``
-(EMA weights + the same metadata) and ``opt{step:06d}.pt`` (optimizer, data order, RNG state).
+(EMA weights + the same metadata) and ``opt{step:06d}.pt`` (optimizer, data order, RNG state and the
+run settings a resumed run must share).
+
+The loop itself (stop, deadline, signals, logging and saving points) is
+:func:`~guided_diffusion.training_loop.run_training`; :class:`DiffusionTrainer` supplies the step, the
+log row and the files.
 
 Distributed (a :class:`~guided_diffusion.dist_util.DistributedContext` with several ranks): every rank
 draws the same global batch, label dropout, timesteps and noise from the shared generator and trains a
@@ -11,32 +16,27 @@ gradient is the one of the whole batch; rank 0 logs and writes the files (global
 world size resumes them) while the others wait at a barrier.
 """
 import copy
-import csv
 import os
-import re
-import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .cli import StopAtStepBoundary, UsageError
 from .data import BatchSampler
 from .dist_util import DistributedContext, gradient_sync
 from .guidance import drop_conditions
+from .optim import adamw, all_finite
+from .training_config import SettingError, literal
+from .training_loop import CsvLogger, LoopSettings, TrainingTask, run_training
 
 LOG_FIELDS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "seconds"]
+# metadata entries a resumed run must share with its checkpoint, and the setting that decides each
+RESUME_METADATA = (("label_keys", "label_key"), ("vocabularies", "data_dir"), ("genes", "data_dir"),
+                   ("normalization", "input_is_log"), ("condition_counts", "data_dir"),
+                   ("library_size_quantiles", "data_dir"), ("vae_sha256", "vae_path"),
+                   ("latent_scale", "latent_scale"), ("p_uncond", "p_uncond"), ("seed", "seed"))
+RESUME_SETTINGS = ("batch_size", "ema_rate")  # recorded in opt*.pt
 
-
-
-def adamw(parameters, lr, weight_decay):
-    """AdamW with the fused kernel where the parameters' device has one (CPU and CUDA): on CPU it is
-    ~6x faster than the default per-tensor loop (measured: 0.03 s vs 0.17 s per step for the
-    autoencoder's 45M parameters), which matters for the autoencoder's 20,125-gene layers."""
-    parameters = list(parameters)
-    fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 def model_file(save_dir, step):
     return os.path.join(save_dir, f"model{step:06d}.pt")
@@ -55,16 +55,36 @@ def latest_model_file(folder):
     model file is written last (a run killed mid-save leaves an older complete set as the newest)."""
     path = latest_checkpoint(folder, r"model(\d+)\.pt", lambda step: [os.path.basename(optimizer_file(folder, step))])
     if path is None:
-        raise UsageError(f"--resume_checkpoint {folder} holds no complete checkpoint (model*.pt with its opt*.pt); "
-                         f"give a model*.pt file or start without --resume_checkpoint")
+        raise SettingError(f"{{resume_checkpoint}} {literal(folder)} holds no complete checkpoint (model*.pt with its "
+                           f"opt*.pt); give a model*.pt file or start without {{resume_checkpoint}}",
+                           "resume_checkpoint")
     return path
 
 
-def step_from_filename(path):
-    match = re.search(r"(\d+)\.pt$", os.path.basename(path))
-    if not match:
-        raise UsageError(f"cannot read the step from checkpoint name {path} (expected model000100.pt)")
-    return int(match.group(1))
+def checkpoint_files(folder):
+    """Names of the diffusion checkpoint files (model, EMA, optimizer) in ``folder``."""
+    if not os.path.isdir(folder):
+        return []
+    return [name for name in os.listdir(folder) if name.endswith(".pt") and not name.startswith(".")
+            and (name.startswith("model") or name.startswith("ema_") or name.startswith("opt"))]
+
+
+def same_value(first, second, rtol=1e-6):
+    """Equality of plain values, floats within ``rtol`` (a recomputed latent scale may differ in the last bit)."""
+    if isinstance(first, float) or isinstance(second, float):
+        try:
+            return abs(float(first) - float(second)) <= rtol * max(abs(float(first)), abs(float(second)))
+        except (TypeError, ValueError):
+            return False
+    if isinstance(first, (list, tuple)) and isinstance(second, (list, tuple)):
+        return len(first) == len(second) and all(same_value(a, b, rtol) for a, b in zip(first, second))
+    if isinstance(first, dict) and isinstance(second, dict):
+        return first.keys() == second.keys() and all(same_value(first[k], second[k], rtol) for k in first)
+    return first == second
+
+
+def _shown(value):
+    return literal(value) if isinstance(value, (int, float, str, bool)) or value is None else "other values"
 
 
 def ema_warmup_rate(ema_rate, step):
@@ -72,11 +92,12 @@ def ema_warmup_rate(ema_rate, step):
     return min(ema_rate, (1.0 + step) / (10.0 + step))
 
 
-class DiffusionTrainer:
+class DiffusionTrainer(TrainingTask):
     """Trains ``model`` to predict the noise added to ``latents`` under ``diffusion``.
 
-    ``labels`` (N, K) hold class codes per label key; ``metadata`` is stored in every model/EMA file
-    (label vocabularies, autoencoder path and hash, genes, normalization) so the sampler needs nothing else.
+    ``labels`` (N, K) hold class codes per label key; ``metadata`` (a dict: label vocabularies,
+    autoencoder path and hash, genes, normalization, ...) is stored in every model/EMA file so the
+    sampler needs nothing else, and compared with the checkpoint's on resume.
     """
 
     def __init__(self, model, diffusion, latents, labels, metadata, save_dir, batch_size=128, microbatch=-1,
@@ -107,6 +128,13 @@ class DiffusionTrainer:
         self.generator = torch.Generator().manual_seed(seed)
         self.step = 0
         self.last_saved_step = None
+        self.last_saved_path = None
+        self.log = None
+        self._quartile_edges = np.linspace(0, self.diffusion.num_timesteps, 5)
+        self._sums, self._counts = np.zeros(5), np.zeros(5)
+
+    def run_settings(self):
+        return {"batch_size": self.batch_size, "ema_rate": self.ema_rate}
 
     # ---- checkpoints -------------------------------------------------------------------------
     def _model_payload(self, state_dict):
@@ -120,7 +148,8 @@ class DiffusionTrainer:
             save_checkpoint(self._model_payload(self.ema_model.state_dict()),
                             ema_file(self.save_dir, self.ema_rate, step), kind="diffusion_ema")
             save_checkpoint({"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-                             "generator": self.generator.get_state(), "rng": rng_state(), "step": step},
+                             "generator": self.generator.get_state(), "rng": rng_state(), "step": step,
+                             "run_settings": self.run_settings()},
                             optimizer_file(self.save_dir, step), kind="diffusion_optimizer")
             # the model file is written last: its presence marks a complete set for resuming
             save_checkpoint(self._model_payload(self.model.state_dict()), model_file(self.save_dir, step),
@@ -128,7 +157,8 @@ class DiffusionTrainer:
         if wait:
             self.context.barrier()
         self.last_saved_step = step
-        return model_file(self.save_dir, step)
+        self.last_saved_path = model_file(self.save_dir, step)
+        return self.last_saved_path
 
     def resume(self, path):
         """Restore model, EMA, optimizer, data order, RNG and step from ``model{step}.pt`` and its siblings
@@ -136,22 +166,17 @@ class DiffusionTrainer:
         if os.path.isdir(path):
             path = latest_model_file(path)
         payload = load_checkpoint(path, kinds=("diffusion_model",))
-        if payload["model_config"] != self.model.config():
-            raise UsageError(f"--resume_checkpoint {path} has model config {payload['model_config']}, "
-                             f"this run builds {self.model.config()}")
-        for key in ("label_keys", "vocabularies", "genes"):
-            if payload.get(key) != self.metadata.get(key):
-                raise UsageError(f"--resume_checkpoint {path} was trained with other {key.replace('_', ' ')} "
-                                 f"than this data has")
+        self._check_resumable(path, payload)
         step = int(payload["step"])
         folder = os.path.dirname(path)
         ema_path = ema_file(folder, payload["ema_rate"], step)
         opt_path = optimizer_file(folder, step)
         for sibling in (ema_path, opt_path):
             if not os.path.exists(sibling):
-                raise UsageError(f"cannot resume from {path}: {sibling} is missing")
+                raise SettingError(f"cannot resume from {literal(path)}: {literal(sibling)} is missing")
         ema = load_checkpoint(ema_path, kinds=("diffusion_ema",))
         optimizer = load_checkpoint(opt_path, kinds=("diffusion_optimizer",))
+        self._check_run_settings(path, optimizer.get("run_settings", {}))
         self.model.load_state_dict(payload["state_dict"])
         self.ema_model.load_state_dict(ema["state_dict"])
         self.optimizer.load_state_dict(optimizer["optimizer"])
@@ -160,6 +185,28 @@ class DiffusionTrainer:
         set_rng_state(optimizer["rng"])
         self.step = step
         self.last_saved_step = step
+        self.last_saved_path = path
+
+    def _check_resumable(self, path, payload):
+        """Refuse a checkpoint whose model or record (labels, genes, data, scale, ...) this run would change."""
+        if payload["model_config"] != self.model.config():
+            raise SettingError(f"{{resume_checkpoint}} {literal(path)} has model config "
+                               f"{literal(payload['model_config'])}, this run builds {literal(self.model.config())}",
+                               "resume_checkpoint")
+        for key, setting in RESUME_METADATA:
+            if key not in payload or key not in self.metadata or same_value(payload[key], self.metadata[key]):
+                continue
+            raise SettingError(f"{{resume_checkpoint}} {literal(path)} records {key.replace('_', ' ')} "
+                               f"{_shown(payload[key])}, this run ({{{setting}}}) gives {_shown(self.metadata[key])};"
+                               f" resume with the same {{{setting}}} and data, or start a new run in another "
+                               f"{{model_name}}", "resume_checkpoint", setting, "model_name")
+
+    def _check_run_settings(self, path, recorded):
+        for name in RESUME_SETTINGS:
+            if name in recorded and not same_value(recorded[name], self.run_settings()[name]):
+                raise SettingError(f"{{resume_checkpoint}} {literal(path)} was trained with {{{name}}} "
+                                   f"{recorded[name]}, this run has {{{name}}} {self.run_settings()[name]}; resume "
+                                   f"with the same {{{name}}}", "resume_checkpoint", name)
 
     # ---- one step ----------------------------------------------------------------------------
     def _current_lr(self):
@@ -205,61 +252,40 @@ class DiffusionTrainer:
         for ema_buffer, buffer in zip(self.ema_model.buffers(), self.model.buffers()):
             ema_buffer.copy_(buffer)
 
-    # ---- the loop ----------------------------------------------------------------------------
-    def run_loop(self, progress=True):
-        main = self.context.is_main
-        progress = progress and main
-        log_path = os.path.join(self.save_dir, "train_log.csv")
-        if main:
-            os.makedirs(self.save_dir, exist_ok=True)
-            if not os.path.exists(log_path):
-                with open(log_path, "w", newline="") as stream:
-                    csv.writer(stream).writerow(LOG_FIELDS)
-        quartile_edges = np.linspace(0, self.diffusion.num_timesteps, 5)
-        sums, counts = np.zeros(5), np.zeros(5)
-        started = time.monotonic()
-        deadline = started + 60 * self.max_minutes if self.max_minutes else None
-        total = self.lr_anneal_steps or None
-        bar = tqdm(total=total, initial=self.step, desc="diffusion", unit="step", disable=not progress)
-        self.model.train()
-        with StopAtStepBoundary() as stop:  # Ctrl-C/SIGTERM: finish the step, save, exit 130/143
-            while not self.lr_anneal_steps or self.step < self.lr_anneal_steps:
-                losses, t = self.run_step()
-                quartile = np.clip(np.searchsorted(quartile_edges, t.numpy(), side="right") - 1, 0, 3)
-                np.add.at(sums, quartile, losses.numpy())
-                np.add.at(counts, quartile, 1)
-                sums[4] += float(losses.sum())
-                counts[4] += len(losses)
-                bar.update(1)
-                if self.step % self.log_interval == 0:
-                    bar.set_postfix(loss=f"{sums[4] / counts[4]:.4f}")
-                    self._write_log(log_path, sums, counts, started)
-                    sums[:], counts[:] = 0, 0
-                if self.step % self.save_interval == 0:
-                    self.save()
-                if self.context.any(stop.requested):
-                    bar.close()
-                    path = self.save() if self.last_saved_step != self.step else model_file(self.save_dir, self.step)
-                    if main:
-                        print(f"interrupted: saved {path}; resume with --resume_checkpoint {path}", flush=True)
-                    raise SystemExit(stop.exit_code if stop.requested else 130)
-                if deadline is not None and self.context.any(time.monotonic() >= deadline):
-                    if main:
-                        bar.write(f"--max_minutes {self.max_minutes} reached at step {self.step}")
-                    break
-        bar.close()
-        if counts[4]:
-            self._write_log(log_path, sums, counts, started)
-        if self.last_saved_step != self.step:
-            self.save()
-        return model_file(self.save_dir, self.step)
+    # ---- the loop (guided_diffusion.training_loop) ---------------------------------------------
+    def train_step(self):
+        losses, t = self.run_step()
+        quartile = np.clip(np.searchsorted(self._quartile_edges, t.numpy(), side="right") - 1, 0, 3)
+        np.add.at(self._sums, quartile, losses.numpy())
+        np.add.at(self._counts, quartile, 1)
+        self._sums[4] += float(losses.sum())
+        self._counts[4] += len(losses)
+        total, count = self.context.sum([float(losses.sum()), len(losses)])
+        return total / max(count, 1)
 
-    def _write_log(self, path, sums, counts, started):
+    def progress_postfix(self):
+        return {"loss": f"{self._sums[4] / max(self._counts[4], 1):.4f}"}
+
+    def write_log(self, seconds):
         """Append the mean losses since the last row (summed over ranks; rank 0 writes)."""
-        sums, counts = self.context.sum(sums), self.context.sum(counts)
-        if not self.context.is_main:
+        sums, counts = self.context.sum(self._sums), self.context.sum(self._counts)
+        self._sums[:], self._counts[:] = 0, 0
+        if not counts[4]:
             return
         means = [sums[i] / counts[i] if counts[i] else "" for i in range(5)]
-        with open(path, "a", newline="") as stream:
-            csv.writer(stream).writerow([self.step, means[4], *means[:4], self._current_lr(),
-                                         round(time.monotonic() - started, 2)])
+        self.log.write(**dict(zip(LOG_FIELDS, [self.step, means[4], *means[:4], self._current_lr(), seconds])))
+
+    def is_finite(self):
+        return all_finite(self.model) and all_finite(self.ema_model)
+
+    def run_loop(self, progress=True):
+        """Train until ``lr_anneal_steps`` (or the deadline, or a signal); returns the last model file."""
+        if self.context.is_main:
+            os.makedirs(self.save_dir, exist_ok=True)
+        self.log = CsvLogger(os.path.join(self.save_dir, "train_log.csv"), LOG_FIELDS, start_step=self.step,
+                             enabled=self.context.is_main)
+        self.model.train()
+        settings = LoopSettings(max_steps=self.lr_anneal_steps or None, save_interval=self.save_interval,
+                                log_interval=self.log_interval, max_minutes=self.max_minutes,
+                                description="diffusion", resume_flag="--resume_checkpoint", learning_rate=self.lr)
+        return run_training(self, settings, self.context, progress=progress)

@@ -162,7 +162,9 @@ def train_autoencoder(h5ad, save_dir, *extra):
 def test_autoencoder_streams_and_resumes_exactly(tmp_path, counts_h5ad, recorded_reads, capsys):
     straight = train_autoencoder(counts_h5ad, tmp_path / "a", "--max_steps", "12", "--checkpoint_freq", "6")
     assert max(recorded_reads) <= BLOCK
-    assert load_checkpoint(straight)["sampler"]["block_rows"] == BLOCK
+    from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
+
+    assert AutoencoderCheckpoint.load(straight, with_training_state=True).training_state["sampler"]["block_rows"] == BLOCK
     half = str(tmp_path / "a" / "model_seed=0_step=6.pt")
     resumed = train_autoencoder(counts_h5ad, tmp_path / "b", "--max_steps", "12", "--checkpoint_freq", "6",
                                 "--state_dict", half)

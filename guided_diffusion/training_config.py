@@ -1,0 +1,136 @@
+"""The settings of a training run as small dataclasses (data, model, training), not an argparse Namespace.
+
+Each training CLI turns its flags into these with :func:`from_flags` and makes one library call. The
+library refers to settings by their field names; :class:`SettingError` carries the field, and the CLI
+words it as the flag that sets it (:func:`flag_of`), so a library caller sees ``num_genes ...`` and a
+command-line user ``--num_genes ...``.
+"""
+import contextlib
+import dataclasses
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .cli import UsageError
+
+
+class SettingError(UsageError):
+    """A bad setting. ``template`` names settings as ``{name}`` placeholders: a library caller reads the
+    field names, :meth:`as_flag` (the CLI) the flags that set them."""
+
+    def __init__(self, template, *settings):
+        self.template, self.settings = template, settings
+        super().__init__(template.format(**{name: name for name in settings}))
+
+    def as_flag(self, flags=None):
+        return UsageError(self.template.format(**{name: flag_of(name, flags) for name in self.settings}))
+
+
+def literal(value):
+    """``value`` as text to put into a :class:`SettingError` template verbatim (braces escaped)."""
+    return str(value).replace("{", "{{").replace("}", "}}")
+
+
+def flag_of(setting, flags=None):
+    """The command-line flag of a setting: ``--name`` unless ``flags`` maps it to another."""
+    return (flags or {}).get(setting, f"--{setting}")
+
+
+@contextlib.contextmanager
+def settings_worded_as_flags(flags=None):
+    """Re-raise a :class:`SettingError` from the library with the settings worded as flags (CLI layer)."""
+    try:
+        yield
+    except SettingError as error:
+        raise error.as_flag(flags) from None
+
+
+def from_flags(cls, args, **overrides):
+    """An instance of the dataclass ``cls`` from the parsed flags with the same names."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(overrides)
+    return cls(**values)
+
+
+def plain_dict(*configs):
+    """The settings of ``configs`` merged into one flat dict of plain values (for checkpoints)."""
+    merged = {}
+    for config in configs:
+        for key, value in dataclasses.asdict(config).items():
+            if isinstance(value, (int, float, str, bool, list, type(None))):
+                merged[key] = list(value) if isinstance(value, (list, tuple)) else value
+    return merged
+
+
+@dataclass
+class DataConfig:
+    """Which cells are read and how (the loader's flags)."""
+
+    data_dir: str
+    label_key: Optional[List[str]] = None
+    layer: str = ""
+    input_is_log: bool = False
+    filter: List[str] = field(default_factory=list)
+    backed: object = "auto"
+    block_rows: int = 4096
+
+
+@dataclass
+class AutoencoderModelConfig:
+    num_genes: Optional[int] = None  # checked against the data when given
+    latent_dim: int = 128
+    hidden_dims: List[int] = field(default_factory=lambda: [1024, 1024, 1024])
+    dropout: float = 0.0
+    loss_ae: str = "auto"
+    decoder_activation: str = "ReLU"
+
+
+@dataclass
+class AutoencoderTrainingConfig:
+    save_dir: str
+    max_steps: int = 200000
+    max_minutes: Optional[float] = None
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    checkpoint_freq: int = 50000
+    log_interval: int = 100
+    state_dict: str = ""
+    start_step: Optional[int] = None
+    val_fraction: float = 0.1
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class DiffusionModelConfig:
+    vae_path: str
+    num_classes: Optional[List[int]] = None
+    hidden_dims: List[int] = field(default_factory=lambda: [512, 512, 256, 128])
+    dropout: float = 0.0
+    latent_scale: str = "auto"
+    branch: int = 0
+    cache_interval: int = 5
+    non_uniform: bool = False
+
+
+@dataclass
+class DiffusionTrainingConfig:
+    save_dir: str = "checkpoint/diffusion"
+    model_name: str = "cfDiffusion"
+    lr_anneal_steps: int = 800000
+    batch_size: int = 128
+    microbatch: int = -1
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    ema_rate: float = 0.9999
+    p_uncond: float = 0.1
+    save_interval: int = 200000
+    log_interval: int = 100
+    resume_checkpoint: str = ""
+    max_minutes: Optional[float] = None
+    seed: int = 0
+    overwrite: bool = False
+    device: str = "auto"
+    progress: bool = True
