@@ -110,7 +110,7 @@ def train_autoencoder(args, progress=True):
     context.check_batch_size(args.batch_size)
     dataset = load_dataset(args.data_dir, label_keys=[], layer=args.layer, input_is_log=args.input_is_log,
                            filters=args.filter, require_labels=False, backed=args.backed,
-                           block_rows=args.block_rows)
+                           block_rows=args.block_rows, allow_count_like_log=args.allow_count_like_log)
     try:
         return _train(args, dataset, context, device, progress and context.is_main)
     finally:

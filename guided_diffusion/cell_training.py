@@ -62,7 +62,8 @@ def prepare_latents(args, device, progress=True, context=None):
     context = context or DistributedContext(device=device)
     dataset = load_dataset(args.data_dir, label_keys=args.label_key, layer=args.layer,
                            input_is_log=args.input_is_log, filters=args.filter,
-                           backed=args.backed, block_rows=args.block_rows)
+                           backed=args.backed, block_rows=args.block_rows,
+                           allow_count_like_log=args.allow_count_like_log)
     try:
         check_num_classes(args.num_classes, dataset)
         autoencoder, _ = load_autoencoder(args.vae_path, device=device)
