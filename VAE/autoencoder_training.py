@@ -108,7 +108,7 @@ def train_autoencoder(data, model_config, training):
     context.check_batch_size(training.batch_size)
     dataset = load_dataset(data.data_dir, label_keys=[], layer=data.layer, input_is_log=data.input_is_log,
                            filters=data.filter, require_labels=False, backed=data.backed,
-                           block_rows=data.block_rows)
+                           block_rows=data.block_rows, allow_count_like_log=data.allow_count_like_log)
     try:
         task = AutoencoderTask(data, model_config, training, dataset, context)
         started = time.monotonic()

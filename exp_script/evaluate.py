@@ -32,6 +32,8 @@ def build_parser():
                                                     "('raw' reads adata.raw)")
     parser.add_argument("--input_is_log", type=str2bool, default=False,
                         help="True if the real values are already log-normalized (default: raw counts)")
+    parser.add_argument("--allow_count_like_log", type=str2bool, default=False,
+                        help="with --input_is_log True: accept real values that look like raw counts")
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=V1[,V2]",
                         help="keep only real cells whose obs[KEY] is one of the values; repeatable")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random choice (split, subsamples, models)")
@@ -61,7 +63,8 @@ def main(argv=None):
                                   metrics=tuple(args.metrics), plots=args.plots)
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if args.progress else None
     results = evaluate(args.real, args.generated, args.label_key, args.out, layer=args.layer,
-                       input_is_log=args.input_is_log, filters=args.filter, settings=settings, log=log)
+                       input_is_log=args.input_is_log, filters=args.filter, settings=settings, log=log,
+                       allow_count_like_log=args.allow_count_like_log)
     print(metrics_table(results).to_string(float_format=lambda value: f"{value:.4f}"))
     print(f"report: {os.path.join(args.out, 'report.md')}")
     return results

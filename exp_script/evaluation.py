@@ -169,10 +169,10 @@ def read_generated(path, label_key):
 
 
 def load_evaluation_data(real_path, generated_path, label_key, layer="", input_is_log=False,
-                         filters=None, max_cells=20000, seed=0):
+                         filters=None, max_cells=20000, seed=0, allow_count_like_log=False):
     """Read both files and keep the genes they share (in the real file's order)."""
     dataset = load_dataset(str(real_path), label_keys=[label_key], layer=layer,
-                           input_is_log=input_is_log, filters=filters)
+                           input_is_log=input_is_log, filters=filters, allow_count_like_log=allow_count_like_log)
     generated, generated_genes, generated_labels, negative, provenance = read_generated(generated_path, label_key)
 
     position = {gene: j for j, gene in enumerate(generated_genes)}
@@ -540,7 +540,7 @@ def run_comparisons(data, settings=None, log=log_to_stderr, progress=None):
 
 
 def evaluate(real_path, generated_path, label_key, out_dir, layer="", input_is_log=False, filters=None,
-             settings=None, log=log_to_stderr):
+             settings=None, log=log_to_stderr, allow_count_like_log=False):
     """Evaluate ``generated_path`` against ``real_path``; write metrics.json, report.md and plots
     into ``out_dir``. metrics.json is written last (temp file + rename), so its presence means the
     run finished."""
@@ -553,7 +553,8 @@ def evaluate(real_path, generated_path, label_key, out_dir, layer="", input_is_l
     progress = Progress(log)
     progress.stage("loading real and generated cells")
     data = load_evaluation_data(real_path, generated_path, label_key, layer=layer, input_is_log=input_is_log,
-                                filters=filters, max_cells=settings.max_cells, seed=settings.seed)
+                                filters=filters, max_cells=settings.max_cells, seed=settings.seed,
+                                allow_count_like_log=allow_count_like_log)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("metrics.json", "report.md"):
         (out_dir / stale).unlink(missing_ok=True)

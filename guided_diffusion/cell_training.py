@@ -66,7 +66,8 @@ def prepare_latents(data, vae_path, num_classes, device, progress=True, context=
     context = context or DistributedContext(device=device)
     dataset = load_dataset(data.data_dir, label_keys=data.label_key, layer=data.layer,
                            input_is_log=data.input_is_log, filters=data.filter,
-                           backed=data.backed, block_rows=data.block_rows)
+                           backed=data.backed, block_rows=data.block_rows,
+                           allow_count_like_log=data.allow_count_like_log)
     try:
         check_num_classes(num_classes, dataset)
         autoencoder, _ = load_autoencoder(vae_path, device=device)

@@ -72,6 +72,7 @@ class DataConfig:
     filter: List[str] = field(default_factory=list)
     backed: object = "auto"
     block_rows: int = 4096
+    allow_count_like_log: bool = False
 
 
 @dataclass

@@ -310,7 +310,7 @@ def test_autoencoder_refuses_the_other_input_kind(workspace, tmp_path, capsys):
 
     with pytest.raises(SystemExit) as exit_info:
         reconstruct.main(["--data_dir", workspace["data"], "--vae_path", workspace["vae"], "--input_is_log", "True",
-                          "--out", str(tmp_path / "r.h5ad"), "--progress", "False"])
+                          "--allow_count_like_log", "True", "--out", str(tmp_path / "r.h5ad"), "--progress", "False"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: the autoencoder was trained on raw-count input but "
                                                "--input_is_log is True")

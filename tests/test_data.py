@@ -42,7 +42,7 @@ def test_records_genes_labels_and_normalization(counts_h5ad):
 
 def test_loader_never_densifies_the_whole_matrix(counts_h5ad, monkeypatch):
     dataset = load_dataset(str(counts_h5ad))
-    assert sp.issparse(dataset.matrix)
+    assert sp.issparse(dataset.source.matrix)
     largest = []
     original = sp.csr_matrix.toarray
 

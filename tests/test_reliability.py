@@ -131,7 +131,7 @@ def test_unreadable_data_file(workspace, tmp_path, capsys, monkeypatch):
     if os.geteuid() != 0:
         path.chmod(0)
     else:  # root reads any file: make the loader's open fail the way it does for other users
-        import guided_diffusion.data as data_module
+        import guided_diffusion.data.files as data_module
 
         def denied(name, *args, **kwargs):
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), name)
