@@ -12,6 +12,7 @@ from guided_diffusion.checkpoint import latest_checkpoint, load_checkpoint, rng_
 from guided_diffusion.cli import StopAtStepBoundary, UsageError, check_writable_dir
 from guided_diffusion.data import check_genes, load_dataset, make_batch_sampler, split_train_validation
 from guided_diffusion.dist_util import setup_distributed
+from guided_diffusion.heap_reuse import reuse_freed_memory
 from guided_diffusion.train_util import adamw
 
 from .VAE_model import VAE
@@ -130,6 +131,9 @@ def _train(args, dataset, context, device, progress):
                 decoder_activation=args.decoder_activation, loss_ae=resolve_loss(args.loss_ae, dataset),
                 target_sum=dataset.normalization.target_sum)
     model = context.synchronize_batchnorm(model).to(device)
+    model.set_precision(args.precision, device)
+    if not args.backed:  # the step's large buffers are reused instead of page-faulted in again every step
+        reuse_freed_memory()
     optimizer = adamw(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sampler = make_batch_sampler(dataset, train_index, args.batch_size, args.seed)
     step = 0
