@@ -75,6 +75,7 @@ class VAE(nn.Module):
         self.decoder = nn.Sequential(*decoder)
         if loss_ae == "nb":
             self.log_theta = nn.Parameter(torch.zeros(self.num_genes))  # per-gene inverse dispersion
+        self.precision = "fp32"  # of the forward's matmuls; a run setting, not part of config()
 
     @property
     def models_counts(self):
@@ -96,13 +97,31 @@ class VAE(nn.Module):
                 "dropout": self.dropout, "decoder_activation": self.decoder_activation, "loss_ae": self.loss_ae,
                 "target_sum": self.target_sum}
 
+    def set_precision(self, precision, device=None):
+        """Run the forward's Linear layers in ``precision``: ``fp32``, ``bf16`` (torch.autocast: bfloat16
+        matmuls on float32 master weights; the latent normalization, the decoder output, softmax and the
+        likelihood stay float32) or ``auto`` (bf16 where ``device`` runs it natively: AMX / AVX512-BF16
+        CPUs, CUDA GPUs with bf16). Returns the precision chosen."""
+        from guided_diffusion.sampling import resolve_precision
+
+        device = device if device is not None else next(self.parameters()).device
+        self.precision = resolve_precision(precision, device)
+        return self.precision
+
+    def _matmul_precision(self, x):
+        return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
     def embed(self, x):
-        return F.normalize(self.encoder(x), dim=1)
+        with self._matmul_precision(x):
+            encoded = self.encoder(x)
+        return F.normalize(encoded.float(), dim=1)
 
     def forward(self, x):
-        """(decoder output, latent): log-normalized expression (mse) or per-gene logits (nb)."""
+        """(decoder output, latent): log-normalized expression (mse) or per-gene logits (nb), float32."""
         latent = self.embed(x)
-        return self.decoder(latent), latent
+        with self._matmul_precision(latent):
+            output = self.decoder(latent)
+        return output.float(), latent
 
     def reconstruction_loss(self, output, x, counts=None, totals=None):
         """Mean squared error on log-normalized ``x`` (mse), or the negative-binomial negative
@@ -148,12 +167,23 @@ class VAE(nn.Module):
 
 
 def negative_binomial_nll(log_mean, log_theta, counts):
-    """Mean over entries of -log NB(counts | mean, theta), from log mean and per-gene log theta."""
+    """Mean over entries of -log NB(counts | mean, theta), from log mean and per-gene log theta.
+
+    With d = log mean - log theta, log NB = -theta softplus(d) - counts softplus(-d) + lgamma(counts + theta)
+    - lgamma(theta) - lgamma(counts + 1). Every term but the first is 0 where counts = 0, so they are
+    evaluated on the non-zero counts only (~9% of a Baron batch): the same value as the dense formula
+    (up to summation order) at a fraction of its lgamma / digamma work, forward and backward.
+    """
+    n_genes = log_mean.shape[-1]
     theta = torch.exp(log_theta)
-    log_theta_plus_mean = torch.logaddexp(log_theta, log_mean)
-    log_likelihood = (theta * (log_theta - log_theta_plus_mean) + counts * (log_mean - log_theta_plus_mean)
-                      + torch.lgamma(counts + theta) - torch.lgamma(theta) - torch.lgamma(counts + 1))
-    return -log_likelihood.mean()
+    log_mean, counts = log_mean.reshape(-1, n_genes), counts.reshape(-1, n_genes)
+    dense = (F.softplus(log_mean - log_theta).sum(dim=0) * theta).sum()
+    positions = torch.nonzero(counts.reshape(-1)).squeeze(1)
+    genes = positions % n_genes
+    c, t = counts.reshape(-1)[positions], theta[genes]
+    d = log_mean.reshape(-1)[positions] - log_theta[genes]
+    sparse = (c * F.softplus(-d) - torch.lgamma(c + t) + torch.lgamma(t) + torch.lgamma(c + 1)).sum()
+    return (dense + sparse) / counts.numel()
 
 
 def sample_negative_binomial(mean, theta, generator):

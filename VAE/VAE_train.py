@@ -62,6 +62,9 @@ def build_parser():
     parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=[1024, 1024, 1024],
                         help="encoder widths (the decoder mirrors them)")
     parser.add_argument("--dropout", type=fraction, default=0.0, help="dropout after each hidden layer")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="matmuls of the training step: bf16 (autocast, fp32 master weights and loss), fp32, or "
+                             "auto = bf16 where the device runs it natively (AMX / AVX512-BF16 CPUs, CUDA)")
     parser.add_argument("--val_fraction", type=fraction, default=0.1, help="held-out cells for validation")
     parser.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
     add_threads_arg(parser)

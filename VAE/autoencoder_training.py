@@ -13,6 +13,7 @@ from guided_diffusion.dist_util import setup_distributed
 from guided_diffusion.optim import adamw, all_finite
 from guided_diffusion.training_config import SettingError, literal, plain_dict
 from guided_diffusion.training_loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
+from guided_diffusion.heap_reuse import reuse_freed_memory
 
 from .autoencoder_checkpoint import AutoencoderCheckpoint, checkpoint_files, latest_model_path, model_path
 from .VAE_model import VAE
@@ -181,6 +182,9 @@ class AutoencoderTask(TrainingTask):
                     loss_ae=resolve_loss(model_config.loss_ae, dataset),
                     target_sum=dataset.normalization.target_sum)
         self.model = context.synchronize_batchnorm(model).to(self.device)
+        self.model.set_precision(training.precision, self.device)
+        if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step
+            reuse_freed_memory()
         self.optimizer = adamw(self.model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
         self.sampler = make_batch_sampler(dataset, self.train_index, training.batch_size, training.seed)
         self.train_config = plain_dict(data, model_config, training)

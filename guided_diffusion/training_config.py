@@ -93,6 +93,7 @@ class AutoencoderTrainingConfig:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-5
+    precision: str = "auto"
     seed: int = 0
     checkpoint_freq: int = 50000
     log_interval: int = 100
