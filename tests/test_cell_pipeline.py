@@ -172,9 +172,17 @@ def test_same_seed_same_cells_and_use_ema_switch(workspace, tmp_path):
     np.testing.assert_array_equal(first, second)
     raw = anndata.read_h5ad(sample(workspace["model"], tmp_path / "c", *flags, "--use_ema", "False"))
     assert raw.uns["cfdiffusion"]["weights"] == "raw"
-    assert not np.array_equal(raw.X.toarray(), first)
-    other_seed = anndata.read_h5ad(sample(workspace["model"], tmp_path / "d", *flags[:-1], "8")).X.toarray()
-    assert not np.array_equal(other_seed, first)
+    sample(workspace["model"], tmp_path / "d", *flags[:-1], "8")
+    # compared on the latents: a briefly trained model's decoded counts can coincide although the latents differ
+    assert not np.array_equal(latents_of(tmp_path / "c"), latents_of(tmp_path / "a"))
+    assert not np.array_equal(latents_of(tmp_path / "d"), latents_of(tmp_path / "a"))
+    np.testing.assert_array_equal(latents_of(tmp_path / "b"), latents_of(tmp_path / "a"))
+
+
+def latents_of(sample_dir):
+    """The latents of one sampling run, all conditions in file-name order."""
+    names = sorted(name for name in os.listdir(sample_dir) if name.endswith(".npy"))
+    return np.concatenate([np.load(os.path.join(sample_dir, name)) for name in names])
 
 
 def test_autoencoder_hash_is_checked(workspace, tmp_path, capsys):
