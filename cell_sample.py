@@ -1,6 +1,6 @@
 """Generate cells with a trained cfDiffusion model: latents per condition and a decoded, labelled h5ad.
 
-    python cell_sample.py --model_path checkpoint/diffusion/baron/model800000.pt --sample_dir output/baron \
+    python cell_sample.py --model_path checkpoint/diffusion/baron/model800000.pt --sample_dir output/baron \\
         --num_classes 14 --branch 0 --cache_interval 5 --non_uniform False
 
 Sampler: by default ancestral DDPM on 50 respaced steps, the checkpoint's cache interval scaled to them

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .atomic import atomic_output
@@ -194,8 +195,6 @@ def start_output_set(sample_dir):
 
 
 def label_table(cond_rows, loaded):
-    import pandas as pd
-
     columns = label_columns(cond_rows.numpy(), loaded.label_keys, loaded.vocabularies)
     return pd.DataFrame(columns, index=pd.Index([f"generated_{i}" for i in range(len(cond_rows))], name="cell"))
 

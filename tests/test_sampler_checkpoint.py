@@ -176,3 +176,15 @@ def test_non_finite_weights_are_refused_after_sampling_and_nothing_is_written(le
     line = refused(capsys, sample, legacy, tmp_path / "out")
     assert "sampling produced non-finite latents for 18 of 18 cells" in line and "nothing was written" in line
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_save_and_load_round_trip_upgrades_a_legacy_file(legacy, tmp_path):
+    checkpoint = DiffusionCheckpoint.load(str(legacy / MODEL))
+    upgraded = tmp_path / "upgraded.pt"
+    checkpoint.schema_version = SCHEMA_VERSION
+    checkpoint.save(str(upgraded))
+    again = DiffusionCheckpoint.load(str(upgraded))
+    assert again.schema_version == SCHEMA_VERSION and again.kind == "diffusion_model"
+    for name in ("label_keys", "vocabularies", "condition_counts", "genes", "diffusion", "latent_scale", "step"):
+        assert getattr(again, name) == getattr(checkpoint, name), name
+    assert all(torch.equal(again.state_dict[k], v) for k, v in checkpoint.state_dict.items())
