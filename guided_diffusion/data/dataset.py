@@ -231,10 +231,22 @@ class CellDataset:
         names = self.obs_names
         return f"cell {names[cell] if names is not None else cell!r}, gene {self.genes[gene]!r}"
 
-    is_backed = property(lambda self: self.source.is_backed)
-    block_rows = property(lambda self: self.source.block_rows)
-    n_cells = property(lambda self: self.source.shape[0])
-    n_genes = property(lambda self: self.source.shape[1])
+    @property
+    def is_backed(self):
+        return self.source.is_backed
+
+    @property
+    def block_rows(self):
+        """Cells per disk read of a streamed dataset (None in memory)."""
+        return self.source.block_rows
+
+    @property
+    def n_cells(self):
+        return self.source.shape[0]
+
+    @property
+    def n_genes(self):
+        return self.source.shape[1]
 
     @property
     def obs_names(self):
