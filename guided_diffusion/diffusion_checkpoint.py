@@ -18,11 +18,12 @@ import numpy as np
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .cli import UsageError
+from .data import RESERVED_OBS_COLUMNS
 
 SCHEMA_VERSION = 2
 KINDS = ("diffusion_model", "diffusion_ema")
 # obs columns the sampler writes beside the label keys: a label key may not take one of these names
-SAMPLER_OBS_COLUMNS = ("library_size", "target_library_size")
+SAMPLER_OBS_COLUMNS = tuple(RESERVED_OBS_COLUMNS)  # obs columns the sampler writes beside the labels
 LATENT_QUANTILE_LEVELS = (0.001, 0.5, 0.999)
 TRAINING_FIELDS = ("lr", "batch_size", "microbatch", "weight_decay", "ema_rate", "lr_anneal_steps", "p_uncond",
                    "seed")
@@ -192,10 +193,6 @@ def training_metadata(*, dataset, condition_counts, library_size_quantiles, vae_
                       diffusion_steps, sampling_defaults, latent_scale, latents, training):
     """The metadata dict the trainer stores in every model/EMA file (``latents``: the training latents,
     multiplied by ``latent_scale``)."""
-    clashes = sorted(set(dataset.label_keys) & set(SAMPLER_OBS_COLUMNS))
-    if clashes:
-        raise UsageError(f"--label_key {clashes[0]}: the sampler writes its own obs column of that name "
-                         f"({', '.join(SAMPLER_OBS_COLUMNS)}); copy the labels to another obs column and use that")
     missing = [name for name in TRAINING_FIELDS if name not in training]
     if missing:
         raise ValueError(f"training config lacks {missing}")

@@ -58,8 +58,8 @@ def test_a_label_key_named_like_a_sampler_column_is_refused_at_training(tmp_path
                          "--hidden_dims", "8", "8", "--progress", "False"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "error: --label_key library_size: the sampler writes its own obs column of that name (library_size, "
-        "target_library_size); copy the labels to another obs column and use that")
+        "error: label key 'library_size' is a name the tools use in their output obs (the total counts drawn "
+        "for each generated cell); copy the labels to a column of another name and use that")
     assert files(tmp_path / "d" / "m") == []
 
 

@@ -15,6 +15,7 @@ DEFAULT_LABEL_KEY = "cell_type1"
 # names the tools' output .h5ad (cell_sample.py, exp_script/reconstruct.py) uses in obs next to the label
 # columns: a label key of the same name would be overwritten, or (the index name) make the write fail
 RESERVED_OBS_COLUMNS = {"library_size": "the total counts drawn for each generated cell",
+                        "target_library_size": "the library size each generated cell was drawn for",
                         "cell": "the name of the generated cells' index"}
 CONDITION_SEPARATORS = (",", "=")
 LISTED_VALUES = 20
