@@ -14,7 +14,7 @@ from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, 
                                   str2bool)
 from guided_diffusion.data import add_data_args
 from guided_diffusion.dist_util import setup_distributed
-from guided_diffusion.threads import add_threads_arg, apply_threads
+from guided_diffusion.threads import add_threads_arg, apply_thread_flags
 from guided_diffusion.training_config import (DataConfig, DiffusionModelConfig, DiffusionTrainingConfig, from_flags,
                                               settings_worded_as_flags)
 
@@ -58,7 +58,7 @@ def build_parser():
                           help="steps between full evaluations when reusing features")
     sampling.add_argument("--non_uniform", type=str2bool, default=False, help="non-uniform cache schedule")
     parser.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
-    add_threads_arg(parser)
+    add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)
     add_debug_arg(parser)
     return parser
@@ -67,7 +67,7 @@ def build_parser():
 @command
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    apply_threads(args.threads)
+    apply_thread_flags(args)
     with settings_worded_as_flags():
         path = train_diffusion(from_flags(DataConfig, args), from_flags(DiffusionModelConfig, args),
                                from_flags(DiffusionTrainingConfig, args))

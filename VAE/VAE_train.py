@@ -18,7 +18,7 @@ from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, 
                                   str2bool)
 from guided_diffusion.data import add_data_args  # noqa: E402
 from guided_diffusion.dist_util import setup_distributed  # noqa: E402
-from guided_diffusion.threads import add_threads_arg, apply_threads  # noqa: E402
+from guided_diffusion.threads import add_threads_arg, apply_thread_flags  # noqa: E402
 from guided_diffusion.training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig,  # noqa: E402
                                               DataConfig, from_flags, settings_worded_as_flags)
 from VAE.autoencoder_training import train_autoencoder  # noqa: E402
@@ -67,7 +67,7 @@ def build_parser():
                              "auto = bf16 where the device runs it natively (AMX / AVX512-BF16 CPUs, CUDA)")
     parser.add_argument("--val_fraction", type=fraction, default=0.1, help="held-out cells for validation")
     parser.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
-    add_threads_arg(parser)
+    add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)
     add_debug_arg(parser)
     return parser
@@ -81,7 +81,7 @@ def add_alias(parser, flag, dest, **kwargs):
 @command
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    apply_threads(args.threads)
+    apply_thread_flags(args)
     with settings_worded_as_flags():
         path, report, seconds = train_autoencoder(from_flags(DataConfig, args), from_flags(AutoencoderModelConfig, args),
                                                   from_flags(AutoencoderTrainingConfig, args))

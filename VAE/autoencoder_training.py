@@ -192,9 +192,9 @@ class AutoencoderTask(TrainingTask):
         self.step = self._start_from(resume_path) if resume_path else self._start_fresh()
         if training.start_step is not None:
             self.step = training.start_step
-        self.folder = claim_run_folder(training.save_dir, "--save_dir", checkpoint_files,
+        self.folder = claim_run_folder(training.save_dir, "save_dir", checkpoint_files,
                                        resuming=bool(resume_path), overwrite=training.overwrite,
-                                       resume_flag="--state_dict", is_main=context.is_main)
+                                       resume_setting="state_dict", is_main=context.is_main)
         self.replica = context.wrap(self.model)
         self.log = CsvLogger(os.path.join(training.save_dir, "train_log.csv"), LOG_FIELDS, start_step=self.step,
                              enabled=context.is_main)

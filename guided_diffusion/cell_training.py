@@ -157,8 +157,8 @@ def train_diffusion(data, model_config, training):
         seed=training.seed, device=device, max_minutes=training.max_minutes, context=context)
     if training.resume_checkpoint:
         trainer.resume(training.resume_checkpoint)
-    folder = claim_run_folder(save_dir, "--save_dir", checkpoint_files, resuming=bool(training.resume_checkpoint),
-                              overwrite=training.overwrite, resume_flag="--resume_checkpoint",
+    folder = claim_run_folder(save_dir, "save_dir", checkpoint_files, resuming=bool(training.resume_checkpoint),
+                              overwrite=training.overwrite, resume_setting="resume_checkpoint",
                               is_main=context.is_main)
     try:
         return trainer.run_loop(progress=training.progress)

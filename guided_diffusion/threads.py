@@ -54,6 +54,29 @@ def default_threads(processes_per_node=1):
         return max(1, available_cores() // max(1, processes_per_node))
 
 
+def _boolean(value):
+    text = str(value).strip().lower()
+    if text in ("true", "t", "yes", "y", "1"):
+        return True
+    if text in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def apply_thread_flags(args):
+    """``--threads`` (and ``--deterministic`` where the parser has it); returns the thread count."""
+    if getattr(args, "deterministic", False):
+        if args.threads not in (None, 1):
+            from .cli import UsageError
+
+            raise UsageError(f"--deterministic True runs on one thread; drop --threads {args.threads} or set it to 1")
+        import torch
+
+        torch.use_deterministic_algorithms(True)
+        return apply_threads(1)
+    return apply_threads(args.threads)
+
+
 def _thread_count(value):
     try:
         number = int(value)
@@ -64,7 +87,11 @@ def _thread_count(value):
     return number
 
 
-def add_threads_arg(parser):
+def add_threads_arg(parser, deterministic=False):
+    if deterministic:
+        parser.add_argument("--deterministic", type=_boolean, default=False,
+                            help="bit-identical results, also after an interrupted run is resumed: one CPU thread "
+                                 "and torch.use_deterministic_algorithms (two threads can differ in the last bit)")
     parser.add_argument("--threads", type=_thread_count, default=None,
                         help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores this "
                              "process may use, from its affinity mask and cgroup quota; on a shared machine give fewer, e.g. 1)")

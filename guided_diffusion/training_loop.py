@@ -17,7 +17,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
-from .cli import StopAtStepBoundary, UsageError
+from .cli import StopAtStepBoundary
 from .training_config import SettingError, literal
 
 
@@ -178,7 +178,7 @@ class RunFolder:
             self._descriptor = None
 
 
-def claim_run_folder(folder, flag, checkpoint_files, resuming, overwrite, resume_flag, is_main=True):
+def claim_run_folder(folder, setting, checkpoint_files, resuming, overwrite, resume_setting, is_main=True):
     """Create and lock ``folder``; refuse it when another run holds it, or when it already holds
     checkpoints (``checkpoint_files(folder)``: their names) and this run neither resumes nor overwrites.
     With ``overwrite`` the old checkpoints are removed. Ranks other than the main one do nothing."""
@@ -190,15 +190,15 @@ def claim_run_folder(folder, flag, checkpoint_files, resuming, overwrite, resume
         fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
-        raise UsageError(f"{flag} {folder} is in use by another training run; wait for it to finish or "
-                         f"choose another folder") from None
+        raise SettingError(f"{{{setting}}} {literal(folder)} is in use by another training run; wait for it to "
+                           f"finish or choose another folder", setting) from None
     existing = sorted(checkpoint_files(folder))
     if existing and not resuming:
         if not overwrite:
             os.close(descriptor)
-            raise UsageError(f"{flag} {folder} already holds checkpoints ({existing[-1]}, {len(existing)} "
-                             f"files); resume with {resume_flag}, choose another folder, or pass "
-                             f"--overwrite True to replace them")
+            raise SettingError(f"{{{setting}}} {literal(folder)} already holds checkpoints ({literal(existing[-1])}, "
+                               f"{len(existing)} files); resume with {{{resume_setting}}}, choose another folder, "
+                               f"or pass {{overwrite}} True to replace them", setting, resume_setting, "overwrite")
         for name in existing:
             os.remove(os.path.join(folder, name))
     return RunFolder(folder, descriptor)

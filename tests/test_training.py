@@ -319,3 +319,26 @@ def test_threads_flag_sets_torch_threads(workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setitem(threads_module._explicit, "threads", None)
     assert threads_module.apply_threads(None) == 1 and torch.get_num_threads() == 1
+
+
+def test_library_errors_name_parameters_and_the_cli_words_them_as_flags(workspace, tmp_path, capsys):
+    from guided_diffusion.training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig,
+                                                  SettingError)
+    from VAE.autoencoder_training import train_autoencoder
+
+    with pytest.raises(SettingError, match=r"^num_genes 99 contradicts the data, which has 24 genes; omit num_genes"):
+        train_autoencoder(DataConfig(workspace["data"]), AutoencoderModelConfig(num_genes=99),
+                          AutoencoderTrainingConfig(save_dir=str(tmp_path), progress=False))
+    refused(capsys, lambda: ae(workspace, tmp_path, "--num_genes", "99"),
+            "--num_genes 99 contradicts the data, which has 24 genes; omit --num_genes or fix it")
+
+
+def test_deterministic_runs_on_one_thread_with_deterministic_algorithms(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(threads_module._explicit, "threads", None)
+    try:
+        ae(workspace, tmp_path, "--max_steps", "1", "--deterministic", "True")
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    refused(capsys, lambda: ae(workspace, tmp_path / "b", "--deterministic", "True", "--threads", "2"),
+            "--deterministic True runs on one thread; drop --threads 2 or set it to 1")
