@@ -47,6 +47,9 @@ def build_parser():
                         help=f"sampling steps taken from the 1000 training steps, e.g. 250, or ddim50 with "
                              f"--use_ddim True (default: {DEFAULT_SETTINGS.timestep_respacing}; the original "
                              f"1000-step sampler: {FAITHFUL_FLAGS})")
+    parser.add_argument("--solver", default=DEFAULT_SETTINGS.solver, choices=["", "dpmpp2m"],
+                        help="dpmpp2m: DPM-Solver++(2M), deterministic, one network evaluation per step (e.g. "
+                             "--timestep_respacing logsnr15: 15 steps evenly spaced in log-SNR); overrides --use_ddim")
     parser.add_argument("--eta", type=non_negative_float, default=DEFAULT_SETTINGS.eta, help="DDIM eta")
     parser.add_argument("--clip_denoised", type=str2bool, default=False)
     parser.add_argument("--use_ema", type=str2bool, default=True)
@@ -75,7 +78,7 @@ def settings_from_args(args):
                            eta=args.eta, cache_interval=args.cache_interval, branch=args.branch,
                            non_uniform=args.non_uniform, clip_denoised=args.clip_denoised,
                            batch_size=args.batch_size, seed=args.seed, observation=args.observation,
-                           precision=args.precision)
+                           precision=args.precision, solver=args.solver)
 
 
 @command

@@ -45,10 +45,12 @@ class SamplerSettings:
     seed: int = 0
     observation: str = "auto"
     precision: str = "auto"
+    solver: str = ""  # "dpmpp2m": DPM-Solver++(2M); "": DDIM or ancestral DDPM as use_ddim says
 
     def describe(self):
         steps = self.timestep_respacing or "1000"
-        return f"{'DDIM' if self.use_ddim else 'DDPM'} {steps} steps, cache {self.cache_interval} " \
+        method = "DPM-Solver++(2M)" if self.solver == "dpmpp2m" else "DDIM" if self.use_ddim else "DDPM"
+        return f"{method} {steps} steps, cache {self.cache_interval} " \
                f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), w={self.guide_w}"
 
 
@@ -322,7 +324,9 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,
                       on_step=lambda *_: bar.update(1))
         with matmul_precision(settings.precision, device):
-            if settings.use_ddim:
+            if settings.solver == "dpmpp2m":
+                x = diffusion.dpm_solver_sample_loop(eps_fn, noise[part].shape, **common)
+            elif settings.use_ddim:
                 x = diffusion.ddim_sample_loop(eps_fn, noise[part].shape, eta=settings.eta, **common)
             else:
                 x = diffusion.p_sample_loop(eps_fn, noise[part].shape, **common)
