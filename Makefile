@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench-sampling bench-fidelity bench-memory clean
+.PHONY: install test demo bench-sampling bench-fidelity bench-memory bench-training clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ bench-fidelity: $(STAMP)
 
 bench-memory: $(STAMP)
 	$(PY) benchmarks/bench_memory.py --sizes 20000 200000
+
+bench-training: $(STAMP)
+	$(PY) benchmarks/bench_training.py --threads 1 --quality_steps 300
 
 clean:
 	rm -rf checkpoint/demo

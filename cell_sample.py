@@ -23,6 +23,7 @@ from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg,
                                   non_negative_float, non_negative_int, positive_int, str2bool)
 from guided_diffusion.sampling import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, PRECISIONS, SamplerSettings,
                                        SamplingRequest, sample_cells)
+from guided_diffusion.sampler_settings import SOLVERS
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -57,6 +58,9 @@ def build_parser():
     parser.add_argument("--timestep_respacing", default=DEFAULT_SETTINGS.timestep_respacing,
                         help=f"sampling steps taken from the checkpoint's training steps: N (e.g. 250; 1000 = all), "
                              f"or ddimN with --use_ddim True (the original 1000-step sampler: {FAITHFUL_FLAGS})")
+    parser.add_argument("--solver", default=DEFAULT_SETTINGS.solver, choices=list(SOLVERS),
+                        help="dpmpp2m: DPM-Solver++(2M), deterministic, one network evaluation per step (e.g. "
+                             "--timestep_respacing logsnr15: 15 steps evenly spaced in log-SNR); overrides --use_ddim")
     parser.add_argument("--eta", type=non_negative_float, default=DEFAULT_SETTINGS.eta,
                         help="DDIM eta (0: deterministic)")
     parser.add_argument("--clip_denoised", type=str2bool, default=False,
@@ -91,7 +95,7 @@ def settings_from_args(args):
                            eta=args.eta, cache_interval=args.cache_interval, branch=args.branch,
                            non_uniform=args.non_uniform, clip_denoised=args.clip_denoised,
                            batch_size=args.batch_size, seed=args.seed, observation=args.observation,
-                           precision=args.precision)
+                           precision=args.precision, solver=args.solver)
 
 
 def request_from_args(args):

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sampling.py            # full table (median of 3 runs per row)
     python benchmarks/bench_sampling.py --runs 1 --quick
+    python benchmarks/bench_sampling.py --solvers    # only the solver / step-count rows beside the default
 
 Each row runs the whole sampling process of cell_sample.py — noise → guided reverse diffusion (with the
 feature cache) → decoding to all genes streamed into an .h5ad — with a randomly initialised default-size
@@ -114,7 +115,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="skip the slow 1000-step rows")
     parser.add_argument("--cells", type=int, default=4096, help="cells per run for the fast rows")
     parser.add_argument("--faithful_cells", type=int, default=512, help="cells per run for 1000-step rows")
+    parser.add_argument("--solvers", action="store_true",
+                        help="only the default and the DPM-Solver++(2M) / DDIM step-count rows (bf16, cache 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = CellUNet(condition_sizes=(NUM_CLASSES,)).eval()
     log_shares, totals = baron_profile()
@@ -137,7 +143,15 @@ def main(argv=None):
     faithful = dict(use_ddim=False, timestep_respacing="1000", non_uniform=False, branch=0, batch_size=1024,
                     precision="fp32")
     rows = []
-    if not args.quick:
+    if args.solvers:
+        rows.append((f"default ({default.describe()})", default, args.cells, False))
+        for steps in (10, 15, 20, 25):
+            rows.append((f"DPM-Solver++(2M) logsnr{steps}, cache 1, bf16",
+                         settings(solver="dpmpp2m", timestep_respacing=f"logsnr{steps}", cache_interval=1),
+                         args.cells, False))
+        rows.append(("DDIM 20, cache 1, bf16", settings(use_ddim=True, timestep_respacing="ddim20", cache_interval=1),
+                     args.cells, False))
+    elif not args.quick:
         rows += [
             ("reference path (per-cell projections), DDPM-1000 cache 5", settings(**faithful, cache_interval=5),
              args.faithful_cells, True),
@@ -147,19 +161,20 @@ def main(argv=None):
             ("DDPM-1000, cache 5 non-uniform", settings(**dict(faithful, non_uniform=True), cache_interval=5),
              args.faithful_cells, False),
         ]
-    for steps in (100, 50):
+    for steps in (() if args.solvers else (100, 50)):
         for interval in (1, 5):
             rows.append((f"DDIM {steps}, cache {interval}", settings(use_ddim=True, timestep_respacing=f"ddim{steps}",
                                                                      cache_interval=interval, non_uniform=False,
                                                                      batch_size=1024, precision="fp32"),
                          args.cells, False))
-    for precision in ("fp32", "bf16"):
+    for precision in (() if args.solvers else ("fp32", "bf16")):
         for interval in (1, 2, 5):
             rows.append((f"DDPM 50, cache {interval}, {precision}",
                          settings(use_ddim=False, timestep_respacing="50", cache_interval=interval, non_uniform=False,
                                   batch_size=1024, precision=precision), args.cells, False))
-    rows.append(("default, decoded mean (no count draws)", settings(observation="mean"), args.cells, False))
-    for batch in (256, 1024, 4096):
+    if not args.solvers:
+        rows.append(("default, decoded mean (no count draws)", settings(observation="mean"), args.cells, False))
+    for batch in (() if args.solvers else (256, 1024, 4096)):
         rows.append((f"default ({default.describe()}), batch {batch}", settings(batch_size=batch), args.cells, False))
 
     print(f"matmul peak ({torch.get_num_threads()} threads, 2048^3): fp32 {peak:.0f} GFLOP/s, "
@@ -167,17 +182,23 @@ def main(argv=None):
     print(f"{'configuration':<78} {'cells/s':>9} {'s/1000 cells':>12} {'useful GFLOP/s':>15} {'% peak':>7} "
           f"{'% fp32 peak':>12}")
     results = []
+    timings = {name: [] for name, *_ in rows}
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
-        for name, config, n_cells, per_cell in rows:
-            run_model = PerCellProjections(model) if per_cell else model
-            seconds = statistics.median(run_once(run_model, autoencoder, config, n_cells, folder, totals)
-                                        for _ in range(args.runs))
-            gflops = useful_flops_per_cell(model, config, decoder_mac_count) * n_cells / seconds / 1e9
-            cells_per_second = n_cells / seconds
-            results.append((name, cells_per_second))
-            row_peak = peak_bf16 if config.precision == "bf16" else peak
-            print(f"{name:<78} {cells_per_second:>9.1f} {1000 / cells_per_second:>12.2f} {gflops:>15.1f} "
-                  f"{100 * gflops / row_peak:>6.0f}% {100 * gflops / peak:>11.0f}%", flush=True)
+        for _ in range(args.runs):  # interleaved: each round runs every row once, so load hits all rows alike
+            for name, config, n_cells, per_cell in rows:
+                run_model = PerCellProjections(model) if per_cell else model
+                timings[name].append(run_once(run_model, autoencoder, config, n_cells, folder, totals))
+    default_rate = None
+    for name, config, n_cells, per_cell in rows:
+        seconds = statistics.median(timings[name])
+        gflops = useful_flops_per_cell(model, config, decoder_mac_count) * n_cells / seconds / 1e9
+        cells_per_second = n_cells / seconds
+        default_rate = default_rate or (cells_per_second if name.startswith("default") else None)
+        results.append((name, cells_per_second))
+        row_peak = peak_bf16 if config.precision == "bf16" else peak
+        print(f"{name:<78} {cells_per_second:>9.1f} {1000 / cells_per_second:>12.2f} {gflops:>15.1f} "
+              f"{100 * gflops / row_peak:>6.0f}% {100 * gflops / peak:>11.0f}%"
+              + (f" {cells_per_second / default_rate:>6.2f}x default" if args.solvers else ""), flush=True)
     by_name = dict(results)
     reference = by_name.get("reference path (per-cell projections), DDPM-1000 cache 5")
     best_default = max(v for k, v in results if k.startswith("default"))

@@ -16,6 +16,7 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
 
     ``section_counts`` is either
       * "ddimN": the evenly strided range(0, num_timesteps, stride) with exactly N steps;
+      * "logsnrN": N steps evenly spaced in log-SNR of the linear schedule (for DPM-Solver++);
       * a comma-separated string or list of counts, e.g. "250" or "10,15,20": the
         process is cut into equal sections and section i keeps counts[i] evenly
         spaced steps (both ends of a section included when the count is > 1).
@@ -28,6 +29,9 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
                 if len(steps) == desired:
                     return steps
             raise ValueError(f"cannot take exactly {desired} evenly strided steps from {num_timesteps}")
+        if section_counts.startswith("logsnr"):
+            return GaussianDiffusion(linear_beta_schedule(num_timesteps)).log_snr_spaced_timesteps(
+                int(section_counts[len("logsnr"):]))
         counts = [int(part) for part in section_counts.split(",")]
     else:
         counts = [int(c) for c in section_counts]

@@ -52,7 +52,9 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,
                       on_step=lambda *_: bar.update(1))
         with matmul_precision(settings.precision, device):  # the denoiser's matmuls; the updates stay fp32
-            if settings.use_ddim:
+            if settings.solver == "dpmpp2m":
+                x = diffusion.dpm_solver_sample_loop(eps_fn, noise[part].shape, **common)
+            elif settings.use_ddim:
                 x = diffusion.ddim_sample_loop(eps_fn, noise[part].shape, eta=settings.eta, **common)
             else:
                 x = diffusion.p_sample_loop(eps_fn, noise[part].shape, **common)

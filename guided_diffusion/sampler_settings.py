@@ -12,7 +12,8 @@ from .respace import TRAINING_STEPS, create_diffusion
 OBSERVATIONS = ("auto", "counts", "mean")
 GUIDE_W_RANGE = (-1.0, 100.0)  # w < -1 inverts the condition; beyond 100 the guided epsilon overflows usefulness
 MAX_SEED = 2 ** 63 - 1
-_RESPACING = re.compile(r"(ddim)?([0-9]+)")
+_RESPACING = re.compile(r"(ddim|logsnr)?([0-9]+)")
+SOLVERS = ("", "dpmpp2m")  # "": ancestral DDPM or DDIM as use_ddim says; dpmpp2m: DPM-Solver++(2M)
 
 
 @dataclass
@@ -31,9 +32,11 @@ class SamplerSettings:
     seed: int = 0
     observation: str = "auto"
     precision: str = "auto"
+    solver: str = ""  # "dpmpp2m": DPM-Solver++(2M) (deterministic; overrides use_ddim)
 
     def describe(self):
-        return f"{'DDIM' if self.use_ddim else 'DDPM'} {self.timestep_respacing} steps, cache {self.cache_interval} " \
+        method = "DPM-Solver++(2M)" if self.solver == "dpmpp2m" else "DDIM" if self.use_ddim else "DDPM"
+        return f"{method} {self.timestep_respacing} steps, cache {self.cache_interval} " \
                f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), w={self.guide_w}"
 
 
@@ -61,9 +64,14 @@ def check_settings(settings):
     match = _RESPACING.fullmatch(respacing) if isinstance(respacing, str) else None
     if match is None or int(match.group(2)) < 1:
         raise UsageError(f"--timestep_respacing {respacing!r}: give a step count such as 50 or 1000 (all steps), "
-                         f"or ddim50 with --use_ddim True (no spaces; section lists such as 10,10,10 are not "
+                         f"ddim50 with --use_ddim True, or logsnr15 with --solver dpmpp2m (no spaces; section lists such as 10,10,10 are not "
                          f"supported)")
-    if match.group(1) and not settings.use_ddim:
+    if settings.solver not in SOLVERS:
+        raise UsageError(f"--solver {settings.solver!r}: choose one of {', '.join(repr(s) for s in SOLVERS)}")
+    if match.group(1) == "logsnr" and settings.solver != "dpmpp2m":
+        raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for DPM-Solver++, but "
+                         f"--solver is not dpmpp2m; add --solver dpmpp2m, or give {match.group(2)}")
+    if match.group(1) == "ddim" and not settings.use_ddim and settings.solver != "dpmpp2m":
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps for DDIM, but --use_ddim is False; "
                          f"add --use_ddim True, or give {match.group(2)} for DDPM")
 

@@ -39,7 +39,7 @@ LAUNCHERS = {
 AE_STEPS, AE_LR = 10, 1e-3
 AE_FLAGS = ["--max_steps", str(AE_STEPS), "--checkpoint_freq", str(AE_STEPS), "--batch_size", "30",
             "--hidden_dims", "32", "32", "32", "--latent_dim", "8", "--lr", str(AE_LR), "--val_fraction", "0.1",
-            "--progress", "False", "--device", "cpu"]
+            "--progress", "False", "--device", "cpu", "--precision", "fp32"]
 DIFFUSION_FLAGS = ["--lr_anneal_steps", "12", "--save_interval", "6", "--log_interval", "3", "--batch_size", "30",
                    "--microbatch", "7", "--hidden_dims", "32", "32", "16", "--label_key", "cell_type1",
                    "--label_key", "donor", "--p_uncond", "0.3", "--progress", "False", "--device", "cpu"]

@@ -1,4 +1,6 @@
 """The autoencoder's fast training path computes what the straightforward one computes."""
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -90,3 +92,23 @@ def test_heap_reuse_setting_is_accepted(enabled):
         has_glibc = False
     assert reuse_freed_memory(enabled) == has_glibc
     reuse_freed_memory(False)
+
+
+def test_training_cli_precision_flag_bf16_trains_like_fp32(tmp_path, counts_h5ad):
+    from guided_diffusion.checkpoint import load_checkpoint
+    from VAE import VAE_train
+
+    def train(name, precision):
+        path = VAE_train.main(["--data_dir", str(counts_h5ad), "--save_dir", str(tmp_path / name), "--progress",
+                               "False", "--batch_size", "32", "--hidden_dims", "64", "--max_steps", "20",
+                               "--precision", precision])
+        with open(tmp_path / name / "train_log.csv") as stream:
+            last = list(csv.DictReader(stream))[-1]
+        return load_checkpoint(path), float(last["val_loss"])
+
+    (fp32, fp32_loss), (bf16, bf16_loss) = train("fp32", "fp32"), train("bf16", "bf16")
+    assert fp32["train_config"]["precision"] == "fp32" and bf16["train_config"]["precision"] == "bf16"
+    assert fp32["model_config"] == bf16["model_config"]  # the checkpoint does not depend on the precision
+    weights = [(a, bf16["state_dict"][name]) for name, a in fp32["state_dict"].items() if a.is_floating_point()]
+    assert any(not torch.equal(a, b) for a, b in weights)  # bf16 matmuls did run
+    assert abs(bf16_loss - fp32_loss) < 0.02 * fp32_loss  # held-out NB loss after the same steps
