@@ -33,7 +33,8 @@ def build_parser():
     parser.add_argument("--train", required=True, help="the real cells the model was trained on (.h5ad)")
     parser.add_argument("--heldout", required=True, help="real cells the model did not see (.h5ad)")
     parser.add_argument("--generated", required=True, help="generated cells (.h5ad written by the sampler)")
-    parser.add_argument("--label_key", default=DEFAULT_LABEL_KEY, help="obs column with the labels (default: %(default)s)")
+    parser.add_argument("--label_key", default=DEFAULT_LABEL_KEY,
+                        help="obs column with the labels (default: %(default)s)")
     parser.add_argument("--out", required=True, help="folder for usefulness.json and usefulness.md")
     parser.add_argument("--layer", default="", help="layer of --train and --heldout ('raw' reads adata.raw)")
     parser.add_argument("--input_is_log", type=str2bool, default=False,
@@ -44,7 +45,8 @@ def build_parser():
     parser.add_argument("--rare_max_cells", type=positive_int, default=30,
                         help="a label with fewer training cells than this is rare (default: %(default)s)")
     parser.add_argument("--seeds", type=positive_int, default=5, help="bootstrap seeds (default: %(default)s)")
-    parser.add_argument("--controls", type=str2bool, default=True, help="also score the memorizer and collapsed controls")
+    parser.add_argument("--controls", type=str2bool, default=True,
+                        help="also score the memorizer and collapsed controls")
     parser.add_argument("--n_hvg", type=positive_int, default=2000, help="variable genes of the features")
     parser.add_argument("--n_pcs", type=positive_int, default=50, help="principal components of the features")
     parser.add_argument("--max_cells", type=positive_int, default=20000, help="subsample each file to this many cells")

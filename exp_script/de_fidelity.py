@@ -5,8 +5,9 @@ on the real reference cells and on the compared cells, each label against the re
 with condition keys, one condition value against another within one label (e.g. donor A vs donor B within
 beta cells). Per comparison:
 
-* ``lfc_pearson`` / ``lfc_spearman``: correlation of the real and compared log2 fold changes over the
-  union of each side's top ``TOP_GENES`` genes (ranked by |score|, both directions);
+* ``lfc_pearson`` / ``lfc_spearman``: correlation of the real and compared log2 fold changes (clipped at
+  +-``LFC_LIMIT``) over the union of each side's top ``TOP_GENES`` genes (ranked by |score|, both
+  directions);
 * ``top50_precision``: share of the compared side's top ``PRECISION_GENES`` up-regulated genes that are
   among the real side's;
 * ``sign_agreement``: share of the union genes whose fold change has the same sign on both sides.
@@ -21,6 +22,7 @@ from scipy import stats
 TOP_GENES = 100
 PRECISION_GENES = 50
 CONDITION_MIN_CELLS = 10  # a within-type condition pair needs this many cells per side, on both sides
+LFC_LIMIT = 10.0  # scanpy's fold change of a gene absent from one side is about +-30 (its 1e-9 pseudocount)
 
 
 def rank_genes(expression, groups, genes, group_names, reference="rest", method="t-test"):
@@ -42,7 +44,9 @@ def rank_genes(expression, groups, genes, group_names, reference="rest", method=
         table = pd.DataFrame({"score": np.asarray(result["scores"][group], dtype=np.float64),
                               "lfc": np.asarray(result["logfoldchanges"][group], dtype=np.float64)},
                              index=np.asarray(result["names"][group], dtype=str))
-        tables[group] = table.replace([np.inf, -np.inf], np.nan).fillna(0.0)
+        table = table.replace([np.inf, -np.inf], np.nan).fillna(0.0)
+        table["lfc"] = table["lfc"].clip(-LFC_LIMIT, LFC_LIMIT)
+        tables[group] = table
     return tables
 
 

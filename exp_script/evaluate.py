@@ -90,7 +90,8 @@ def main(argv=None):
     settings = EvaluationSettings(seed=args.seed, min_cells=args.min_cells, n_hvg=args.n_hvg, n_pcs=args.n_pcs,
                                   marker_genes=args.marker_genes, max_cells=args.max_cells,
                                   metrics=tuple(args.metrics), plots=args.plots, controls=args.controls,
-                                  condition_min_cells=args.condition_min_cells, rare_max_cells=args.rare_max_cells, augmentation_seeds=args.augmentation_seeds)
+                                  condition_min_cells=args.condition_min_cells, rare_max_cells=args.rare_max_cells,
+                                  augmentation_seeds=args.augmentation_seeds)
     log = (lambda message: print(message, file=sys.stderr, flush=True)) if args.progress else None
     results = evaluate(args.real, args.generated, args.label_key, args.out, layer=args.layer,
                        input_is_log=args.input_is_log, filters=args.filter, settings=settings, log=log,

@@ -3,7 +3,7 @@ both negative controls, the DE-fidelity, novelty and usefulness checks, warnings
 import numpy as np
 import pandas as pd
 
-from .de_fidelity import PRECISION_GENES, TOP_GENES
+from .de_fidelity import LFC_LIMIT, PRECISION_GENES, TOP_GENES
 from .eval_settings import CLASSIFIER_METRICS, METRIC_INFO, METRICS, NEGATIVE_CONTROLS, SECTION_TITLES
 from .novelty import PASS_FRACTION, PERCENTILE
 
@@ -142,7 +142,8 @@ def _per_label(results):
         for label in labels["evaluated"]:
             generated, control = results["generated"]["per_label"][label], results[positive]["per_label"][label]
             cells = [f"{_number(generated.get(name))} ({_number(control.get(name))})" for name in names]
-            lines.append(f"| {label} | {generated['n_reference']}/{generated['n_compared']} | " + " | ".join(cells) + " |")
+            lines.append(f"| {label} | {generated['n_reference']}/{generated['n_compared']} | "
+                         + " | ".join(cells) + " |")
     else:
         lines.append("No label has enough cells on every side.")
     if labels["skipped"]:
@@ -164,7 +165,8 @@ def _conditions(results):
              f"Log2 fold changes of one condition value against another within one label (pairs with at least "
              f"{results['settings']['condition_min_cells']} cells per side in the reference half and in the "
              f"compared set), Pearson correlation real vs compared.", "",
-             "| key | pair | " + " | ".join(SECTION_TITLES[s] for s in sections) + " |", "|---" * (len(sections) + 2) + "|"]
+             "| key | pair | " + " | ".join(SECTION_TITLES[s] for s in sections) + " |",
+             "|---" * (len(sections) + 2) + "|"]
     for key in keys:
         for pair, figures in results["generated"].get("condition_effects", {}).get(key, {}).items():
             values = [_number(results[s].get("condition_effects", {}).get(key, {}).get(pair, {}).get("lfc_pearson"))
@@ -202,7 +204,8 @@ def usefulness_lines(useful):
              "Train on one source, test on held-out real cells:", "", "| trained on | cells | accuracy | macro-F1 |",
              "|---|---|---|---|"]
     for name, figures in useful["train_on_synthetic"].items():
-        lines.append(f"| {name} | {figures['cells']} | {_number(figures['accuracy'])} | {_number(figures['macro_f1'])} |")
+        lines.append(f"| {name} | {figures['cells']} | {_number(figures['accuracy'])} | "
+                     f"{_number(figures['macro_f1'])} |")
     augmentation = useful["augmentation"]
     rare = augmentation["rare_labels"]
     lines += ["", f"Rare-type augmentation: labels with fewer than {augmentation['rare_max_cells']} training cells "
@@ -239,8 +242,9 @@ def _method(results):
             f"- Markers: top {settings['marker_top_n']} Wilcoxon genes per label among the "
             f"{settings['marker_genes'] or 'all'} most variable genes, evaluated labels only.",
             f"- DE fidelity: scanpy rank_genes_groups ({settings['de_method']}) on log-normalized values, one label "
-            f"against the rest, on each side separately; log2 fold changes over the union of both sides' top "
-            f"{TOP_GENES} genes by |score|; precision of the compared top {PRECISION_GENES} up-regulated genes.",
+            f"against the rest, on each side separately; log2 fold changes (clipped at ±{LFC_LIMIT:g}) over the "
+            f"union of both sides' top {TOP_GENES} genes by |score|; precision of the compared top "
+            f"{PRECISION_GENES} up-regulated genes.",
             f"- MMD: RBF kernels with widths 0.25–4 × the reference's median squared distance; at most "
             f"{settings['mmd_max_cells']} cells per side.", ""]
 

@@ -89,7 +89,8 @@ def split_file(data_dir, out, label_key=DEFAULT_LABEL_KEY, heldout_fraction=0.2,
 def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_dir", required=True, help="the .h5ad file to split")
-    parser.add_argument("--label_key", default=DEFAULT_LABEL_KEY, help="obs column to stratify by (default: %(default)s)")
+    parser.add_argument("--label_key", default=DEFAULT_LABEL_KEY,
+                        help="obs column to stratify by (default: %(default)s)")
     parser.add_argument("--out", required=True, help="folder for train.h5ad, heldout.h5ad and split.csv")
     parser.add_argument("--heldout_fraction", type=fraction, default=0.2,
                         help="share of each label held out (default: %(default)s)")
