@@ -5,9 +5,9 @@ on the real reference cells and on the compared cells, each label against the re
 with condition keys, one condition value against another within one label (e.g. donor A vs donor B within
 beta cells). Per comparison:
 
-* ``lfc_pearson`` / ``lfc_spearman``: correlation of the real and compared log2 fold changes (clipped at
-  +-``LFC_LIMIT``) over the union of each side's top ``TOP_GENES`` genes (ranked by |score|, both
-  directions);
+* ``lfc_pearson`` / ``lfc_spearman``: correlation of the real and compared log2 fold changes (pseudocount
+  1 on the normalized scale, see :func:`rank_genes`) over the union of each side's top ``TOP_GENES`` genes
+  (ranked by |score|, both directions);
 * ``top50_precision``: share of the compared side's top ``PRECISION_GENES`` up-regulated genes that are
   among the real side's;
 * ``sign_agreement``: share of the union genes whose fold change has the same sign on both sides.
@@ -22,31 +22,35 @@ from scipy import stats
 TOP_GENES = 100
 PRECISION_GENES = 50
 CONDITION_MIN_CELLS = 10  # a within-type condition pair needs this many cells per side, on both sides
-LFC_LIMIT = 10.0  # scanpy's fold change of a gene absent from one side is about +-30 (its 1e-9 pseudocount)
 
 
 def rank_genes(expression, groups, genes, group_names, reference="rest", method="t-test"):
-    """{group: DataFrame(gene -> score, lfc)} from scanpy's rank_genes_groups over all genes."""
+    """{group: DataFrame(gene -> score, lfc)}: scanpy's rank_genes_groups scores over all genes, and
+    log2 fold changes with a pseudocount of 1 on the normalized scale (as Seurat's avg_log2FC):
+    log2(mean(expm1(x_group)) + 1) - log2(mean(expm1(x_other)) + 1). scanpy's own fold change adds
+    1e-9 instead, so a gene absent from a small group gets about -30 and dominates a correlation."""
     import scanpy as sc
 
-    obs = pd.DataFrame({"group": pd.Categorical(np.asarray(groups, dtype=str))},
-                       index=[f"cell{i}" for i in range(len(groups))])
-    adata = anndata.AnnData(X=np.asarray(expression, dtype=np.float32), obs=obs,
-                            var=pd.DataFrame(index=list(genes)))
+    expression = np.asarray(expression, dtype=np.float32)
+    groups = np.asarray(groups, dtype=str)
+    obs = pd.DataFrame({"group": pd.Categorical(groups)}, index=[f"cell{i}" for i in range(len(groups))])
+    adata = anndata.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=list(genes)))
     adata.uns["log1p"] = {"base": None}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sc.tl.rank_genes_groups(adata, "group", groups=list(group_names), reference=reference, method=method,
                                 n_genes=adata.n_vars, pts=False)
     result = adata.uns["rank_genes_groups"]
+    linear = np.expm1(expression.astype(np.float64))
     tables = {}
     for group in group_names:
-        table = pd.DataFrame({"score": np.asarray(result["scores"][group], dtype=np.float64),
-                              "lfc": np.asarray(result["logfoldchanges"][group], dtype=np.float64)},
-                             index=np.asarray(result["names"][group], dtype=str))
-        table = table.replace([np.inf, -np.inf], np.nan).fillna(0.0)
-        table["lfc"] = table["lfc"].clip(-LFC_LIMIT, LFC_LIMIT)
-        tables[group] = table
+        inside = groups == group
+        other = ~inside if reference == "rest" else groups == reference
+        lfc = np.log2(linear[inside].mean(axis=0) + 1.0) - np.log2(linear[other].mean(axis=0) + 1.0)
+        scores = pd.Series(np.asarray(result["scores"][group], dtype=np.float64),
+                           index=np.asarray(result["names"][group], dtype=str))
+        table = pd.DataFrame({"score": scores.reindex(list(genes)).to_numpy(), "lfc": lfc}, index=list(genes))
+        tables[group] = table.replace([np.inf, -np.inf], np.nan).fillna(0.0)
     return tables
 
 

@@ -63,11 +63,13 @@ def json_ready(value, depth=0):
         return str(value)
     if isinstance(value, dict):
         return {str(key): json_ready(item, depth + 1) for key, item in value.items()}
-    if isinstance(value, (np.ndarray, list, tuple, pd.Series, pd.Index)):
-        array = np.asarray(value, dtype=object) if isinstance(value, (list, tuple)) else np.asarray(value)
-        if array.size > 100 and not isinstance(value, (list, tuple)):
-            return f"<array shape={array.shape} dtype={array.dtype}>"
+    if isinstance(value, (list, tuple)):
         return [json_ready(item, depth + 1) for item in value]
+    if isinstance(value, (np.ndarray, pd.Series, pd.Index)):
+        array = np.asarray(value)
+        if array.size > 100:  # e.g. per-cell arrays in a file's uns: summarized, not copied
+            return f"<array shape={array.shape} dtype={array.dtype}>"
+        return [json_ready(item, depth + 1) for item in array.tolist()]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not np.isfinite(value):

@@ -3,7 +3,7 @@ both negative controls, the DE-fidelity, novelty and usefulness checks, warnings
 import numpy as np
 import pandas as pd
 
-from .de_fidelity import LFC_LIMIT, PRECISION_GENES, TOP_GENES
+from .de_fidelity import PRECISION_GENES, TOP_GENES
 from .eval_settings import CLASSIFIER_METRICS, METRIC_INFO, METRICS, NEGATIVE_CONTROLS, SECTION_TITLES
 from .novelty import PASS_FRACTION, PERCENTILE
 
@@ -242,9 +242,9 @@ def _method(results):
             f"- Markers: top {settings['marker_top_n']} Wilcoxon genes per label among the "
             f"{settings['marker_genes'] or 'all'} most variable genes, evaluated labels only.",
             f"- DE fidelity: scanpy rank_genes_groups ({settings['de_method']}) on log-normalized values, one label "
-            f"against the rest, on each side separately; log2 fold changes (clipped at ±{LFC_LIMIT:g}) over the "
-            f"union of both sides' top {TOP_GENES} genes by |score|; precision of the compared top "
-            f"{PRECISION_GENES} up-regulated genes.",
+            f"against the rest, on each side separately; log2 fold changes (pseudocount 1 on the normalized scale, "
+            f"as Seurat's avg_log2FC) over the union of both sides' top {TOP_GENES} genes by |score|; precision "
+            f"of the compared top {PRECISION_GENES} up-regulated genes.",
             f"- MMD: RBF kernels with widths 0.25–4 × the reference's median squared distance; at most "
             f"{settings['mmd_max_cells']} cells per side.", ""]
 
