@@ -7,6 +7,8 @@ of the real cells for the positive control).
 """
 import contextlib
 import logging
+import os
+import tempfile
 import warnings
 
 import numpy as np
@@ -193,6 +195,10 @@ def _quiet_celltypist():
     caller's logging as it was and silence celltypist's own messages."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    # celltypist creates its model folder (~/.celltypist) at import; the evaluation trains its own
+    # models and downloads none, so unless the user chose a folder, point it at a temporary one
+    user = getattr(os, "getuid", lambda: "user")()
+    os.environ.setdefault("CELLTYPIST_FOLDER", os.path.join(tempfile.gettempdir(), f"cfdiffusion-celltypist-{user}"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import celltypist  # noqa: F401  (imported here for its logging side effect)

@@ -1,6 +1,6 @@
 r"""Encode real cells and decode them again: the autoencoder's ceiling, scored like generated cells.
 
-    python exp_script/reconstruct.py --vae_path checkpoint/demo/autoencoder/model_seed=0_step=600.pt \
+    python exp_script/reconstruct.py --vae_path checkpoint/demo/latest/autoencoder/model_seed=0_step=600.pt \
         --data_dir dataset/baron_human.h5ad --out output/reconstruction.h5ad
     python exp_script/evaluate.py --real dataset/baron_human.h5ad --generated output/reconstruction.h5ad \
         --out output/reconstruction_evaluation

@@ -1,0 +1,117 @@
+r"""Split an .h5ad into training and held-out cells, stratified by label, seeded, reusable.
+
+    python exp_script/split.py --data_dir dataset/baron_human.h5ad --label_key cell_type1 \
+        --out checkpoint/split --heldout_fraction 0.2 --seed 0
+
+Writes OUT/train.h5ad, OUT/heldout.h5ad and OUT/split.csv (one row per cell: its name, label and
+"train" or "heldout"); each file is written under a temporary name and renamed when complete. Every
+label keeps its share on both sides (a label with one cell stays in training). ``--from_split
+split.csv`` applies a saved split again instead of drawing one.
+"""
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from guided_diffusion.atomic import atomic_output  # noqa: E402
+from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, check_writable_dir, command,  # noqa: E402
+                                  fraction)
+from guided_diffusion.data import DEFAULT_LABEL_KEY, read_h5ad  # noqa: E402
+
+SIDES = ("train", "heldout")
+
+
+def stratified_split(labels, heldout_fraction, seed):
+    """Boolean mask of held-out cells: per label, round(fraction x count) cells, never all of them."""
+    labels = np.asarray(labels, dtype=str)
+    rng = np.random.default_rng([seed, 11])
+    heldout = np.zeros(len(labels), dtype=bool)
+    for label in sorted(set(labels)):
+        members = np.flatnonzero(labels == label)
+        count = min(int(round(heldout_fraction * len(members))), len(members) - 1)
+        heldout[rng.choice(members, count, replace=False)] = True
+    return heldout
+
+
+def _read_saved_split(path, adata):
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (OSError, ValueError) as error:
+        raise UsageError(f"cannot read the split file {path}: {error}") from error
+    if not {"cell", "side"} <= set(table.columns):
+        raise UsageError(f"{path} is not a split file (needs the columns cell and side)")
+    sides = dict(zip(table["cell"], table["side"]))
+    names = list(map(str, adata.obs_names))
+    missing = [name for name in names if name not in sides]
+    if missing:
+        raise UsageError(f"{len(missing)} cells of the data are not in {path} (first: {missing[0]}); "
+                         f"the split was made for another file")
+    unknown = sorted(set(sides.values()) - set(SIDES))
+    if unknown:
+        raise UsageError(f"{path} has sides {', '.join(unknown)}; expected train or heldout")
+    return np.array([sides[name] == "heldout" for name in names])
+
+
+def split_file(data_dir, out, label_key=DEFAULT_LABEL_KEY, heldout_fraction=0.2, seed=0, from_split=None):
+    """Write OUT/train.h5ad, OUT/heldout.h5ad and OUT/split.csv; returns the paths."""
+    adata = read_h5ad(data_dir)
+    if label_key not in adata.obs.columns:
+        raise UsageError(f"label key {label_key!r} not in {data_dir}'s obs; available columns: "
+                         f"{', '.join(map(str, adata.obs.columns)) or '(none)'}")
+    if adata.obs[label_key].isna().any():
+        raise UsageError(f"label key {label_key!r} is missing for {int(adata.obs[label_key].isna().sum())} cells")
+    if not adata.obs_names.is_unique:
+        raise UsageError(f"{data_dir} has duplicate cell names; make them unique (adata.obs_names_make_unique())")
+    labels = adata.obs[label_key].astype(str).to_numpy()
+    heldout = _read_saved_split(from_split, adata) if from_split else stratified_split(labels, heldout_fraction,
+                                                                                       seed)
+    if not heldout.any():
+        raise UsageError(f"the split holds out no cells (--heldout_fraction {heldout_fraction}, "
+                         f"{adata.n_obs} cells); raise the fraction")
+    paths = {side: os.path.join(out, f"{side}.h5ad") for side in SIDES}
+    paths["split"] = os.path.join(out, "split.csv")
+    os.makedirs(out, exist_ok=True)
+    for side, rows in (("train", ~heldout), ("heldout", heldout)):
+        with atomic_output(paths[side]) as temporary:
+            adata[rows].copy().write_h5ad(temporary)
+    table = pd.DataFrame({"cell": adata.obs_names.astype(str), "label": labels,
+                          "side": np.where(heldout, "heldout", "train")})
+    with atomic_output(paths["split"]) as temporary:
+        table.to_csv(temporary, index=False)
+    return paths, table
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data_dir", required=True, help="the .h5ad file to split")
+    parser.add_argument("--label_key", default=DEFAULT_LABEL_KEY,
+                        help="obs column to stratify by (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="folder for train.h5ad, heldout.h5ad and split.csv")
+    parser.add_argument("--heldout_fraction", type=fraction, default=0.2,
+                        help="share of each label held out (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split (default: %(default)s)")
+    parser.add_argument("--from_split", default=None, help="apply this saved split.csv instead of drawing one")
+    add_debug_arg(parser)
+    return parser
+
+
+@command
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    check_writable_dir(args.out, "--out")
+    paths, table = split_file(args.data_dir, args.out, args.label_key, args.heldout_fraction, args.seed,
+                              args.from_split)
+    counts = table["side"].value_counts()
+    print(f"train: {counts.get('train', 0)} cells -> {paths['train']}")
+    print(f"heldout: {counts.get('heldout', 0)} cells -> {paths['heldout']}")
+    print(f"split: {paths['split']}")
+    return paths
+
+
+if __name__ == "__main__":
+    main()
