@@ -29,7 +29,6 @@ class UsefulnessSettings:
     n_pcs: int = 50
     rare_max_cells: int = 30  # "few": a label with fewer training cells than this is rare
     seeds: int = 5
-    max_iter: int = 1000
 
 
 def fit_classifier(features, labels, seed):
