@@ -18,7 +18,6 @@ from guided_diffusion.cli import UsageError
 from guided_diffusion.data import load_dataset, read_h5ad
 
 GENERATED_MAX_VALUE = 20.0  # log1p of normalize_total(1e4) cannot exceed ~9.2; far above means counts
-LOG_MAX_VALUE = GENERATED_MAX_VALUE  # integer values above this, declared log-normalized, are counts
 MIN_SHARED_GENES = 50  # fewer shared genes (unless the real file has fewer genes in all) is refused
 SHARED_GENES_WARNING_FRACTION = 0.5  # sharing less than this share of either file's genes is a warning
 
@@ -90,33 +89,23 @@ def _describe_negative(source):
             f"log1p(normalize_total) values (negative values are not clipped)")
 
 
-def read_cells(source, label_keys, filters=None, allow_integer_log=False):
-    """Load one file with the project loader; errors name the file and its role."""
+def read_cells(source, label_keys, filters=None, allow_count_like_log=False):
+    """Load one file with the project loader (which also refuses counts declared log-normalized, unless
+    ``allow_count_like_log``); errors name the file and its role."""
     try:
         dataset = load_dataset(str(source.path), label_keys=list(label_keys), layer=source.layer,
-                               input_is_log=source.input_is_log, filters=filters)
+                               input_is_log=source.input_is_log, filters=filters,
+                               allow_count_like_log=allow_count_like_log)
     except UsageError as error:
         if "negative values" in str(error):
             raise UsageError(_describe_negative(source)) from error
         if str(source.path) in str(error):
             raise
-        raise UsageError(f"{source.role} file {source.path}: {error}") from error
-    if source.input_is_log and not allow_integer_log:
-        _refuse_counts_declared_log(dataset.matrix, source)
+        message = str(error)
+        if source.role == "generated":
+            message = message.replace("--input_is_log", "--generated_input_is_log")
+        raise UsageError(f"{source.role} file {source.path}: {message}") from error
     return dataset
-
-
-def _refuse_counts_declared_log(matrix, source):
-    values = matrix.data if hasattr(matrix, "data") else np.asarray(matrix).ravel()
-    if values.size == 0:
-        return
-    largest = float(values.max())
-    if largest > LOG_MAX_VALUE and np.all(values == np.round(values)):
-        flag = {"real": "--input_is_log", "generated": "--generated_input_is_log",
-                "train": "--input_is_log"}[source.role]
-        raise UsageError(f"{source.path} ({source.role}) is declared log-normalized ({flag} True) but holds only "
-                         f"integers up to {largest:.0f}: it looks like raw counts; drop {flag} True, or pass "
-                         f"--allow_integer_log True if these really are log values")
 
 
 def read_uns(path):
@@ -180,7 +169,7 @@ def _check_generated_range(values, source):
 
 def load_evaluation_data(real_path, generated_path, label_key, layer="", input_is_log=False,
                          filters=None, max_cells=20000, seed=0, generated_layer="", generated_input_is_log=True,
-                         train_path=None, condition_keys=(), allow_integer_log=False, warn=None):
+                         train_path=None, condition_keys=(), allow_count_like_log=False, warn=None):
     """Read every file and keep the genes real and generated share (in the real file's order)."""
     found_warnings = []
 
@@ -192,12 +181,12 @@ def load_evaluation_data(real_path, generated_path, label_key, layer="", input_i
     keys = [label_key, *condition_keys]
     real_source = InputFile(str(real_path), layer, input_is_log, "real")
     generated_source = InputFile(str(generated_path), generated_layer, generated_input_is_log, "generated")
-    real_set = read_cells(real_source, keys, filters, allow_integer_log)
-    generated_set = read_cells(generated_source, keys, None, allow_integer_log)
+    real_set = read_cells(real_source, keys, filters, allow_count_like_log)
+    generated_set = read_cells(generated_source, keys, None, allow_count_like_log)
     train_set = None
     if train_path:
         train_source = InputFile(str(train_path), layer, input_is_log, "train")
-        train_set = read_cells(train_source, keys, filters, allow_integer_log)
+        train_set = read_cells(train_source, keys, filters, allow_count_like_log)
 
     real_columns, generated_columns = _shared_columns(real_set.genes, generated_set.genes, real_source,
                                                       generated_source, record)

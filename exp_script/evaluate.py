@@ -45,9 +45,9 @@ def add_input_args(parser):
     parser.add_argument("--generated_input_is_log", type=str2bool, default=True,
                         help="False if the generated values are raw counts (default: log-normalized, "
                              "the sampler's X)")
-    parser.add_argument("--allow_integer_log", type=str2bool, default=False,
-                        help="accept all-integer values above 20 declared log-normalized (refused by default: "
-                             "they look like counts)")
+    parser.add_argument("--allow_count_like_log", "--allow_integer_log", type=str2bool, default=False,
+                        help="accept values declared log-normalized that look like raw counts (all whole numbers, "
+                             "median cell total >= 100; refused by default)")
     parser.add_argument("--filter", action="append", default=[], metavar="KEY=V1[,V2]",
                         help="keep only real (and training) cells whose obs[KEY] is one of the values; repeatable")
 
@@ -97,7 +97,7 @@ def main(argv=None):
                        input_is_log=args.input_is_log, filters=args.filter, settings=settings, log=log,
                        train_path=args.train, generated_layer=args.generated_layer,
                        generated_input_is_log=args.generated_input_is_log, condition_keys=args.condition_key,
-                       allow_integer_log=args.allow_integer_log)
+                       allow_count_like_log=args.allow_count_like_log)
     print(metrics_table(results).to_string(float_format=lambda value: f"{value:.4f}"))
     print(f"report: {os.path.join(args.out, 'report.md')}")
     return results

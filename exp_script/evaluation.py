@@ -100,7 +100,7 @@ def write_plots(data, prepared, results, settings, out_dir, progress):
 
 def evaluate(real_path, generated_path, label_key, out_dir, layer="", input_is_log=False, filters=None,
              settings=None, log=log_to_stderr, train_path=None, generated_layer="", generated_input_is_log=True,
-             condition_keys=(), allow_integer_log=False, warn=warn_to_stderr):
+             condition_keys=(), allow_count_like_log=False, warn=warn_to_stderr):
     """Evaluate ``generated_path`` against ``real_path`` (and ``train_path``, the model's training cells);
     write metrics.json, report.md and plots into ``out_dir``. Every input is read and checked before
     anything in ``out_dir`` is touched; metrics.json is written last (temp file + rename), so its
@@ -116,7 +116,7 @@ def evaluate(real_path, generated_path, label_key, out_dir, layer="", input_is_l
                                 filters=filters, max_cells=settings.max_cells, seed=settings.seed,
                                 generated_layer=generated_layer, generated_input_is_log=generated_input_is_log,
                                 train_path=train_path, condition_keys=tuple(condition_keys),
-                                allow_integer_log=allow_integer_log, warn=warn)
+                                allow_count_like_log=allow_count_like_log, warn=warn)
     check_enough_generated(data, settings)
     results, prepared = run_comparisons(data, settings, progress=progress)
     for message in few_cells_warnings(results, settings):

@@ -260,7 +260,7 @@ def test_inputs_that_would_give_wrong_figures_are_refused(study, tmp_path, capsy
     else:
         path = write_log(tmp_path / "g.h5ad", values, types)
         args = ["--real", study["heldout"], "--input_is_log", "True", "--out", tmp_path / "out", "--progress", "False"]
-        expected = "is declared log-normalized (--input_is_log True) but holds only integers"
+        expected = "--input_is_log True, but the values look like raw counts"
     refused(capsys, args + ["--generated", path], expected)
     assert not (tmp_path / "out").exists()
 
@@ -293,7 +293,7 @@ def test_two_raw_count_files_and_warnings_in_metrics(study, tmp_path, capsys):
 def test_integer_log_override_is_accepted(study, tmp_path):
     counts, types, _ = draw({"alpha": 20, "beta": 20}, seed=12)
     path = write_log(tmp_path / "g.h5ad", log_normalize(counts), types)
-    result = evaluate_main(["--real", study["data"], "--input_is_log", "True", "--allow_integer_log", "True",
+    result = evaluate_main(["--real", study["data"], "--input_is_log", "True", "--allow_count_like_log", "True",
                             "--generated", path, "--out", str(tmp_path / "out"), "--progress", "False",
                             "--plots", "False", "--metrics", "scc", "--controls", "False"])
     assert result["inputs"]["real"]["input_is_log"]
