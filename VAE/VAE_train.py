@@ -7,21 +7,16 @@ Several processes (--batch_size stays the global batch): torchrun --nproc_per_no
 or mpiexec -n N python VAE/VAE_train.py ...; files larger than memory: --backed True (see docs/scaling.md).
 """
 import argparse
-import os
-import sys
 
-if __package__ in (None, ""):  # run as a script, from the project root or from inside VAE/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, add_device_arg, command,  # noqa: E402
+from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, add_device_arg, command,
                                   fraction, non_negative_float, non_negative_int, positive_float, positive_int,
                                   str2bool)
-from guided_diffusion.data import add_data_args  # noqa: E402
-from guided_diffusion.dist_util import setup_distributed  # noqa: E402
-from guided_diffusion.threads import add_threads_arg, apply_thread_flags  # noqa: E402
-from guided_diffusion.training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig,  # noqa: E402
+from guided_diffusion.data import add_data_args
+from guided_diffusion.dist_util import setup_distributed
+from guided_diffusion.threads import add_threads_arg, apply_thread_flags
+from guided_diffusion.training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig,
                                               DataConfig, from_flags, settings_worded_as_flags)
-from VAE.autoencoder_training import train_autoencoder  # noqa: E402
+from VAE.autoencoder_training import train_autoencoder
 
 
 def build_parser():

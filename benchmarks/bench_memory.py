@@ -29,9 +29,8 @@ import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
 
-from guided_diffusion.data import DEFAULT_BLOCK_ROWS, BlockShuffledSampler, load_dataset  # noqa: E402
+from guided_diffusion.data import DEFAULT_BLOCK_ROWS, BlockShuffledSampler, load_dataset
 
 N_TYPES = 10
 LATENT_DIM = 128

@@ -18,23 +18,21 @@ per-condition projections are not counted (they are amortised, or waste in the r
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
 
-from guided_diffusion.cell_model import CellUNet  # noqa: E402
-from guided_diffusion.feature_cache import refresh_schedule  # noqa: E402
-from guided_diffusion.respace import create_diffusion  # noqa: E402
-from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, resolve_settings, sample_latents,  # noqa: E402
+from guided_diffusion.cell_model import CellUNet
+from guided_diffusion.feature_cache import refresh_schedule
+from guided_diffusion.respace import create_diffusion
+from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, resolve_settings, sample_latents,
                                        write_decoded_h5ad)
-from VAE.VAE_model import VAE, Autoencoder  # noqa: E402
-from guided_diffusion.data import Normalization  # noqa: E402
+from VAE.VAE_model import VAE, Autoencoder
+from guided_diffusion.data import Normalization
 
 NUM_GENES = 20125
 NUM_CLASSES = 14

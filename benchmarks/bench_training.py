@@ -25,23 +25,21 @@ the same batches and prints the held-out NB loss of both (evaluated in fp32).
 import argparse
 import os
 import statistics
-import sys
 import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-from benchmarks.bench_sampling import matmul_peak_gflops  # noqa: E402
-from guided_diffusion.data import load_dataset, make_batch_sampler, split_train_validation  # noqa: E402
-from guided_diffusion.heap_reuse import reuse_freed_memory  # noqa: E402
-from guided_diffusion.train_util import adamw  # noqa: E402
-from VAE.autoencoder_training import evaluate_reconstruction, output_bias  # noqa: E402
-from VAE.VAE_model import VAE, negative_binomial_nll  # noqa: E402
+from benchmarks.bench_sampling import matmul_peak_gflops
+from guided_diffusion.data import load_dataset, make_batch_sampler, split_train_validation
+from guided_diffusion.heap_reuse import reuse_freed_memory
+from guided_diffusion.optim import adamw
+from VAE.autoencoder_training import evaluate_reconstruction, output_bias
+from VAE.VAE_model import VAE, negative_binomial_nll
 
 
 def dense_negative_binomial_nll(log_mean, log_theta, counts):

@@ -13,19 +13,15 @@ the same checks when it is given --train.
 import argparse
 import json
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from exp_script.comparison import usefulness_check  # noqa: E402
-from exp_script.eval_inputs import json_ready, load_evaluation_data  # noqa: E402
-from exp_script.eval_settings import EvaluationSettings  # noqa: E402
-from exp_script.evaluation import write_atomic  # noqa: E402
-from exp_script.report import usefulness_lines  # noqa: E402
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, check_writable_dir, command,  # noqa: E402
+from exp_script.comparison import usefulness_check
+from exp_script.eval_inputs import json_ready, load_evaluation_data
+from exp_script.eval_settings import EvaluationSettings
+from exp_script.evaluation import write_atomic
+from exp_script.report import usefulness_lines
+from guided_diffusion.cli import (ArgumentParser, add_debug_arg, check_writable_dir, command,
                                   positive_int, str2bool)
-from guided_diffusion.data import DEFAULT_LABEL_KEY  # noqa: E402
+from guided_diffusion.data import DEFAULT_LABEL_KEY
 
 
 def build_parser():

@@ -17,13 +17,10 @@ import argparse
 import os
 import sys
 
-if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from exp_script.evaluation import METRICS, EvaluationSettings, evaluate, metrics_table  # noqa: E402
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, check_writable_dir, command,  # noqa: E402
+from exp_script.evaluation import METRICS, EvaluationSettings, evaluate, metrics_table
+from guided_diffusion.cli import (ArgumentParser, add_debug_arg, check_writable_dir, command,
                                   non_negative_int, positive_int, str2bool)
-from guided_diffusion.data import DEFAULT_LABEL_KEY  # noqa: E402
+from guided_diffusion.data import DEFAULT_LABEL_KEY
 
 
 def add_input_args(parser):

@@ -10,18 +10,14 @@ Writes an h5ad in the sampler's format (labels in obs). With a count autoencoder
 """
 import argparse
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, check_writable_dir,  # noqa: E402
+from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, check_writable_dir,
                                   command, resolve_device, str2bool)
-from guided_diffusion.data import add_data_args, dataset_from_args  # noqa: E402
-from guided_diffusion.sampling import OBSERVATIONS, resolve_observation, write_decoded_h5ad  # noqa: E402
-from VAE.VAE_model import load_autoencoder  # noqa: E402
+from guided_diffusion.data import add_data_args, dataset_from_args
+from guided_diffusion.sampling import OBSERVATIONS, resolve_observation, write_decoded_h5ad
+from VAE.VAE_model import load_autoencoder
 
 
 def build_parser():

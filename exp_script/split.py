@@ -10,18 +10,14 @@ split.csv`` applies a saved split again instead of drawing one.
 """
 import argparse
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import pandas as pd
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from guided_diffusion.atomic import atomic_output  # noqa: E402
-from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, check_writable_dir, command,  # noqa: E402
+from guided_diffusion.atomic import atomic_output
+from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, check_writable_dir, command,
                                   fraction)
-from guided_diffusion.data import DEFAULT_LABEL_KEY, read_h5ad  # noqa: E402
+from guided_diffusion.data import DEFAULT_LABEL_KEY, read_h5ad
 
 SIDES = ("train", "heldout")
 
