@@ -14,7 +14,6 @@ table beside the dense footprint N x G x 4 bytes. Not part of the test suite:
     python benchmarks/bench_memory.py                      # 20k and 200k cells x 5000 genes
     python benchmarks/bench_memory.py --sizes 20000 200000 1000000 --modes backed memory
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from anndata.io import sparse_dataset, write_elem
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.data import DEFAULT_BLOCK_ROWS, BlockShuffledSampler, load_dataset
 
 N_TYPES = 10
@@ -103,7 +103,7 @@ def loader_throughput(path, batch_size, n_batches):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[20000, 200000], help="cells per file")
     parser.add_argument("--genes", type=int, default=5000)
     parser.add_argument("--density", type=float, default=0.05, help="fraction of non-zero entries")

@@ -15,7 +15,6 @@ Useful FLOPs are counted from the model's shapes: 2 x multiply-adds of the main-
 cell per step (full or shallow pass, doubled for guidance) plus the decoder's; per-timestep and
 per-condition projections are not counted (they are amortised, or waste in the reference path).
 """
-import argparse
 import os
 import statistics
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.cell_model import CellUNet
 from guided_diffusion.feature_cache import refresh_schedule
 from guided_diffusion.respace import create_diffusion
@@ -108,7 +108,7 @@ def run_once(model, autoencoder, settings, n_cells, folder, totals):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--runs", type=int, default=3, help="runs per row (the median is reported)")
     parser.add_argument("--quick", action="store_true", help="skip the slow 1000-step rows")
     parser.add_argument("--cells", type=int, default=4096, help="cells per run for the fast rows")

@@ -22,7 +22,6 @@ gradients except the first layer's), against the fp32 and bf16 2048^3 matmul pea
 ``--quality_steps N`` then trains today's path and the adopted one N steps each from the same seed on
 the same batches and prints the held-out NB loss of both (evaluated in fp32).
 """
-import argparse
 import os
 import statistics
 import time
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.bench_sampling import matmul_peak_gflops
+from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.data import load_dataset, make_batch_sampler, split_train_validation
 from guided_diffusion.heap_reuse import reuse_freed_memory
 from guided_diffusion.optim import adamw
@@ -147,7 +147,7 @@ def train_for_quality(dataset, train_index, val_index, variant, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--runs", type=int, default=5, help="interleaved rounds (the median is reported)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per variant per round")

@@ -11,33 +11,7 @@ from . import controls
 from . import metrics as m
 from .eval_settings import EvaluationSettings
 from .eval_inputs import EvaluationData
-from .features import rank_variable_genes
-
-
-def split_real(labels, seed):
-    """Two halves of the real cells, stratified by label (odd counts give A the extra cell)."""
-    rng = np.random.default_rng([seed, 2])
-    reference, control = [], []
-    for label in sorted(set(labels)):
-        cells = rng.permutation(np.flatnonzero(labels == label))
-        half = (len(cells) + 1) // 2
-        reference.append(cells[:half])
-        control.append(cells[half:])
-    return np.sort(np.concatenate(reference)), np.sort(np.concatenate(control))
-
-
-def stratified_subsample(labels, count, rng):
-    """Sorted indices of ``count`` cells (all if there are fewer) keeping the label proportions:
-    each label gets its share rounded down, the cells left over go to the largest remainders."""
-    labels = np.asarray(labels)
-    if len(labels) <= count:
-        return np.arange(len(labels))
-    names, sizes = np.unique(labels, return_counts=True)
-    shares = sizes * (count / len(labels))
-    quotas = np.floor(shares).astype(int)
-    quotas[np.argsort(-(shares - quotas), kind="stable")[:count - quotas.sum()]] += 1
-    chosen = [rng.choice(np.flatnonzero(labels == name), quota, replace=False) for name, quota in zip(names, quotas)]
-    return np.sort(np.concatenate(chosen))
+from .features import rank_variable_genes, split_real, stratified_subsample
 
 
 @dataclass

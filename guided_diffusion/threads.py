@@ -55,6 +55,7 @@ def default_threads(processes_per_node=1):
 
 
 def _boolean(value):
+    """cli.str2bool's rule, repeated: this module runs before torch loads, so it cannot import cli (which imports torch)."""
     text = str(value).strip().lower()
     if text in ("true", "t", "yes", "y", "1"):
         return True
