@@ -37,8 +37,8 @@ from sklearn.decomposition import PCA  # noqa: E402
 from sklearn.metrics import pairwise_distances  # noqa: E402
 
 from exp_script import metrics  # noqa: E402
-from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells, out_of_fold_labels,  # noqa: E402
-                                         read_cells, variable_genes)
+from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,  # noqa: E402
+                                         out_of_fold_labels, read_cells, variable_genes)
 from guided_diffusion.atomic import atomic_output  # noqa: E402
 from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, command,  # noqa: E402
                                   positive_int, resolve_device, str2bool)

@@ -94,7 +94,8 @@ def test_only_the_prefixes_with_a_coefficient_run_in_one_batched_forward():
         guided_eps(model, x, t, cond, [1.0, 3.0])
     assert calls == [12]
     rows = guidance_batch(cond, (3, 2), [1.0, 3.0])
-    assert torch.equal(rows[4:8, 0], cond[:, 0]) and (rows[4:8, 1] == 2).all() and (rows[8:] == torch.tensor([3, 2])).all()
+    assert torch.equal(rows[:4], cond) and torch.equal(rows[4:8, 0], cond[:, 0]) and (rows[4:8, 1] == 2).all()
+    assert (rows[8:] == torch.tensor([3, 2])).all()
 
 
 def test_the_feature_cache_works_with_per_key_weights():
