@@ -30,6 +30,7 @@ if __package__ in (None, ""):  # run as a script, from the project root or from 
 import numpy as np  # noqa: E402
 from anndata import read_h5ad  # noqa: E402
 
+from exp_script.guidance_sweep import knn_auc  # noqa: E402
 from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,  # noqa: E402
                                          out_of_fold_labels, read_cells)
 from guided_diffusion.atomic import atomic_output  # noqa: E402
@@ -80,6 +81,9 @@ def donor_calls(real_x, real_obs, generated_x, generated_obs, type_key, donor_ke
     generated_type = (generated_obs[type_key] == cell_type).to_numpy()
     generated_donors = generated_obs[donor_key].to_numpy()
     called = classifier.predict(generated_x[generated_type]) if generated_type.any() else np.array([])
+    features = classifier[:-1]  # the classifier's own feature space: variable genes, standardized, PCA
+    real_features = features.transform(type_x)
+    generated_features = features.transform(generated_x[generated_type]) if generated_type.any() else None
     rows = []
     for each_donor in sorted(set(type_donors)):
         real_rows = type_donors == each_donor
@@ -93,6 +97,9 @@ def donor_calls(real_x, real_obs, generated_x, generated_obs, type_key, donor_ke
             if generated_rows.any() else None,
             # a donor-blind generator: this type's cells of the other donors, out of fold
             "donor_blind_called_this_donor": float(np.mean(out_of_fold[~real_rows] == each_donor)),
+            # fidelity: kNN real-vs-generated AUC of this combination's cells (0.5 = indistinguishable)
+            "knn_auc": knn_auc(real_features[real_rows], generated_features[generated_rows], seed)
+            if generated_rows.sum() >= 2 else None,
         })
     return rows, classifier
 
@@ -117,6 +124,7 @@ def summarize(rows, donor, blind_sample=None):
         "seen_generated_called_correctly_mean": float(np.mean([r["generated_called_correctly"] for r in seen]))
         if seen else None,
         "seen_real_called_correctly_mean": float(np.mean([r["real_called_correctly"] for r in seen])) if seen else None,
+        "held_out_knn_auc": held_out["knn_auc"],
         "passes_half_of_real": None if generated is None else bool(generated >= 0.5 * real),
     }
 
@@ -128,13 +136,14 @@ def render(result):
              "Donor classifier: logistic regression on PCA of the real cells of the type (all donors); real "
              "figures out of fold.", "",
              "| donor | held out | real cells | real called correctly | generated cells | generated called "
-             "correctly | donor-blind (other donors' real cells) called this donor |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "correctly | donor-blind (other donors' real cells) called this donor | kNN AUC generated vs real |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["donors"]:
         generated = "" if row["generated_called_correctly"] is None else f"{row['generated_called_correctly']:.3f}"
         lines.append(f"| {row['donor']} | {'yes' if row['held_out'] else ''} | {row['real_cells']} | "
                      f"{row['real_called_correctly']:.3f} | {row['generated_cells']} | {generated} | "
-                     f"{row['donor_blind_called_this_donor']:.3f} |")
+                     f"{row['donor_blind_called_this_donor']:.3f} | "
+                     f"{'' if row['knn_auc'] is None else format(row['knn_auc'], '.3f')} |")
     lines += ["", *(f"- {key}: {value if not isinstance(value, float) else f'{value:.3f}'}"
                     for key, value in summary.items())]
     return "\n".join(lines) + "\n"
