@@ -21,6 +21,7 @@ import argparse
 
 from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, check_writable_dir, command,
                                   non_negative_float, non_negative_int, positive_int, str2bool)
+from guided_diffusion.sampler_settings import parse_guide_w
 from guided_diffusion.sampling import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, PRECISIONS, SamplerSettings,
                                        SamplingRequest, sample_cells)
 from guided_diffusion.sampler_settings import SOLVERS
@@ -51,8 +52,10 @@ def build_parser():
     parser.add_argument("--num_samples", type=positive_int, default=1000, help="cells per condition")
     parser.add_argument("--batch_size", type=positive_int, default=DEFAULT_SETTINGS.batch_size,
                         help="cells per reverse-process batch (memory per step; results depend on it)")
-    parser.add_argument("--guide_w", type=float, default=DEFAULT_SETTINGS.guide_w,
-                        help="classifier-free guidance weight, finite, in [-1, 100] (typically 0 to 5)")
+    parser.add_argument("--guide_w", type=parse_guide_w, default=DEFAULT_SETTINGS.guide_w, metavar="W|KEY=W[,KEY=W]",
+                        help="classifier-free guidance weight, finite, in [-1, 100] (typically 0 to 5): one for every "
+                             "label key, or one per key (cell_type1=1,donor=2; keys not named get 0; nested "
+                             "per-key guidance, README section 3)")
     parser.add_argument("--use_ddim", type=str2bool, default=DEFAULT_SETTINGS.use_ddim,
                         help="DDIM instead of ancestral DDPM")
     parser.add_argument("--timestep_respacing", default=DEFAULT_SETTINGS.timestep_respacing,

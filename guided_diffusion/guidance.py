@@ -1,10 +1,33 @@
-"""Classifier-free guidance: null labels, label dropout for training, guided epsilon."""
+"""Classifier-free guidance: null labels, label dropout for training, guided epsilon.
 
-from typing import Optional, Sequence
+One weight ``w`` for every key is the usual classifier-free guidance,
+``eps = (1 + w)·eps(all keys) − w·eps(no key)``. Per-key weights ``w_1..w_K`` (label-key order) use the
+nested form the per-key label dropout makes possible (each key dropped independently in training, so the
+network predicts with any prefix of the keys conditioned)::
+
+    eps = eps(S_K) + Σ_k w_k·(eps(S_k) − eps(S_{k−1})),   S_k = the first k keys conditioned, S_0 = none
+
+The term of key k is what conditioning on key k adds given the keys before it (for cell type x donor:
+the donor's effect within the cell type). The differences telescope, so equal weights give exactly the
+single-weight formula; as a linear combination ``eps = Σ_j c_j·eps(S_j)`` the coefficients are
+``c_K = 1 + w_K``, ``c_j = w_j − w_{j+1}`` and ``c_0 = −w_1`` (they sum to 1), and only the prefixes with
+a non-zero coefficient are evaluated, all in one batched forward.
+"""
+
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .feature_cache import FeatureCache
+
+Weights = Union[float, Sequence[float]]
+SINGLE_WEIGHT_FORMULA = "eps = (1 + w) eps(all keys) - w eps(no key)"
+PER_KEY_FORMULA = "eps = eps(S_K) + sum_k w_k (eps(S_k) - eps(S_k-1)), S_k = the first k label keys conditioned"
+
+
+def guidance_formula(guide_w) -> str:
+    """The formula recorded in the output: per-key weights (a mapping or a sequence) use the nested form."""
+    return SINGLE_WEIGHT_FORMULA if isinstance(guide_w, (int, float)) else PER_KEY_FORMULA
 
 
 def null_condition(cond: torch.Tensor, condition_sizes: Sequence[int]) -> torch.Tensor:
@@ -29,46 +52,83 @@ def drop_conditions(
     return torch.where(uniform < p_uncond, null_condition(cond, condition_sizes), cond)
 
 
+def key_weights(guide_w: Weights, n_keys: int) -> List[float]:
+    """One weight per key: a single weight is repeated, a sequence must have one entry per key."""
+    if isinstance(guide_w, (int, float)):
+        return [float(guide_w)] * n_keys
+    weights = [float(w) for w in guide_w]
+    if len(weights) != n_keys:
+        raise ValueError(f"{len(weights)} guidance weights for {n_keys} label keys")
+    return weights
+
+
+def prefix_coefficients(weights: Sequence[float]) -> List[Tuple[int, float]]:
+    """The non-zero (prefix length j, coefficient c_j) of the nested guided epsilon, longest prefix first."""
+    n_keys = len(weights)
+    coefficients = [(n_keys, 1.0 + weights[-1])]
+    coefficients += [(j, weights[j - 1] - weights[j]) for j in range(n_keys - 1, 0, -1)]
+    coefficients.append((0, -weights[0]))
+    return [(prefix, c) for index, (prefix, c) in enumerate(coefficients) if index == 0 or c != 0]
+
+
+def prefix_condition(cond: torch.Tensor, condition_sizes: Sequence[int], prefix: int) -> torch.Tensor:
+    """``cond`` with every key from position ``prefix`` on set to its null value."""
+    if prefix == len(condition_sizes):
+        return cond
+    if prefix == 0:
+        return null_condition(cond, condition_sizes)
+    return torch.cat([cond[:, :prefix], null_condition(cond, condition_sizes)[:, prefix:]], dim=1)
+
+
+def guidance_batch(cond: torch.Tensor, condition_sizes: Sequence[int], guide_w: Weights = 1.0) -> torch.Tensor:
+    """The condition rows of one guided forward: one copy of ``cond`` per evaluated prefix, longest first
+    (for a single weight: the conditional rows, then their null copies)."""
+    terms = prefix_coefficients(key_weights(guide_w, len(condition_sizes)))
+    return torch.cat([prefix_condition(cond, condition_sizes, prefix) for prefix, _ in terms])
+
+
 def guided_eps(
     model,
     x: torch.Tensor,
     t: torch.Tensor,
     cond: torch.Tensor,
-    guide_w: float,
+    guide_w: Weights,
     cache: Optional[FeatureCache] = None,
     cond_scales=None,
 ) -> torch.Tensor:
-    """Classifier-free guided noise prediction (1 + w) * eps_cond - w * eps_uncond.
+    """Classifier-free guided noise prediction: ``(1 + w)·eps_cond − w·eps_uncond`` for one weight, the
+    nested per-key form (module docstring) for one weight per key.
 
-    The conditional and unconditional halves run as one doubled batch, so a
-    cache used here holds features for the doubled batch. With guide_w == 0
-    only the conditional pass runs and is returned unchanged.
+    Every evaluated conditioning runs in one stacked batch, so a cache used here holds features for the
+    stacked batch. With all weights 0 only the conditional pass runs and is returned unchanged.
     """
-    if guide_w == 0:
+    terms = prefix_coefficients(key_weights(guide_w, len(model.condition_sizes)))
+    if len(terms) == 1:
         return model(x, t, cond, cache=cache, cond_scales=cond_scales)
-    eps = model(torch.cat([x, x]), torch.cat([t, t]), guidance_batch(cond, model.condition_sizes),
-                cache=cache, cond_scales=cond_scales)
-    eps_cond, eps_uncond = eps.chunk(2)
-    return (1 + guide_w) * eps_cond - guide_w * eps_uncond
-
-
-def guidance_batch(cond: torch.Tensor, condition_sizes: Sequence[int]) -> torch.Tensor:
-    """The condition rows of one guided forward: the conditional rows, then their null copies."""
-    return torch.cat([cond, null_condition(cond, condition_sizes)])
+    copies = len(terms)
+    eps = model(torch.cat([x] * copies), torch.cat([t] * copies), guidance_batch(cond, model.condition_sizes, guide_w),
+                cache=cache, cond_scales=cond_scales).chunk(copies)
+    if copies == 2:  # one weight for all keys: exactly the classic expression
+        weight = -terms[1][1]
+        return (1 + weight) * eps[0] - weight * eps[1]
+    guided = terms[0][1] * eps[0]
+    for (_, coefficient), part in zip(terms[1:], eps[1:]):
+        guided = guided + coefficient * part
+    return guided
 
 
 def guided_eps_fn(
     model,
     cond: torch.Tensor,
-    guide_w: float,
+    guide_w: Weights,
     cache: Optional[FeatureCache] = None,
     refresh: Optional[Sequence[bool]] = None,
 ):
     """An ``eps_fn(x, t, step_index)`` for the diffusion samplers.
 
-    With a cache, ``refresh[step_index]`` (e.g. from ``refresh_schedule``)
-    decides whether the step runs a full pass; the cache branch is checked
-    against the model here, before sampling starts.
+    ``guide_w`` is one weight or one per label key (the model's key order). With a cache,
+    ``refresh[step_index]`` (e.g. from ``refresh_schedule``) decides whether the step runs a full pass;
+    the cache branch is checked against the model here, before sampling starts.
     """
     if cache is not None:
         if refresh is None:
@@ -76,13 +136,16 @@ def guided_eps_fn(
         model.validate_branch(cache.branch)
         if not refresh[0]:
             raise ValueError("the refresh schedule must refresh at step 0 to fill the cache")
+    weights = key_weights(guide_w, len(model.condition_sizes))
+    terms = prefix_coefficients(weights)
 
     # the condition projections do not depend on the step: compute them once for the whole loop
-    cond_scales = model.condition_scales(cond if guide_w == 0 else guidance_batch(cond, model.condition_sizes))
+    cond_scales = model.condition_scales(cond if len(terms) == 1 else guidance_batch(cond, model.condition_sizes,
+                                                                                       weights))
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor, step_index: int) -> torch.Tensor:
         if cache is not None:
             cache.refresh = bool(refresh[step_index])
-        return guided_eps(model, x, t, cond, guide_w, cache=cache, cond_scales=cond_scales)
+        return guided_eps(model, x, t, cond, weights, cache=cache, cond_scales=cond_scales)
 
     return eps_fn

@@ -9,7 +9,7 @@ from .feature_cache import refresh_schedule
 from .guidance import guided_eps_fn
 from .precision import matmul_precision
 from .respace import TRAINING_STEPS
-from .sampler_settings import build_sampling_diffusion
+from .sampler_settings import build_sampling_diffusion, guide_weights
 
 
 def condition_noise(seed, condition_index, n_cells, latent_dim):
@@ -46,7 +46,7 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
         start = batch_index * settings.batch_size
         part = slice(start, start + settings.batch_size)
         cache = model.make_cache(settings.branch) if settings.cache_interval > 1 else None
-        eps_fn = guided_eps_fn(model, cond_rows[part].to(device), settings.guide_w, cache,
+        eps_fn = guided_eps_fn(model, cond_rows[part].to(device), guide_weights(settings.guide_w), cache,
                                refresh if cache is not None else None)
         generator = seed_streams.torch_generator(settings.seed, seed_streams.STEP_NOISE, batch_index, device)
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,

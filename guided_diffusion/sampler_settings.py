@@ -1,9 +1,10 @@
 """How the reverse process runs: :class:`SamplerSettings`, their checks, and the defaults taken from the
 checkpoint (cache settings, the noise schedule) and the device (precision)."""
+import argparse
 import math
 import re
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Dict, Optional, Union
 
 from .cli import UsageError
 from .precision import PRECISIONS, resolve_precision
@@ -20,7 +21,7 @@ SOLVERS = ("", "dpmpp2m")  # "": ancestral DDPM or DDIM as use_ddim says; dpmpp2
 class SamplerSettings:
     """How the reverse process runs; recorded in the output's ``uns``."""
 
-    guide_w: float = 0.5
+    guide_w: Union[float, Dict[str, float]] = 0.5  # one weight, or {label key: weight} (resolve_guide_w)
     use_ddim: bool = False
     timestep_respacing: str = "50"
     eta: float = 0.0
@@ -37,7 +38,51 @@ class SamplerSettings:
     def describe(self):
         method = "DPM-Solver++(2M)" if self.solver == "dpmpp2m" else "DDIM" if self.use_ddim else "DDPM"
         return f"{method} {self.timestep_respacing} steps, cache {self.cache_interval} " \
-               f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), w={self.guide_w}"
+               f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), " \
+               f"w={format_guide_w(self.guide_w)}"
+
+
+def parse_guide_w(text):
+    """``--guide_w``: one number (every key), or ``KEY=W[,KEY=W]`` (one weight per label key)."""
+    text = str(text).strip()
+    if "=" not in text:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number or KEY=W[,KEY=W], got {text!r}") from None
+    weights = {}
+    for part in text.split(","):
+        key, _, value = (piece.strip() for piece in part.partition("="))
+        if not key or key in weights:
+            raise argparse.ArgumentTypeError(f"expected KEY=W[,KEY=W] with each key once, got {text!r}")
+        try:
+            weights[key] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{key}={value}: the weight must be a number") from None
+    return weights
+
+
+def format_guide_w(guide_w):
+    if isinstance(guide_w, dict):
+        return ",".join(f"{key}={weight:g}" for key, weight in guide_w.items())
+    return f"{guide_w:g}"
+
+
+def resolve_guide_w(guide_w, label_keys):
+    """One weight stays one weight; per-key weights become {key: weight} over every label key in the model's
+    order, keys not named getting 0 (no guidance on that key's term). Unknown keys are refused."""
+    if not isinstance(guide_w, dict):
+        return guide_w
+    unknown = [key for key in guide_w if key not in label_keys]
+    if unknown:
+        raise UsageError(f"--guide_w key {unknown[0]!r} is not a label key of this model; label keys: "
+                         f"{', '.join(label_keys)}")
+    return {key: float(guide_w.get(key, 0.0)) for key in label_keys}
+
+
+def guide_weights(guide_w):
+    """What the guidance code takes: the one weight, or the per-key weights in label-key order."""
+    return list(guide_w.values()) if isinstance(guide_w, dict) else guide_w
 
 
 # The default: ancestral DDPM on 50 of the 1000 training steps (respaced), the checkpoint's cache interval
@@ -51,7 +96,12 @@ FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5 
 def check_settings(settings):
     """The checks that need no checkpoint; each failure one line naming the flag."""
     low, high = GUIDE_W_RANGE
-    if not math.isfinite(settings.guide_w) or not low <= settings.guide_w <= high:
+    if isinstance(settings.guide_w, dict):
+        for key, weight in settings.guide_w.items():
+            if not math.isfinite(weight) or not low <= weight <= high:
+                raise UsageError(f"--guide_w {key}={weight}: each weight must be a finite number in "
+                                 f"[{low:g}, {high:g}] (typically 0 to 5)")
+    elif not math.isfinite(settings.guide_w) or not low <= settings.guide_w <= high:
         raise UsageError(f"--guide_w must be a finite number in [{low:g}, {high:g}] (typically 0 to 5), "
                          f"got {settings.guide_w}")
     if not math.isfinite(settings.eta) or settings.eta < 0:
@@ -64,8 +114,8 @@ def check_settings(settings):
     match = _RESPACING.fullmatch(respacing) if isinstance(respacing, str) else None
     if match is None or int(match.group(2)) < 1:
         raise UsageError(f"--timestep_respacing {respacing!r}: give a step count such as 50 or 1000 (all steps), "
-                         f"ddim50 with --use_ddim True, or logsnr15 with --solver dpmpp2m (no spaces; section lists such as 10,10,10 are not "
-                         f"supported)")
+                         f"ddim50 with --use_ddim True, or logsnr15 with --solver dpmpp2m (no spaces; section lists "
+                         f"such as 10,10,10 are not supported)")
     if settings.solver not in SOLVERS:
         raise UsageError(f"--solver {settings.solver!r}: choose one of {', '.join(repr(s) for s in SOLVERS)}")
     if match.group(1) == "logsnr" and settings.solver != "dpmpp2m":
@@ -121,4 +171,5 @@ def resolve_observation(observation, autoencoder):
 
 
 __all__ = ["OBSERVATIONS", "PRECISIONS", "SamplerSettings", "DEFAULT_SETTINGS", "FAITHFUL_FLAGS", "check_settings",
+           "parse_guide_w", "format_guide_w", "resolve_guide_w", "guide_weights",
            "build_sampling_diffusion", "scaled_cache_interval", "resolve_settings", "resolve_observation"]

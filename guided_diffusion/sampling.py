@@ -21,7 +21,7 @@ import json
 import os
 import re
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import numpy as np
@@ -36,9 +36,11 @@ from .conditions import (describe_condition, draw_library_sizes, label_columns, 
 from .h5ad_writer import NonFiniteOutput, StreamedCsrMatrix, log_normalize_counts, write_decoded_h5ad  # noqa: F401
 from .model_loading import LoadedModel, load_diffusion_model, resolve_autoencoder  # noqa: F401
 from .precision import PRECISIONS, has_fast_bf16, matmul_precision, resolve_precision  # noqa: F401
+from .guidance import guidance_formula
 from .reverse_process import condition_noise, sample_latents
 from .sampler_settings import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, SamplerSettings,  # noqa: F401
-                               build_sampling_diffusion, check_settings, resolve_observation, resolve_settings)
+                               build_sampling_diffusion, check_settings, resolve_guide_w, resolve_observation,
+                               resolve_settings)
 
 MANIFEST = "manifest.json"
 GENERATED = "generated.h5ad"
@@ -206,6 +208,7 @@ def provenance(loaded, autoencoder, settings, observation, n_cells, warnings):
         if not autoencoder.normalization.input_is_log else "as the training input (log-normalized)",
         "label_keys": loaded.label_keys, "n_cells": int(n_cells), **asdict(settings),
         "sampler": "ddim" if settings.use_ddim else "ddpm", "observation": observation,
+        "guidance": guidance_formula(settings.guide_w),
         "schedule_steps": int(loaded.checkpoint.diffusion["steps"]),
         "unconditioned": "a label key left unconditioned is a missing value (NaN) in obs",
         "warnings": list(warnings),
@@ -268,7 +271,8 @@ def sample_cells(request, settings):
     if request.num_classes is not None and list(request.num_classes) != sizes:
         raise UsageError(f"--num_classes {' '.join(map(str, request.num_classes))} contradicts the checkpoint "
                          f"({' '.join(map(str, sizes))}); omit it")
-    settings = resolve_settings(settings, loaded.checkpoint.sampling_defaults, context.device,
+    settings = resolve_settings(replace(settings, guide_w=resolve_guide_w(settings.guide_w, loaded.label_keys)),
+                                loaded.checkpoint.sampling_defaults, context.device,
                                 schedule_steps=int(loaded.checkpoint.diffusion["steps"]))
     plan = plan_conditions(loaded, request.conditions, request.all_combinations, request.match_counts,
                            request.num_samples)
