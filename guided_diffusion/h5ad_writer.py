@@ -169,7 +169,7 @@ def _write_annotations(store, obs, genes, uns):
 
 
 def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, progress=True, library_sizes=None,
-                       seed=0, compression=None, background_writes=True, timings=None):
+                       seed=0, compression=None, background_writes=True, share_pattern=True, timings=None):
     """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete).
 
     Without ``library_sizes``, X is the decoded mean expression (dense). With them (one target total per
@@ -178,8 +178,10 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     each cell's row total of ``layers['counts']`` and ``obs['target_library_size']`` the total the draw
     was asked for; chunk ``i`` draws from a generator seeded by (seed, i). ``compression`` (none, gzip,
     lzf) applies to the matrices' values and indices. ``background_writes`` overlaps the file writes with
-    the next chunk's decoding (the file is the same either way). ``timings``, a dict, gets the seconds
-    spent per stage added to it. Returns the decoded values' (min, max).
+    the next chunk's decoding (the file is the same either way); ``share_pattern`` False stores X's indices
+    and indptr as copies (the layout before; same values). ``timings``, a dict, gets the seconds spent per
+    stage added to it (``write`` is measured on the writer thread, beside the decoding when overlapped).
+    Returns the decoded values' (min, max).
     """
     obs = obs.copy()
     timer = StageTimer(timings)
@@ -193,8 +195,9 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
                     _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range,
                                  progress)
                 else:
+                    layout = dict(compression=compression, share_pattern=share_pattern)
                     obs["library_size"] = _write_counts(store, autoencoder, latents, library_sizes, chunk_size,
-                                                        seed, compression, writer, timer, value_range, progress)
+                                                        seed, layout, writer, timer, value_range, progress)
                     obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
                 writer.finish()
             finally:
@@ -230,13 +233,15 @@ def _write_means(store, autoencoder, latents, chunk_size, compression, writer, t
         writer.submit(write, start, decoded)
 
 
-def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, compression, writer, timer,
+def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, layout, writer, timer,
                   value_range, progress):
     """Draw, normalize and queue each chunk's counts; returns every cell's drawn total (float32)."""
     n_cells, n_genes = len(latents), len(autoencoder.genes)
     device = autoencoder.device
+    compression = layout["compression"]
     counts_matrix = StreamedCsrMatrix(store["layers"], "counts", (n_cells, n_genes), compression=compression)
-    matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes), compression=compression, pattern_of=counts_matrix)
+    matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes), compression=compression,
+                               pattern_of=counts_matrix if layout["share_pattern"] else None)
     row_totals = np.zeros(n_cells, dtype=np.float64)
 
     def write(counts, normalized):
