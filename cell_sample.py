@@ -21,10 +21,9 @@ import argparse
 
 from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, check_writable_dir, command,
                                   non_negative_float, non_negative_int, positive_int, str2bool)
-from guided_diffusion.sampler_settings import parse_guide_w
-from guided_diffusion.sampling import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, PRECISIONS, SamplerSettings,
-                                       SamplingRequest, sample_cells)
-from guided_diffusion.sampler_settings import SOLVERS
+from guided_diffusion.sampler_settings import SOLVERS, parse_guide_w
+from guided_diffusion.sampling import (COMPRESSIONS, DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, PRECISIONS,
+                                       SamplerSettings, SamplingRequest, sample_cells)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -87,6 +86,9 @@ def build_parser():
                              "AMX/AVX512-BF16, CUDA GPUs with bf16), else fp32")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of every random stream (noise, count draws, library sizes)")
+    parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
+                        help="compression of generated.h5ad's matrices (none: fastest; lzf / gzip: smaller, slower; "
+                             "measured in the README, Speed)")
     parser.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
     add_device_arg(parser)
     add_debug_arg(parser)
@@ -105,7 +107,8 @@ def request_from_args(args):
     return SamplingRequest(model_path=args.model_path, sample_dir=args.sample_dir, vae_path=args.vae_path,
                            use_ema=args.use_ema, num_classes=args.num_classes, conditions=args.condition,
                            all_combinations=args.all_combinations, match_counts=args.match_counts,
-                           num_samples=args.num_samples, device=args.device, progress=args.progress)
+                           num_samples=args.num_samples, device=args.device, progress=args.progress,
+                           compression=args.compression)
 
 
 @command

@@ -3,7 +3,18 @@ that no N x genes matrix is ever held in memory), under a temporary name renamed
 
 Used by the sampler and by ``exp_script/reconstruct.py``. The decoder runs in float32 whatever the
 sampler's ``--precision``: everything written is computed and stored in float32.
+
+With count draws, ``X`` (log-normalized) and ``layers['counts']`` have the same sparsity pattern: their
+``indices`` and ``indptr`` are stored once, ``X``'s being HDF5 hard links to the counts' (anndata and
+h5py read them as ordinary datasets; a quarter less on disk). The file writes run on one background
+thread, in chunk order, while the next chunk is decoded and drawn (at most ``WRITE_QUEUE`` chunks wait,
+so memory stays bounded by the chunk size, not by cells x genes).
 """
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
 import h5py
 import numpy as np
 import pandas as pd
@@ -15,39 +26,66 @@ from tqdm.auto import tqdm
 from . import seed_streams
 from .atomic import atomic_output
 
+COMPRESSIONS = ("none", "gzip", "lzf")
+GZIP_LEVEL = 1
+SPARSE_CHUNK = 1 << 16  # elements per HDF5 chunk of a sparse matrix's data / indices
+WRITE_QUEUE = 2
+
+
+def dataset_options(compression):
+    """h5py dataset keywords for ``compression`` (none, gzip or lzf; the byte-shuffle filter with either)."""
+    if compression in (None, "none"):
+        return {}
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, not {compression!r}")
+    options = {"compression": compression, "shuffle": True}
+    if compression == "gzip":
+        options["compression_opts"] = GZIP_LEVEL
+    return options
+
 
 class StreamedCsrMatrix:
-    """An anndata ``csr_matrix`` element in an open h5py group, written one block of rows at a time."""
+    """An anndata ``csr_matrix`` element in an open h5py group, written one block of rows at a time.
 
-    def __init__(self, parent, name, shape, dtype="float32"):
+    With ``pattern_of`` (another StreamedCsrMatrix of the same shape, appended to first with the same
+    blocks' sparsity pattern) only ``data`` is stored; ``indices`` and ``indptr`` link to its datasets.
+    """
+
+    def __init__(self, parent, name, shape, dtype="float32", compression=None, pattern_of=None):
         group = parent.create_group(name)
         group.attrs["encoding-type"] = "csr_matrix"
         group.attrs["encoding-version"] = "0.1.0"
         group.attrs["shape"] = np.asarray(shape, dtype=np.int64)
-        self.data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 16,))
-        self.indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32",
-                                            chunks=(1 << 16,))
-        self.indptr = group.create_dataset("indptr", shape=(shape[0] + 1,), dtype="int64")
-        self.indptr[0] = 0
+        options = dict(maxshape=(None,), chunks=(SPARSE_CHUNK,), **dataset_options(compression))
+        self.data = group.create_dataset("data", shape=(0,), dtype=dtype, **options)
+        self.pattern_of = pattern_of
+        if pattern_of is None:
+            self.indices = group.create_dataset("indices", shape=(0,), dtype="int32", **options)
+            self.indptr = group.create_dataset("indptr", shape=(shape[0] + 1,), dtype="int64")
+            self.indptr[0] = 0
+        else:
+            group["indices"], group["indptr"] = pattern_of.indices, pattern_of.indptr
         self.rows, self.nnz = 0, 0
 
     def append(self, block):
         nnz = block.nnz
-        for dataset, values in ((self.data, block.data), (self.indices, block.indices)):
-            dataset.resize((self.nnz + nnz,))
-            dataset[self.nnz:] = values
-        self.indptr[self.rows + 1:self.rows + 1 + block.shape[0]] = block.indptr[1:] + self.nnz
+        self.data.resize((self.nnz + nnz,))
+        self.data[self.nnz:] = block.data
+        if self.pattern_of is None:
+            self.indices.resize((self.nnz + nnz,))
+            self.indices[self.nnz:] = block.indices
+            self.indptr[self.rows + 1:self.rows + 1 + block.shape[0]] = block.indptr[1:] + self.nnz
         self.rows += block.shape[0]
         self.nnz += nnz
 
 
 def log_normalize_counts(counts, target_sum):
-    """CSR counts -> CSR log1p(counts / cell total x target_sum), as the loader normalizes real cells."""
+    """CSR counts -> CSR log1p(counts / cell total x target_sum), as the loader normalizes real cells
+    (sharing ``counts``' indices and indptr)."""
     totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
     scale = np.where(totals > 0, target_sum / np.maximum(totals, 1e-12), 0.0)
-    normalized = counts.astype(np.float32, copy=True)
-    normalized.data = np.log1p(normalized.data * np.repeat(scale, np.diff(normalized.indptr))).astype(np.float32)
-    return normalized
+    values = np.log1p(counts.data.astype(np.float32) * np.repeat(scale, np.diff(counts.indptr))).astype(np.float32)
+    return sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape)
 
 
 class NonFiniteOutput(ValueError):
@@ -70,57 +108,157 @@ def _draw_counts(autoencoder, block, totals, generator):
     return counts
 
 
+class StageTimer:
+    """Seconds per named stage, summed (``timings`` None: nothing recorded)."""
+
+    def __init__(self, timings):
+        self.timings = timings
+
+    @contextmanager
+    def __call__(self, stage):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.timings is not None:
+                self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+class OrderedWriter:
+    """Runs write jobs in submission order on one background thread (``background`` False: inline), at
+    most ``WRITE_QUEUE`` waiting; a job's error is raised in the caller by a later submit or finish."""
+
+    def __init__(self, background, timer):
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="h5ad-writer") if background else None
+        self.pending, self.timer = deque(), timer
+
+    def _timed(self, job, *args):
+        with self.timer("write"):
+            job(*args)
+
+    def submit(self, job, *args):
+        if self.executor is None:
+            return self._timed(job, *args)
+        with self.timer("wait for writes"):
+            while len(self.pending) >= WRITE_QUEUE:
+                self.pending.popleft().result()
+        self.pending.append(self.executor.submit(self._timed, job, *args))
+
+    def finish(self):
+        with self.timer("wait for writes"):
+            while self.pending:
+                self.pending.popleft().result()
+
+    def close(self):
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_header(store):
+    store.attrs["encoding-type"] = "anndata"
+    store.attrs["encoding-version"] = "0.1.0"
+    write_elem(store, "layers", {})
+
+
+def _write_annotations(store, obs, genes, uns):
+    write_elem(store, "obs", obs)
+    write_elem(store, "var", pd.DataFrame(index=pd.Index(genes, name="gene")))
+    write_elem(store, "uns", uns)
+    for empty in ("obsm", "varm", "obsp", "varp"):
+        write_elem(store, empty, {})
+
+
 def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, progress=True, library_sizes=None,
-                       seed=0):
+                       seed=0, compression=None, background_writes=True, share_pattern=True, timings=None):
     """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete).
 
     Without ``library_sizes``, X is the decoded mean expression (dense). With them (one target total per
     cell), counts are drawn from the autoencoder's negative binomial: X holds their log-normalized values,
-    ``layers['counts']`` the counts (both sparse), ``obs['library_size']`` each cell's row total of
-    ``layers['counts']`` and ``obs['target_library_size']`` the total the draw was asked for; chunk ``i``
-    draws from a generator seeded by (seed, i). Returns the decoded values' (min, max).
+    ``layers['counts']`` the counts (both sparse, one shared sparsity pattern), ``obs['library_size']``
+    each cell's row total of ``layers['counts']`` and ``obs['target_library_size']`` the total the draw
+    was asked for; chunk ``i`` draws from a generator seeded by (seed, i). ``compression`` (none, gzip,
+    lzf) applies to the matrices' values and indices. ``background_writes`` overlaps the file writes with
+    the next chunk's decoding (the file is the same either way); ``share_pattern`` False stores X's indices
+    and indptr as copies (the layout before; same values). ``timings``, a dict, gets the seconds spent per
+    stage added to it (``write`` is measured on the writer thread, beside the decoding when overlapped).
+    Returns the decoded values' (min, max).
     """
-    n_cells, n_genes = len(latents), len(autoencoder.genes)
-    device = autoencoder.device
     obs = obs.copy()
-    low, high = np.inf, -np.inf
+    timer = StageTimer(timings)
+    value_range = [np.inf, -np.inf]
     with atomic_output(path) as temp_path:
         with h5py.File(temp_path, "w") as store:
-            store.attrs["encoding-type"] = "anndata"
-            store.attrs["encoding-version"] = "0.1.0"
-            write_elem(store, "layers", {})
-            if library_sizes is None:
-                matrix = store.create_dataset("X", shape=(n_cells, n_genes), dtype="float32",
-                                              chunks=(max(1, min(chunk_size, n_cells, 256)), n_genes))
-                matrix.attrs["encoding-type"] = "array"
-                matrix.attrs["encoding-version"] = "0.2.0"
-            else:
-                matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes))
-                counts_matrix = StreamedCsrMatrix(store["layers"], "counts", (n_cells, n_genes))
-                row_totals = np.zeros(n_cells, dtype=np.float64)
-            chunks = range(0, n_cells, chunk_size)
-            for number, start in enumerate(tqdm(chunks, desc="decode", unit="chunk", disable=not progress)):
-                block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
+            _write_header(store)
+            writer = OrderedWriter(background_writes, timer)
+            try:
                 if library_sizes is None:
-                    decoded = _decode_mean(autoencoder, block)
-                    matrix[start:start + len(block)] = decoded
-                    low, high = min(low, float(decoded.min())), max(high, float(decoded.max()))
-                    continue
-                generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
-                totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
-                counts = _draw_counts(autoencoder, block, totals, generator)
-                counts_matrix.append(counts)
-                row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
-                normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
-                matrix.append(normalized)
-                if normalized.nnz:
-                    low, high = min(low, 0.0, float(normalized.data.min())), max(high, float(normalized.data.max()))
-            if library_sizes is not None:
-                obs["library_size"] = row_totals.astype(np.float32)
-                obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
-            write_elem(store, "obs", obs)
-            write_elem(store, "var", pd.DataFrame(index=pd.Index(autoencoder.genes, name="gene")))
-            write_elem(store, "uns", uns)
-            for empty in ("obsm", "varm", "obsp", "varp"):
-                write_elem(store, empty, {})
-    return low, high
+                    _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range,
+                                 progress)
+                else:
+                    layout = dict(compression=compression, share_pattern=share_pattern)
+                    obs["library_size"] = _write_counts(store, autoencoder, latents, library_sizes, chunk_size,
+                                                        seed, layout, writer, timer, value_range, progress)
+                    obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
+                writer.finish()
+            finally:
+                writer.close()
+            with timer("annotations"):
+                _write_annotations(store, obs, autoencoder.genes, uns)
+        sync_started = time.perf_counter()
+    if timings is not None:
+        timings["sync and rename"] = timings.get("sync and rename", 0.0) + time.perf_counter() - sync_started
+    return tuple(value_range)
+
+
+def _chunks(n_cells, chunk_size, progress):
+    return enumerate(tqdm(range(0, n_cells, chunk_size), desc="decode", unit="chunk", disable=not progress))
+
+
+def _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range, progress):
+    n_cells, n_genes = len(latents), len(autoencoder.genes)
+    matrix = store.create_dataset("X", shape=(n_cells, n_genes), dtype="float32",
+                                  chunks=(max(1, min(chunk_size, n_cells, 256)), n_genes),
+                                  **dataset_options(compression))
+    matrix.attrs["encoding-type"] = "array"
+    matrix.attrs["encoding-version"] = "0.2.0"
+
+    def write(start, decoded):
+        matrix[start:start + len(decoded)] = decoded
+
+    for _, start in _chunks(n_cells, chunk_size, progress):
+        with timer("decode"):
+            block = torch.as_tensor(latents[start:start + chunk_size]).to(autoencoder.device)
+            decoded = _decode_mean(autoencoder, block)
+            value_range[:] = min(value_range[0], float(decoded.min())), max(value_range[1], float(decoded.max()))
+        writer.submit(write, start, decoded)
+
+
+def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, layout, writer, timer,
+                  value_range, progress):
+    """Draw, normalize and queue each chunk's counts; returns every cell's drawn total (float32)."""
+    n_cells, n_genes = len(latents), len(autoencoder.genes)
+    device = autoencoder.device
+    compression = layout["compression"]
+    counts_matrix = StreamedCsrMatrix(store["layers"], "counts", (n_cells, n_genes), compression=compression)
+    matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes), compression=compression,
+                               pattern_of=counts_matrix if layout["share_pattern"] else None)
+    row_totals = np.zeros(n_cells, dtype=np.float64)
+
+    def write(counts, normalized):
+        counts_matrix.append(counts)
+        matrix.append(normalized)
+
+    for number, start in _chunks(n_cells, chunk_size, progress):
+        with timer("decode and draw"):
+            block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
+            generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
+            totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
+            counts = _draw_counts(autoencoder, block, totals, generator)
+        with timer("normalize"):
+            row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
+            normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
+            if normalized.nnz:
+                value_range[:] = (min(value_range[0], 0.0, float(normalized.data.min())),
+                                  max(value_range[1], float(normalized.data.max())))
+        writer.submit(write, counts, normalized)
+    return row_totals.astype(np.float32)

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
@@ -33,7 +34,8 @@ from .cli import OUT_OF_MEMORY_ERRORS, UsageError
 from .dist_util import setup_distributed
 from .conditions import (describe_condition, draw_library_sizes, label_columns, latent_file_name,  # noqa: F401
                          parse_condition, plan_conditions, unseen_conditions)
-from .h5ad_writer import NonFiniteOutput, StreamedCsrMatrix, log_normalize_counts, write_decoded_h5ad  # noqa: F401
+from .h5ad_writer import (COMPRESSIONS, NonFiniteOutput, StreamedCsrMatrix, log_normalize_counts,  # noqa: F401
+                          write_decoded_h5ad)
 from .model_loading import LoadedModel, load_diffusion_model, resolve_autoencoder  # noqa: F401
 from .precision import PRECISIONS, has_fast_bf16, matmul_precision, resolve_precision  # noqa: F401
 from .guidance import guidance_formula
@@ -50,13 +52,15 @@ FAR_OUT_RANGES = 1.0
 FAR_OUT_CELL_FRACTION = 0.01
 
 
-def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, context=None):
+def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, context=None, compression="none",
+             timings=None):
     """Sample every planned condition, save one decoded, labelled h5ad, per-condition latents and, last, a
     manifest naming the set (a folder without ``manifest.json`` holds no complete run).
 
     With a distributed ``context`` each rank samples a contiguous range of whole batches, the latents
     are gathered and rank 0 writes the outputs (identical to one process with the same seed and
-    --batch_size); the other ranks return (path, None) once they are written.
+    --batch_size); the other ranks return (path, None) once they are written. ``compression`` (none, gzip,
+    lzf) applies to generated.h5ad's matrices; ``timings``, a dict, gets the seconds per stage added to it.
     """
     checkpoint, sizes = loaded.checkpoint, list(loaded.model.condition_sizes)
     path = os.path.join(sample_dir, GENERATED)
@@ -66,7 +70,10 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
     library_sizes = plan_library_sizes(loaded, plan, settings) if observation == "counts" else None
     cond_rows, noise = starting_points(plan, settings.seed, len(sizes), loaded.model.latent_dim)
     # 2. the reverse process, from the recorded noise schedule
+    started = time.perf_counter()
     latents = run_reverse_process(loaded, cond_rows, noise, settings, progress, context)
+    if timings is not None:
+        timings["reverse diffusion"] = timings.get("reverse diffusion", 0.0) + time.perf_counter() - started
     # 3. refuse non-finite latents (every rank), warn about latents far outside the training range
     check_finite_latents(latents)
     if context is not None and context.is_distributed and not context.is_main:
@@ -84,10 +91,15 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
         obs = label_table(cond_rows, loaded)
         uns = provenance(loaded, autoencoder, settings, observation, len(latents), warnings)
         # 5. decode (fp32) into generated.h5ad, then the per-condition latents, then the manifest
-        value_range = decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings, progress)
+        value_range = decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings, progress,
+                                     compression, timings)
         warnings += decoded_range_warnings(value_range, autoencoder, observation)
+        started = time.perf_counter()
         latent_files = write_latent_files(sample_dir, plan, sizes, settings, latents)
         write_manifest(sample_dir, [GENERATED] + latent_files, uns["cfdiffusion"])
+        if timings is not None:
+            timings["latent files and manifest"] = (timings.get("latent files and manifest", 0.0)
+                                                    + time.perf_counter() - started)
     finally:
         if context is not None and context.is_distributed:
             context.barrier()
@@ -215,10 +227,12 @@ def provenance(loaded, autoencoder, settings, observation, n_cells, warnings):
     }}
 
 
-def decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings, progress):
+def decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings, progress, compression="none",
+                   timings=None):
     try:
         return write_decoded_h5ad(path, autoencoder, latents, obs, uns, progress=progress,
-                                  library_sizes=library_sizes, seed=settings.seed)
+                                  library_sizes=library_sizes, seed=settings.seed, compression=compression,
+                                  timings=timings)
     except NonFiniteOutput as error:
         raise UsageError(f"the autoencoder decoded the generated latents to non-finite {error}; nothing was "
                          f"written (train longer, or lower --guide_w)") from None
@@ -258,6 +272,7 @@ class SamplingRequest:
     num_samples: int = 1000
     device: str = "auto"
     progress: bool = True
+    compression: str = "none"  # of generated.h5ad's matrices: none, gzip or lzf
 
 
 def sample_cells(request, settings):
@@ -280,7 +295,7 @@ def sample_cells(request, settings):
     if context.is_main:
         print(f"generating {sum(n for _, n in plan)} cells in {len(plan)} conditions with {settings.describe()}")
     path, _ = generate(loaded, autoencoder, plan, settings, request.sample_dir, progress=request.progress,
-                       context=context)
+                       context=context, compression=request.compression)
     if context.is_main:
         for row, count in plan[:20]:
             print(f"  {describe_condition(row, loaded.label_keys, loaded.vocabularies)}: {count}")

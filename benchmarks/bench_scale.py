@@ -1,0 +1,194 @@
+"""Sampling at scale: where a large cell_sample.py run spends its time, peak memory and bytes on disk.
+
+    python benchmarks/bench_scale.py --cells 10000 --threads 2
+    python benchmarks/bench_scale.py --cells 100000 --runs 1 --layouts previous default
+
+Stages, as cell_sample.py runs them with its default settings (DDPM 50, cache 1, guidance, count
+draws): start-up (importing cell_sample in a fresh interpreter), reverse diffusion (a randomly
+initialised default-size CellUNet: the cost does not depend on the weights), then, per output layout,
+in a fresh process: decoding + negative-binomial count draws (the count decoder of bench_sampling.py,
+biased to the Baron cells' gene shares so that the draws have realistic non-zeros), log-normalization,
+the h5ad writes (measured on the writer thread, overlapped with the decoding except for `previous`),
+the final fsync + rename, the per-condition latent .npy files and the manifest. Layouts:
+
+| layout    | what                                                                           |
+| --------- | ------------------------------------------------------------------------------ |
+| previous  | the writer before: X's indices/indptr stored twice, writes inline, no compression |
+| default   | X shares the counts' sparsity pattern, writes on a background thread           |
+| lzf, gzip | the default with that compression of the matrices (--compression)               |
+
+Reverse diffusion runs on ``--reverse_cells`` (default: all) and its rate is scaled to --cells when
+fewer; the output stages always handle every cell. Each layout's peak RSS is that of its own process.
+Every file written is checked to hold the same cells as the `previous` layout's.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+NUM_GENES = 20125
+NUM_CLASSES = 14
+LAYOUTS = {"previous": dict(compression="none", background_writes=False, share_pattern=False),
+           "default": dict(compression="none"), "lzf": dict(compression="lzf"), "gzip": dict(compression="gzip")}
+
+
+def count_autoencoder():
+    from bench_sampling import baron_profile
+    from guided_diffusion.data import Normalization
+    from VAE.VAE_model import VAE, Autoencoder
+
+    torch.manual_seed(0)
+    log_shares, totals = baron_profile()
+    autoencoder = Autoencoder(VAE(NUM_GENES, loss_ae="nb").eval(), [f"g{i}" for i in range(NUM_GENES)], Normalization())
+    autoencoder.model.init_output_bias(log_shares)
+    with torch.no_grad():
+        [m for m in autoencoder.model.decoder if isinstance(m, torch.nn.Linear)][-1].weight.mul_(0.05)
+    return autoencoder, totals
+
+
+def plan_for(n_cells):
+    counts = [n_cells // NUM_CLASSES + (c < n_cells % NUM_CLASSES) for c in range(NUM_CLASSES)]
+    return [((c,), n) for c, n in enumerate(counts) if n]
+
+
+def reverse_diffusion(n_cells, reverse_cells):
+    """Latents for n_cells (the first reverse_cells sampled, the rest tiled from them) and the seconds
+    the reverse process would take for all n_cells."""
+    from guided_diffusion.cell_model import CellUNet
+    from guided_diffusion.sampling import DEFAULT_SETTINGS, resolve_settings, sample_latents
+
+    torch.manual_seed(0)
+    model = CellUNet(condition_sizes=(NUM_CLASSES,)).eval()
+    settings = resolve_settings(DEFAULT_SETTINGS, {"cache_interval": 5, "branch": 0, "non_uniform": False}, "cpu")
+    rows = np.concatenate([np.full(count, row[0]) for row, count in plan_for(n_cells)])[:reverse_cells]
+    noise = torch.randn(len(rows), model.latent_dim, generator=torch.Generator().manual_seed(0))
+    start = time.perf_counter()
+    latents = sample_latents(model, torch.as_tensor(rows)[:, None], noise, settings, progress=False).numpy()
+    seconds = (time.perf_counter() - start) * n_cells / len(rows)
+    return np.resize(latents, (n_cells, latents.shape[1])), seconds
+
+
+def write_outputs(latent_path, folder, layout):
+    """One layout's output stages (run in a fresh process); prints a JSON line of its figures."""
+    from guided_diffusion.sampling import GENERATED, write_latent_files, write_manifest, write_decoded_h5ad
+
+    latents = np.load(latent_path)
+    autoencoder, totals = count_autoencoder()
+    n_cells = len(latents)
+    plan = plan_for(n_cells)
+    settings = SimpleNamespace(non_uniform=False, cache_interval=1)  # what the latent file names need
+    obs = pd.DataFrame({"cell_type1": pd.Categorical(np.concatenate([[f"type{r[0]}"] * n for r, n in plan]))},
+                       index=pd.Index([f"generated_{i}" for i in range(n_cells)], name="cell"))
+    library_sizes = totals[np.arange(n_cells) % len(totals)].astype(np.float32)
+    timings = {}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        write_decoded_h5ad(os.path.join(folder, GENERATED), autoencoder, latents, obs, {"cfdiffusion": {}},
+                           progress=False, library_sizes=library_sizes, timings=timings, **LAYOUTS[layout])
+    stage = time.perf_counter()
+    files = write_latent_files(folder, plan, [NUM_CLASSES], settings, latents)
+    write_manifest(folder, [GENERATED] + files, {})
+    timings["latent files and manifest"] = time.perf_counter() - stage
+    timings["output total"] = time.perf_counter() - start
+    sizes = {"h5ad": os.path.getsize(os.path.join(folder, GENERATED)),
+             "latents": sum(os.path.getsize(os.path.join(folder, name)) for name in files)}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"timings": timings, "sizes": sizes, "peak_rss": peak}))
+
+
+def same_cells(reference, other):
+    import anndata as ad
+
+    a, b = ad.read_h5ad(reference, backed="r"), ad.read_h5ad(other, backed="r")
+    for start in range(0, a.n_obs, 8192):
+        rows = slice(start, start + 8192)
+        if (a.X[rows] != b.X[rows]).nnz or (a.layers["counts"][rows] != b.layers["counts"][rows]).nnz:
+            return False
+    return a.obs.equals(b.obs)
+
+
+def startup_seconds():
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import cell_sample"], cwd=ROOT, check=True)
+    return time.perf_counter() - start
+
+
+def run_layout(latent_path, folder, layout, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_write", latent_path, folder, layout,
+                          "--threads", str(threads)], env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cells", type=int, default=10000, help="cells generated")
+    parser.add_argument("--reverse_cells", type=int, default=None, help="cells run through reverse diffusion "
+                        "(default: all; fewer: the rate is scaled to --cells)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
+    parser.add_argument("--runs", type=int, default=3, help="interleaved runs per layout (medians reported)")
+    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--_write", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args._write:
+        return write_outputs(*args._write)
+    startup = statistics.median(startup_seconds() for _ in range(args.runs))
+    latents, reverse = reverse_diffusion(args.cells, min(args.reverse_cells or args.cells, args.cells))
+    results = {layout: [] for layout in args.layouts}
+    with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, "checkpoint")) as work:
+        latent_path = os.path.join(work, "latents.npy")
+        np.save(latent_path, latents)
+        for run in range(args.runs):
+            for layout in args.layouts:
+                folder = os.path.join(work, layout)
+                results[layout].append(run_layout(latent_path, folder, layout, args.threads))
+        identical = {layout: same_cells(os.path.join(work, args.layouts[0], "generated.h5ad"),
+                                        os.path.join(work, layout, "generated.h5ad")) for layout in args.layouts[1:]}
+    report(args, startup, reverse, results, identical)
+    return results
+
+
+def report(args, startup, reverse, results, identical):
+    print(f"{args.cells} cells, {args.threads} threads, medians of {args.runs} interleaved runs; start-up "
+          f"{startup:.1f} s, reverse diffusion {reverse:.1f} s ({args.cells / reverse:.0f} cells/s"
+          f"{', scaled from ' + str(args.reverse_cells) + ' cells' if args.reverse_cells else ''})")
+    stages = sorted({stage for runs in results.values() for run in runs for stage in run["timings"]})
+    print(f"{'stage (s)':<28}" + "".join(f"{layout:>12}" for layout in results))
+    median = {layout: {stage: statistics.median(run["timings"].get(stage, 0.0) for run in runs) for stage in stages}
+              for layout, runs in results.items()}
+    for stage in stages:
+        print(f"{stage:<28}" + "".join(f"{median[layout][stage]:>12.2f}" for layout in results))
+    first = args.layouts[0]
+    rows = {
+        "whole process, cells/s": lambda m, r: f"{args.cells / (startup + reverse + m['output total']):.0f}",
+        "output stages, cells/s": lambda m, r: f"{args.cells / m['output total']:.0f}",
+        f"output time vs {first}": lambda m, r: f"{m['output total'] / median[first]['output total']:.2f}",
+        "peak RSS, MB": lambda m, r: f"{max(x['peak_rss'] for x in r) / 1e6:.0f}",
+        "h5ad bytes per cell": lambda m, r: f"{r[0]['sizes']['h5ad'] / args.cells:.0f}",
+        "latent bytes per cell": lambda m, r: f"{r[0]['sizes']['latents'] / args.cells:.0f}",
+        f"same cells as {first}": lambda m, r: "-",
+    }
+    for name, cell in rows.items():
+        values = [cell(median[layout], runs) for layout, runs in results.items()]
+        if name.startswith("same cells"):
+            values = ["-"] + [str(identical[layout]) for layout in args.layouts[1:]]
+        print(f"{name:<28}" + "".join(f"{value:>12}" for value in values))
+
+
+if __name__ == "__main__":
+    main()
