@@ -1,0 +1,257 @@
+r"""Where does the gap between generated and held-out real cells come from? A measured breakdown.
+
+    python exp_script/gap_analysis.py --train checkpoint/demo/latest/split/train.h5ad \
+        --heldout checkpoint/demo/latest/split/heldout.h5ad \
+        --vae_path checkpoint/demo/latest/autoencoder/model_seed=0_step=600.pt \
+        --samples checkpoint/demo/latest/samples --out checkpoint/demo/latest/gap
+
+Every comparison is against the held-out real cells, with the evaluation's two-sample metrics (kNN and
+random-forest AUC on out-of-fold predictions, 0.5 = indistinguishable), beside the positive control
+(the training cells):
+  (a) expression: the training cells (control), the autoencoder's reconstructions of the held-out cells
+      (drawn counts and decoded means: its ceiling), of the training cells (what a perfect latent model
+      would give through this decoder) and the generated cells;
+  (b) latents: the generated latents (the sampler's .npy files) vs the encoded held-out latents, beside the
+      encoded training latents; per-dimension mean / variance and the latent norms;
+  (c) observation model: library sizes, per-cell and per-gene zero fraction, per-gene dispersion;
+  (d) per label: the cell counts and the kNN AUCs of (a) and (b) within each label.
+Writes OUT/gap_analysis.json and OUT/gap_analysis.md (atomically) and the reconstructions under
+OUT/reconstructions/.
+"""
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from exp_script import gap_metrics as gm  # noqa: E402
+from exp_script import reconstruct as rc  # noqa: E402
+from exp_script.eval_inputs import json_ready  # noqa: E402
+from exp_script.gap_report import markdown_report  # noqa: E402
+from guided_diffusion.atomic import atomic_output  # noqa: E402
+from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,  # noqa: E402
+                                  command, resolve_device, str2bool)
+from guided_diffusion.data import DEFAULT_LABEL_KEY, load_dataset  # noqa: E402
+from guided_diffusion.threads import add_threads_arg, apply_threads  # noqa: E402
+
+
+@dataclass
+class GapSettings:
+    train: str
+    heldout: str
+    vae_path: str
+    samples: str
+    out: str
+    label_key: str = DEFAULT_LABEL_KEY
+    seed: int = 0
+    random_forest: bool = True
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class CellSet:
+    """Log-normalized expression, counts (None for decoded means) and labels of one set of cells."""
+
+    x: np.ndarray
+    counts: object
+    labels: np.ndarray
+
+
+def read_set(path, label_key, role):
+    """Cells of ``path``: raw counts from layers['counts'] (the sampler's format) or X; decoded means
+    (an X without counts that is not whole numbers) are read as log-normalized."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{role} file {path} does not exist")
+    with h5py.File(path, "r") as file:
+        has_counts = "layers" in file and "counts" in file["layers"]
+        mean_observation = "cfdiffusion" in file.get("uns", {}) and not has_counts
+    dataset = load_dataset(path, label_keys=[label_key], layer="counts" if has_counts else "",
+                           input_is_log=mean_observation)
+    try:
+        rows = np.arange(dataset.n_cells)
+        counts = None if mean_observation else dataset.raw_rows(rows)
+        x = dataset.rows(rows)
+        labels = np.array(dataset.label_strings(label_key, dataset.label_codes[:, 0]))
+        genes = list(dataset.genes)
+    finally:
+        dataset.close()
+    return CellSet(x=x, counts=counts, labels=labels), genes
+
+
+def generated_latents(samples_dir, n_cells):
+    """The sampler's per-condition latent files, concatenated in the manifest's order (the order of the
+    cells in generated.h5ad)."""
+    manifest_path = os.path.join(samples_dir, "manifest.json")
+    if not os.path.isfile(manifest_path):
+        raise UsageError(f"{samples_dir} has no manifest.json: not a complete cell_sample.py output folder")
+    with open(manifest_path) as stream:
+        names = [name for name in json.load(stream)["files"] if name.endswith(".npy")]
+    latents = np.concatenate([np.load(os.path.join(samples_dir, name)) for name in names]) if names else None
+    if latents is None or len(latents) != n_cells:
+        raise UsageError(f"{samples_dir}: the latent files hold {0 if latents is None else len(latents)} cells but "
+                         f"generated.h5ad {n_cells}")
+    return latents
+
+
+def reconstructions(settings, progress):
+    """Reconstruct the held-out cells (counts and means) and the training cells (counts) with
+    exp_script/reconstruct.py's library call; returns {name: path}."""
+    folder = os.path.join(settings.out, "reconstructions")
+    os.makedirs(folder, exist_ok=True)
+    jobs = {"heldout_counts": (settings.heldout, "counts"), "heldout_means": (settings.heldout, "mean"),
+            "train_counts": (settings.train, "counts")}
+    paths = {}
+    for name, (source, observation) in tqdm(jobs.items(), desc="reconstruct", disable=not progress):
+        argv = ["--vae_path", settings.vae_path, "--data_dir", source, "--label_key", settings.label_key,
+                "--out", os.path.join(folder, f"{name}.h5ad"), "--observation", observation,
+                "--seed", str(settings.seed), "--progress", "False", "--device", settings.device]
+        paths[name] = rc.reconstruct(rc.build_parser().parse_args(argv))
+    return paths
+
+
+def load_inputs(settings, progress):
+    """(sets by name, genes): the held-out, training and generated cells and the reconstructions."""
+    sources = {"heldout": settings.heldout, "train": settings.train,
+               "generated": os.path.join(settings.samples, "generated.h5ad")}
+    sources.update({f"reconstructed_{name}": path for name, path in reconstructions(settings, progress).items()})
+    sets, genes = {}, None
+    for name, path in tqdm(sources.items(), desc="read", disable=not progress):
+        sets[name], found = read_set(path, settings.label_key, name)
+        if genes is not None and found != genes:
+            raise UsageError(f"{path} ({name}) has other genes than {settings.heldout}: the analysis needs the "
+                             f"autoencoder's genes in every file")
+        genes = found
+    return sets, genes
+
+
+EXPRESSION_SETS = {"train": "training cells (positive control)",
+                   "reconstructed_heldout_counts": "held-out cells reconstructed, drawn counts (autoencoder ceiling)",
+                   "reconstructed_heldout_means": "held-out cells reconstructed, decoded means",
+                   "reconstructed_train_counts": "training cells reconstructed, drawn counts (perfect latent model)",
+                   "generated": "generated cells"}
+
+
+def latent_section(settings, sets, progress):
+    """Encoded training and held-out latents and the generated latents, compared in latent space."""
+    from VAE.VAE_model import load_autoencoder
+
+    autoencoder, _ = load_autoencoder(settings.vae_path, device=resolve_device(settings.device))
+    latents = {}
+    for name, path in (("heldout", settings.heldout), ("train", settings.train)):
+        dataset = load_dataset(path, label_keys=[settings.label_key])
+        try:
+            autoencoder.check_dataset(dataset)
+            latents[name] = autoencoder.encode_dataset(dataset, progress=progress)
+        finally:
+            dataset.close()
+    latents["generated"] = generated_latents(settings.samples, len(sets["generated"].labels))
+    reference = latents["heldout"]
+    section = {}
+    for name in tqdm(("train", "generated"), desc="latent space", disable=not progress):
+        section[name] = gm.two_sample(reference, sets["heldout"].labels, latents[name], sets[name].labels,
+                                      seed=settings.seed, use_rf=settings.random_forest)
+        section[name]["moments"] = gm.latent_moments(reference, latents[name])
+    section["generated_vs_train"] = gm.two_sample(latents["train"], sets["train"].labels, latents["generated"],
+                                                  sets["generated"].labels, seed=settings.seed,
+                                                  use_rf=settings.random_forest)
+    section["generated_vs_train"]["moments"] = gm.latent_moments(latents["train"], latents["generated"])
+    section["heldout_norm"] = gm.quantiles(np.linalg.norm(reference, axis=1))
+    return section
+
+
+def per_label_table(sets, expression, latent):
+    """One row per label: cell counts and the within-label kNN AUCs of every comparison."""
+    labels = sorted(set(sets["heldout"].labels.tolist()) | set(sets["train"].labels.tolist()))
+    rows = []
+    for label in labels:
+        row = {"label": label, **{f"n_{name}": int((sets[name].labels == label).sum())
+                                  for name in ("train", "heldout", "generated")}}
+        for name, result in expression.items():
+            row[f"expression_{name}_knn_auc"] = result["per_label"].get(label, {}).get("knn_auc", float("nan"))
+        for name in ("train", "generated"):
+            row[f"latent_{name}_knn_auc"] = latent[name]["per_label"].get(label, {}).get("knn_auc", float("nan"))
+        rows.append(row)
+    return rows
+
+
+def check_inputs(settings):
+    """Refuse missing inputs before any work is done."""
+    files = {"--train": settings.train, "--heldout": settings.heldout, "--vae_path": settings.vae_path,
+             "--samples": os.path.join(settings.samples, "generated.h5ad")}
+    for flag, path in files.items():
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag}: {path} does not exist" + (" (not a cell_sample.py output folder)"
+                                                                 if flag == "--samples" else ""))
+    if not os.path.isfile(os.path.join(settings.samples, "manifest.json")):
+        raise UsageError(f"--samples: {settings.samples} has no manifest.json: not a complete cell_sample.py "
+                         f"output folder")
+
+
+def gap_analysis(settings):
+    """Run every section; write OUT/gap_analysis.json and .md; returns the results dict."""
+    check_inputs(settings)
+    progress = settings.progress
+    sets, genes = load_inputs(settings, progress)
+    heldout = sets["heldout"]
+    expression = {}
+    for name in tqdm(EXPRESSION_SETS, desc="expression space", disable=not progress):
+        expression[name] = gm.expression_two_sample(heldout.x, heldout.labels, sets[name].x, sets[name].labels,
+                                                    genes, seed=settings.seed, use_rf=settings.random_forest)
+    latent = latent_section(settings, sets, progress)
+    observation = {name: gm.observation_comparison(heldout.counts, sets[name].counts)
+                   for name in ("train", "reconstructed_heldout_counts", "reconstructed_train_counts", "generated")}
+    results = json_ready({"settings": asdict(settings), "expression": expression, "latent": latent,
+                          "observation": observation, "per_label": per_label_table(sets, expression, latent),
+                          "expression_sets": EXPRESSION_SETS})
+    write_outputs(settings.out, results)
+    return results
+
+
+def write_outputs(out, results):
+    with atomic_output(os.path.join(out, "gap_analysis.json")) as temp_path, open(temp_path, "w") as stream:
+        json.dump(results, stream, indent=1, allow_nan=True)
+    with atomic_output(os.path.join(out, "gap_analysis.md")) as temp_path, open(temp_path, "w") as stream:
+        stream.write(markdown_report(results))
+
+
+def build_parser():
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", required=True, help="the training cells (split.py's train.h5ad)")
+    parser.add_argument("--heldout", required=True, help="the held-out real cells (split.py's heldout.h5ad)")
+    parser.add_argument("--vae_path", required=True, help="the autoencoder checkpoint the diffusion model used")
+    parser.add_argument("--samples", required=True,
+                        help="cell_sample.py's output folder (generated.h5ad, the latent .npy files, manifest.json)")
+    parser.add_argument("--out", required=True, help="folder for gap_analysis.json / .md and the reconstructions")
+    parser.add_argument("--label_key", default=DEFAULT_LABEL_KEY)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the count draws, subsamples and folds")
+    parser.add_argument("--random_forest", type=str2bool, default=True, help="also the random-forest AUC (slower)")
+    parser.add_argument("--progress", type=str2bool, default=True)
+    add_threads_arg(parser)
+    add_device_arg(parser)
+    add_debug_arg(parser)
+    return parser
+
+
+@command
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    apply_threads(args.threads)
+    check_writable_dir(args.out, "--out")
+    settings = GapSettings(train=args.train, heldout=args.heldout, vae_path=args.vae_path, samples=args.samples,
+                           out=args.out, label_key=args.label_key, seed=args.seed, random_forest=args.random_forest,
+                           device=args.device, progress=args.progress)
+    gap_analysis(settings)
+    print(f"wrote {os.path.join(args.out, 'gap_analysis.md')} and gap_analysis.json")
+    return settings.out
+
+
+if __name__ == "__main__":
+    main()
