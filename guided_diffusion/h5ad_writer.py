@@ -15,19 +15,26 @@ from tqdm.auto import tqdm
 from . import seed_streams
 from .atomic import atomic_output
 
+SCANPY_LOG1P = {"base": None}  # what sc.pp.log1p stores: natural log
+
 
 class StreamedCsrMatrix:
-    """An anndata ``csr_matrix`` element in an open h5py group, written one block of rows at a time."""
+    """An anndata ``csr_matrix`` element in an open h5py group, written one block of rows at a time.
+
+    ``indices`` and ``indptr`` share one integer type (int32 while the matrix could hold fewer than 2**31
+    entries, else int64): scipy's kernels that scanpy calls (``eliminate_zeros`` in ``rank_genes_groups``)
+    refuse a matrix read back with mixed index types."""
 
     def __init__(self, parent, name, shape, dtype="float32"):
+        index_dtype = "int32" if int(shape[0]) * int(shape[1]) < 2 ** 31 else "int64"
         group = parent.create_group(name)
         group.attrs["encoding-type"] = "csr_matrix"
         group.attrs["encoding-version"] = "0.1.0"
         group.attrs["shape"] = np.asarray(shape, dtype=np.int64)
         self.data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(1 << 16,))
-        self.indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype="int32",
+        self.indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=index_dtype,
                                             chunks=(1 << 16,))
-        self.indptr = group.create_dataset("indptr", shape=(shape[0] + 1,), dtype="int64")
+        self.indptr = group.create_dataset("indptr", shape=(shape[0] + 1,), dtype=index_dtype)
         self.indptr[0] = 0
         self.rows, self.nnz = 0, 0
 
@@ -78,7 +85,8 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     cell), counts are drawn from the autoencoder's negative binomial: X holds their log-normalized values,
     ``layers['counts']`` the counts (both sparse), ``obs['library_size']`` each cell's row total of
     ``layers['counts']`` and ``obs['target_library_size']`` the total the draw was asked for; chunk ``i``
-    draws from a generator seeded by (seed, i). Returns the decoded values' (min, max).
+    draws from a generator seeded by (seed, i). X is log-normalized either way, recorded as ``sc.pp.log1p``
+    records it (``uns['log1p']``), so scanpy does not warn. Returns the decoded values' (min, max).
     """
     n_cells, n_genes = len(latents), len(autoencoder.genes)
     device = autoencoder.device
@@ -120,7 +128,7 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
                 obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
             write_elem(store, "obs", obs)
             write_elem(store, "var", pd.DataFrame(index=pd.Index(autoencoder.genes, name="gene")))
-            write_elem(store, "uns", uns)
+            write_elem(store, "uns", {**uns, "log1p": SCANPY_LOG1P})
             for empty in ("obsm", "varm", "obsp", "varp"):
                 write_elem(store, empty, {})
     return low, high
