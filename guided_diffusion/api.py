@@ -61,6 +61,13 @@ def split_options(options, *configs):
     return [{key: value for key, value in options.items() if key in names} for names in known]
 
 
+def as_list(value):
+    """A flag that takes several values, given one value or several (None stays None)."""
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else list(value)
+    return [value]
+
+
 def apply_threads_option(options):
     """``threads``/``deterministic`` as the CLIs' ``--threads``/``--deterministic`` (default: the cores
     this process may use)."""
@@ -109,8 +116,9 @@ def train_diffusion(data, vae_path, save_dir="checkpoint/diffusion", **options):
 
     data_options, model_options, training_options = split_options(
         options, DataConfig, DiffusionModelConfig, DiffusionTrainingConfig)
-    if isinstance(data_options.get("label_key"), str):
-        data_options["label_key"] = [data_options["label_key"]]
+    for target, name in ((data_options, "label_key"), (model_options, "num_classes")):
+        if name in target:  # one label key: a value instead of a list
+            target[name] = as_list(target[name])
     model_options.pop("vae_path", None)
     apply_threads_option(options)
     with h5ad_path(data) as path:
@@ -181,7 +189,7 @@ def generate(model, conditions=None, sample_dir=None, **options):
     specs or ``{"cell_type1": "beta"}`` dicts (default: every condition seen in training). ``options`` are
     ``cell_sample.py``'s flags (``num_samples=1000``, ``guide_w``, ``seed``, ``match_counts``,
     ``observation``, ``threads``, ...) with its defaults. The files (latents, generated.h5ad, manifest.json)
-    go to ``sample_dir``, or to a temporary folder that is removed (default).
+    go to ``sample_dir``, or to a temporary folder that is removed (default; the sampler's messages name it).
 
     >>> adata = generate(model, conditions=[{"cell_type1": "beta"}], num_samples=200, seed=1)
     """
@@ -229,9 +237,11 @@ def evaluate(real, generated, label_key="cell_type1", train=None, out_dir=None, 
     unknown_inputs = {key: value for key, value in options.items() if key not in inputs}
     (settings_options,) = split_options(unknown_inputs, EvaluationSettings)
     inputs.update({key: value for key, value in options.items() if key in inputs})
+    for name in ("filter", "condition_key"):
+        inputs[name] = as_list(inputs[name]) or []
     settings_options.setdefault("plots", out_dir is not None)
     if "metrics" in settings_options:
-        settings_options["metrics"] = tuple(settings_options["metrics"])
+        settings_options["metrics"] = tuple(as_list(settings_options["metrics"]))
     settings = EvaluationSettings(**settings_options)
     with contextlib.ExitStack() as stack:
         real_path = stack.enter_context(h5ad_path(real, "real"))
@@ -242,10 +252,10 @@ def evaluate(real, generated, label_key="cell_type1", train=None, out_dir=None, 
         else:
             check_writable_dir(os.fspath(out_dir), "out_dir")
         return run_evaluation(real_path, generated_path, label_key, out_dir, layer=inputs["layer"],
-                              input_is_log=inputs["input_is_log"], filters=list(inputs["filter"]), settings=settings,
+                              input_is_log=inputs["input_is_log"], filters=inputs["filter"], settings=settings,
                               log=log_to_stderr if inputs["progress"] else None, train_path=train_path,
                               generated_layer=inputs["generated_layer"],
                               generated_input_is_log=inputs["generated_input_is_log"],
-                              condition_keys=list(inputs["condition_key"]),
+                              condition_keys=inputs["condition_key"],
                               allow_count_like_log=inputs["allow_count_like_log"])
 
