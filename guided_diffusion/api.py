@@ -51,12 +51,15 @@ def h5ad_path(data, what="data"):
         yield path
 
 
-def split_options(options, *configs):
-    """Keyword arguments shared out to the dataclasses ``configs`` (by field name); an unknown one is refused."""
-    known = [{f.name for f in dataclasses.fields(config)} for config in configs]
-    unknown = sorted(set(options) - set().union(*known) - set(THREAD_OPTIONS))
+def split_options(options, *configs, arguments=(), extra=THREAD_OPTIONS):
+    """Keyword arguments shared out to the dataclasses ``configs`` by field name; an unknown one, or one of
+    the call's own ``arguments``, is refused. ``extra`` names accepted options handled elsewhere."""
+    known = [{f.name for f in dataclasses.fields(config)} - set(arguments) for config in configs]
+    unknown = sorted(set(options) - set().union(*known) - set(extra))
     if unknown:
-        accepted = sorted(set().union(*known) | set(THREAD_OPTIONS))
+        if unknown[0] in arguments:
+            raise UsageError(f"{unknown[0]} is an argument of this call, not an option; give it in its place")
+        accepted = sorted(set().union(*known) | set(extra))
         raise UsageError(f"unknown option {unknown[0]!r}; accepted: {', '.join(accepted)}")
     return [{key: value for key, value in options.items() if key in names} for names in known]
 
@@ -88,7 +91,7 @@ def train_autoencoder(data, save_dir, **options):
     from VAE.autoencoder_training import train_autoencoder as train
 
     data_options, model_options, training_options = split_options(
-        options, DataConfig, AutoencoderModelConfig, AutoencoderTrainingConfig)
+        options, DataConfig, AutoencoderModelConfig, AutoencoderTrainingConfig, arguments=("data_dir", "save_dir"))
     data_options.pop("label_key", None)  # the autoencoder reads no labels (as its CLI)
     apply_threads_option(options)
     with h5ad_path(data) as path:
@@ -115,11 +118,11 @@ def train_diffusion(data, vae_path, save_dir="checkpoint/diffusion", **options):
     from .cell_training import train_diffusion as train
 
     data_options, model_options, training_options = split_options(
-        options, DataConfig, DiffusionModelConfig, DiffusionTrainingConfig)
+        options, DataConfig, DiffusionModelConfig, DiffusionTrainingConfig,
+        arguments=("data_dir", "save_dir", "vae_path"))
     for target, name in ((data_options, "label_key"), (model_options, "num_classes")):
         if name in target:  # one label key: a value instead of a list
             target[name] = as_list(target[name])
-    model_options.pop("vae_path", None)
     apply_threads_option(options)
     with h5ad_path(data) as path:
         model_path = train(DataConfig(data_dir=path, **data_options),
@@ -193,7 +196,8 @@ def generate(model, conditions=None, sample_dir=None, **options):
 
     >>> adata = generate(model, conditions=[{"cell_type1": "beta"}], num_samples=200, seed=1)
     """
-    request_options, settings_options = split_options(options, SamplingRequest, SamplerSettings)
+    request_options, settings_options = split_options(options, SamplingRequest, SamplerSettings,
+                                                      arguments=("model_path", "sample_dir", "conditions"))
     if isinstance(model, Model):
         request_options.setdefault("vae_path", model.vae_path)
         request_options.setdefault("use_ema", model.use_ema)
@@ -235,7 +239,7 @@ def evaluate(real, generated, label_key="cell_type1", train=None, out_dir=None, 
     inputs = {"layer": "", "input_is_log": False, "generated_layer": "", "generated_input_is_log": True,
               "filter": [], "condition_key": [], "allow_count_like_log": False, "progress": True}
     unknown_inputs = {key: value for key, value in options.items() if key not in inputs}
-    (settings_options,) = split_options(unknown_inputs, EvaluationSettings)
+    (settings_options,) = split_options(unknown_inputs, EvaluationSettings, extra=())
     inputs.update({key: value for key, value in options.items() if key in inputs})
     for name in ("filter", "condition_key"):
         inputs[name] = as_list(inputs[name]) or []

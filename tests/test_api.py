@@ -86,7 +86,7 @@ def test_generate_in_memory_equals_the_clis_file(trained, tmp_path):
 
 def test_generate_keeps_the_files_in_a_given_sample_dir(trained, tmp_path):
     adata = api.generate(trained["model"].path, conditions="cell_type1=type_1", sample_dir=tmp_path / "out",
-                         progress=False, **SAMPLING)
+                         vae_path=trained["vae"], progress=False, **SAMPLING)
     assert (tmp_path / "out" / "manifest.json").exists()
     assert adata.n_obs == SAMPLING["num_samples"] and set(adata.obs["cell_type1"]) == {"type_1"}
 
@@ -137,19 +137,23 @@ def test_evaluate_anndata_equals_the_clis_metrics(trained, tmp_path):
     for section in ("generated", "real_vs_real"):
         assert result[section]["overall"] == pytest.approx(written[section]["overall"])
     assert set(result["generated"]["overall"]) == set(settings["metrics"])
+    assert result["plots"] == {}  # no out_dir: no plots made, none to keep
     assert 0.0 < result["real_vs_real"]["overall"]["scc"] <= 1.0
 
 
-def test_evaluate_writes_report_and_plots_into_a_given_out_dir(trained, tmp_path):
+def test_evaluate_writes_its_files_into_a_given_out_dir(trained, tmp_path):
     generated = api.generate(trained["model"], progress=False, **SAMPLING)
-    api.evaluate(trained["data"], generated, out_dir=tmp_path / "eval", progress=False, metrics=["scc"], n_hvg=30,
-                 n_pcs=5, controls=False)
-    assert (tmp_path / "eval" / "metrics.json").exists() and (tmp_path / "eval" / "umap.png").exists()
+    result = api.evaluate(trained["data"], generated, out_dir=tmp_path / "eval", progress=False, metrics=["scc"],
+                          n_hvg=30, n_pcs=5, controls=False, plots=False)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["generated"]["overall"]["scc"] == \
+        pytest.approx(result["generated"]["overall"]["scc"])
+    assert (tmp_path / "eval" / "report.md").exists()
 
 
 @pytest.mark.parametrize("call, message", [
     (lambda t: api.train_autoencoder(t["adata"], t["root"] / "x", max_step=3), "unknown option 'max_step'"),
     (lambda t: api.train_autoencoder([[1, 2]], t["root"] / "x"), "an .h5ad path or an AnnData, got list"),
+    (lambda t: api.train_autoencoder(t["adata"], t["root"] / "x", data_dir="d"), "data_dir is an argument"),
     (lambda t: api.train_autoencoder(t["adata"], t["root"] / "x", batch_size=1), "batch_size 1 is too small"),
     (lambda t: api.generate(t["model"], conditions=["cell_type1=nope"]), "unknown value"),
     (lambda t: api.generate(t["model"], conditions=[{"cell_type1": "a,b"}]), "cannot be given"),
