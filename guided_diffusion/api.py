@@ -32,9 +32,10 @@ THREAD_OPTIONS = ("threads", "deterministic")
 
 # ---- inputs: a path or an AnnData ------------------------------------------------------------------
 @contextlib.contextmanager
-def h5ad_path(data, what="data"):
+def h5ad_path(data, what="data", layer=""):
     """The path of ``data``: a path as given, a backed AnnData's file, or an in-memory AnnData written to a
-    temporary .h5ad (X, obs, var, layers and raw; removed when the block ends)."""
+    temporary .h5ad (X, obs, var, layers and raw; removed when the block ends). ``layer`` is the matrix the
+    caller will read: reading X of a scaled AnnData that has ``.raw`` is refused with a pointer to it."""
     if isinstance(data, (str, os.PathLike)):
         yield os.fspath(data)
         return
@@ -43,12 +44,20 @@ def h5ad_path(data, what="data"):
     if data.isbacked:
         yield os.fspath(data.filename)
         return
+    if layer == "" and data.raw is not None and smallest_value(data.X) < 0:
+        raise UsageError(f"the {what} AnnData's X holds negative values (scaled data?) and it has .raw: pass "
+                         f"layer='raw' (with input_is_log=True if .raw holds log-normalized values)")
     with tempfile.TemporaryDirectory(prefix="cfdiffusion_") as folder:
         path = os.path.join(folder, f"{what}.h5ad")
         slim = anndata.AnnData(X=data.X, obs=data.obs, var=data.var, layers=dict(data.layers),
                                raw=data.raw.to_adata() if data.raw is not None else None)
         slim.write_h5ad(path)
         yield path
+
+
+def smallest_value(matrix):
+    values = matrix.data if hasattr(matrix, "nnz") else matrix
+    return float(values.min()) if values.size else 0.0
 
 
 def split_options(options, *configs, arguments=(), extra=THREAD_OPTIONS):
@@ -94,7 +103,7 @@ def train_autoencoder(data, save_dir, **options):
         options, DataConfig, AutoencoderModelConfig, AutoencoderTrainingConfig, arguments=("data_dir", "save_dir"))
     data_options.pop("label_key", None)  # the autoencoder reads no labels (as its CLI)
     apply_threads_option(options)
-    with h5ad_path(data) as path:
+    with h5ad_path(data, layer=data_options.get("layer", "")) as path:
         result_path, report, seconds = train(DataConfig(data_dir=path, **data_options),
                                              AutoencoderModelConfig(**model_options),
                                              AutoencoderTrainingConfig(save_dir=os.fspath(save_dir),
@@ -124,7 +133,7 @@ def train_diffusion(data, vae_path, save_dir="checkpoint/diffusion", **options):
         if name in target:  # one label key: a value instead of a list
             target[name] = as_list(target[name])
     apply_threads_option(options)
-    with h5ad_path(data) as path:
+    with h5ad_path(data, layer=data_options.get("layer", "")) as path:
         model_path = train(DataConfig(data_dir=path, **data_options),
                            DiffusionModelConfig(vae_path=os.fspath(vae_path), **model_options),
                            DiffusionTrainingConfig(save_dir=os.fspath(save_dir), **training_options))
@@ -248,9 +257,9 @@ def evaluate(real, generated, label_key="cell_type1", train=None, out_dir=None, 
         settings_options["metrics"] = tuple(as_list(settings_options["metrics"]))
     settings = EvaluationSettings(**settings_options)
     with contextlib.ExitStack() as stack:
-        real_path = stack.enter_context(h5ad_path(real, "real"))
-        generated_path = stack.enter_context(h5ad_path(generated, "generated"))
-        train_path = stack.enter_context(h5ad_path(train, "train")) if train is not None else None
+        real_path = stack.enter_context(h5ad_path(real, "real", inputs["layer"]))
+        generated_path = stack.enter_context(h5ad_path(generated, "generated", inputs["generated_layer"]))
+        train_path = stack.enter_context(h5ad_path(train, "train", inputs["layer"])) if train is not None else None
         if out_dir is None:
             out_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cfdiffusion_evaluation_"))
         else:

@@ -167,6 +167,23 @@ def test_bad_input_is_a_one_line_usage_error(trained, call, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_scaled_anndata_points_to_its_raw(tmp_path):
+    """As scanpy's pbmc68k_reduced: X scaled (negative values), .raw log-normalized."""
+    import scanpy as sc
+
+    adata = make_counts_adata(n_cells=61, n_genes=20)[1:].copy()  # without its empty cell
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    adata.raw = adata
+    adata.X = adata.X.toarray()  # a new array: scaling it leaves .raw alone
+    sc.pp.scale(adata)
+    with pytest.raises(UsageError, match=r"negative values .* has \.raw: pass layer='raw'"):
+        api.train_autoencoder(adata, tmp_path / "ae", max_steps=2)
+    path = api.train_autoencoder(adata, tmp_path / "ae", layer="raw", input_is_log=True, max_steps=2,
+                                 hidden_dims=[8], latent_dim=4, batch_size=16, progress=False)
+    assert torch.load(path, weights_only=True)["normalization"]["input_is_log"] is True
+
+
 def test_an_anndata_is_written_whole_for_the_loader():
     adata = make_counts_adata(n_cells=20, n_genes=10)
     adata.layers["counts"] = adata.X.copy()
