@@ -21,6 +21,7 @@ import types
 import anndata
 
 from .cli import UsageError, check_writable_dir
+from .data import DEFAULT_LABEL_KEY
 from .sampling import GENERATED, SamplerSettings, SamplingRequest, sample_cells
 from .threads import apply_thread_flags
 from .training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig, DiffusionModelConfig,
@@ -229,7 +230,7 @@ def generate(model, conditions=None, sample_dir=None, **options):
 
 
 # ---- evaluation ----------------------------------------------------------------------------------
-def evaluate(real, generated, label_key="cell_type1", train=None, out_dir=None, **options):
+def evaluate(real, generated, label_key=DEFAULT_LABEL_KEY, train=None, out_dir=None, **options):
     """Evaluate ``generated`` against ``real`` (and ``train``, the model's training cells); returns the
     metrics dict (``result["generated"]["overall"]["scc"]``, the controls beside it), as
     ``exp_script/evaluate.py`` writes it to metrics.json.
@@ -247,8 +248,7 @@ def evaluate(real, generated, label_key="cell_type1", train=None, out_dir=None, 
 
     inputs = {"layer": "", "input_is_log": False, "generated_layer": "", "generated_input_is_log": True,
               "filter": [], "condition_key": [], "allow_count_like_log": False, "progress": True}
-    unknown_inputs = {key: value for key, value in options.items() if key not in inputs}
-    (settings_options,) = split_options(unknown_inputs, EvaluationSettings, extra=())
+    (settings_options,) = split_options(options, EvaluationSettings, extra=tuple(inputs))
     inputs.update({key: value for key, value in options.items() if key in inputs})
     for name in ("filter", "condition_key"):
         inputs[name] = as_list(inputs[name]) or []

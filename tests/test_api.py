@@ -160,6 +160,7 @@ def test_evaluate_writes_its_files_into_a_given_out_dir(trained, tmp_path):
     (lambda t: api.generate(t["model"], guide_weight=2), "unknown option 'guide_weight'"),
     (lambda t: api.load_model(t["root"] / "missing.pt"), "missing.pt"),
     (lambda t: api.evaluate(t["adata"], t["adata"], label_key="nope"), "nope"),
+    (lambda t: api.evaluate(t["adata"], t["adata"], generated_layers="counts"), "unknown option 'generated_layers'"),
 ])
 def test_bad_input_is_a_one_line_usage_error(trained, call, message):
     with pytest.raises(UsageError) as error:
