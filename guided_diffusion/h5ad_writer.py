@@ -30,6 +30,7 @@ COMPRESSIONS = ("none", "gzip", "lzf")
 GZIP_LEVEL = 1
 SPARSE_CHUNK = 1 << 16  # elements per HDF5 chunk of a sparse matrix's data / indices
 WRITE_QUEUE = 2
+SCANPY_LOG1P = {"base": None}  # what sc.pp.log1p stores: natural log
 
 
 def dataset_options(compression):
@@ -52,6 +53,9 @@ class StreamedCsrMatrix:
     """
 
     def __init__(self, parent, name, shape, dtype="float32", compression=None, pattern_of=None):
+        # indices and indptr share one integer type: scipy kernels scanpy calls (eliminate_zeros in
+        # rank_genes_groups) refuse a matrix read back with mixed index types
+        index_dtype = "int32" if int(shape[0]) * int(shape[1]) < 2 ** 31 else "int64"
         group = parent.create_group(name)
         group.attrs["encoding-type"] = "csr_matrix"
         group.attrs["encoding-version"] = "0.1.0"
@@ -60,8 +64,8 @@ class StreamedCsrMatrix:
         self.data = group.create_dataset("data", shape=(0,), dtype=dtype, **options)
         self.pattern_of = pattern_of
         if pattern_of is None:
-            self.indices = group.create_dataset("indices", shape=(0,), dtype="int32", **options)
-            self.indptr = group.create_dataset("indptr", shape=(shape[0] + 1,), dtype="int64")
+            self.indices = group.create_dataset("indices", shape=(0,), dtype=index_dtype, **options)
+            self.indptr = group.create_dataset("indptr", shape=(shape[0] + 1,), dtype=index_dtype)
             self.indptr[0] = 0
         else:
             group["indices"], group["indptr"] = pattern_of.indices, pattern_of.indptr
@@ -163,7 +167,7 @@ def _write_header(store):
 def _write_annotations(store, obs, genes, uns):
     write_elem(store, "obs", obs)
     write_elem(store, "var", pd.DataFrame(index=pd.Index(genes, name="gene")))
-    write_elem(store, "uns", uns)
+    write_elem(store, "uns", {**uns, "log1p": SCANPY_LOG1P})
     for empty in ("obsm", "varm", "obsp", "varp"):
         write_elem(store, empty, {})
 

@@ -1,0 +1,274 @@
+"""The main job from Python (a notebook): train or load a model, generate cells into an AnnData, evaluate.
+
+    from guided_diffusion.api import train_autoencoder, train_diffusion, load_model, generate, evaluate
+    vae = train_autoencoder("dataset/baron_human.h5ad", "checkpoint/nb/ae", max_steps=600)
+    model = train_diffusion("dataset/baron_human.h5ad", vae, "checkpoint/nb/diffusion", lr_anneal_steps=3000)
+    adata = generate(model, conditions=["cell_type1=beta"], num_samples=200)   # an AnnData in memory
+    metrics = evaluate(real_adata, adata, label_key="cell_type1")["generated"]["overall"]
+
+Each call makes the one library call its command-line tool makes (``VAE/VAE_train.py``, ``cell_train.py``,
+``cell_sample.py``, ``exp_script/evaluate.py``), with the same defaults and the same checks; keyword
+arguments are the tools' flags without ``--``. Bad input raises :class:`UsageError` with a one-line
+message. The loader and the evaluator read .h5ad files, so an in-memory AnnData is first written to a
+temporary .h5ad in a temporary folder (removed afterwards); a backed AnnData is read from its file.
+"""
+import contextlib
+import dataclasses
+import os
+import tempfile
+import types
+
+import anndata
+
+from .cli import UsageError, check_writable_dir
+from .data import DEFAULT_LABEL_KEY
+from .sampling import GENERATED, SamplerSettings, SamplingRequest, sample_cells
+from .threads import apply_thread_flags
+from .training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig, DiffusionModelConfig,
+                              DiffusionTrainingConfig)
+
+__all__ = ["Model", "UsageError", "evaluate", "generate", "load_model", "train_autoencoder", "train_diffusion"]
+THREAD_OPTIONS = ("threads", "deterministic")
+
+
+# ---- inputs: a path or an AnnData ------------------------------------------------------------------
+@contextlib.contextmanager
+def h5ad_path(data, what="data", layer=""):
+    """The path of ``data``: a path as given, a backed AnnData's file, or an in-memory AnnData written to a
+    temporary .h5ad (X, obs, var, layers and raw; removed when the block ends). ``layer`` is the matrix the
+    caller will read: reading X of a scaled AnnData that has ``.raw`` is refused with a pointer to it."""
+    if isinstance(data, (str, os.PathLike)):
+        yield os.fspath(data)
+        return
+    if not isinstance(data, anndata.AnnData):
+        raise UsageError(f"{what} must be an .h5ad path or an AnnData, got {type(data).__name__}")
+    if data.isbacked:
+        yield os.fspath(data.filename)
+        return
+    if layer == "" and data.raw is not None and smallest_value(data.X) < 0:
+        raise UsageError(f"the {what} AnnData's X holds negative values (scaled data?) and it has .raw: pass "
+                         f"layer='raw' (with input_is_log=True if .raw holds log-normalized values)")
+    with tempfile.TemporaryDirectory(prefix="cfdiffusion_") as folder:
+        path = os.path.join(folder, f"{what}.h5ad")
+        slim = anndata.AnnData(X=data.X, obs=data.obs, var=data.var, layers=dict(data.layers),
+                               raw=data.raw.to_adata() if data.raw is not None else None)
+        slim.write_h5ad(path)
+        yield path
+
+
+def smallest_value(matrix):
+    values = matrix.data if hasattr(matrix, "nnz") else matrix
+    return float(values.min()) if values.size else 0.0
+
+
+def split_options(options, *configs, arguments=(), extra=THREAD_OPTIONS):
+    """Keyword arguments shared out to the dataclasses ``configs`` by field name; an unknown one, or one of
+    the call's own ``arguments``, is refused. ``extra`` names accepted options handled elsewhere."""
+    known = [{f.name for f in dataclasses.fields(config)} - set(arguments) for config in configs]
+    unknown = sorted(set(options) - set().union(*known) - set(extra))
+    if unknown:
+        if unknown[0] in arguments:
+            raise UsageError(f"{unknown[0]} is an argument of this call, not an option; give it in its place")
+        accepted = sorted(set().union(*known) | set(extra))
+        raise UsageError(f"unknown option {unknown[0]!r}; accepted: {', '.join(accepted)}")
+    return [{key: value for key, value in options.items() if key in names} for names in known]
+
+
+def as_list(value):
+    """A flag that takes several values, given one value or several (None stays None)."""
+    if value is None or isinstance(value, (list, tuple)):
+        return None if value is None else list(value)
+    return [value]
+
+
+def apply_threads_option(options):
+    """``threads``/``deterministic`` as the CLIs' ``--threads``/``--deterministic`` (default: the cores
+    this process may use)."""
+    apply_thread_flags(types.SimpleNamespace(threads=options.get("threads"),
+                                             deterministic=options.get("deterministic", False)))
+
+
+# ---- training ------------------------------------------------------------------------------------
+def train_autoencoder(data, save_dir, **options):
+    """Train (or resume) the autoencoder on ``data`` (.h5ad path or AnnData); returns the checkpoint path.
+
+    ``options`` are ``VAE/VAE_train.py``'s flags (``max_steps=600``, ``hidden_dims=[256, 256]``,
+    ``input_is_log=True``, ``layer="counts"``, ``threads=1``, ...) with its defaults. An in-memory AnnData
+    is written to a temporary .h5ad first (the loader reads files).
+
+    >>> vae_path = train_autoencoder(adata, "checkpoint/nb/ae", max_steps=600, progress=False)
+    """
+    from VAE.autoencoder_training import train_autoencoder as train
+
+    data_options, model_options, training_options = split_options(
+        options, DataConfig, AutoencoderModelConfig, AutoencoderTrainingConfig, arguments=("data_dir", "save_dir"))
+    data_options.pop("label_key", None)  # the autoencoder reads no labels (as its CLI)
+    apply_threads_option(options)
+    with h5ad_path(data, layer=data_options.get("layer", "")) as path:
+        result_path, report, seconds = train(DataConfig(data_dir=path, **data_options),
+                                             AutoencoderModelConfig(**model_options),
+                                             AutoencoderTrainingConfig(save_dir=os.fspath(save_dir),
+                                                                       **training_options))
+    if report and training_options.get("progress", True):
+        print(f"saved {result_path} ({seconds:.1f} s); held-out reconstruction on {report['n_cells']} cells: "
+              f"MSE {report['mse']:.4f}, median per-cell Pearson {report['median_cell_pearson']:.4f}")
+    return result_path
+
+
+def train_diffusion(data, vae_path, save_dir="checkpoint/diffusion", **options):
+    """Train (or resume) the diffusion model on ``data`` (.h5ad path or AnnData) in the latent space of the
+    autoencoder ``vae_path``; returns the trained :class:`Model` (files in ``save_dir/model_name/``).
+
+    ``options`` are ``cell_train.py``'s flags (``lr_anneal_steps=3000``, ``label_key=["cell_type1",
+    "donor"]`` or one key as a string, ``model_name``, ``hidden_dims``, ``threads``, ...) with its defaults.
+    An in-memory AnnData is written to a temporary .h5ad first (the loader reads files).
+
+    >>> model = train_diffusion(adata, vae_path, "checkpoint/nb/diffusion", lr_anneal_steps=3000)
+    """
+    from .cell_training import train_diffusion as train
+
+    data_options, model_options, training_options = split_options(
+        options, DataConfig, DiffusionModelConfig, DiffusionTrainingConfig,
+        arguments=("data_dir", "save_dir", "vae_path"))
+    for target, name in ((data_options, "label_key"), (model_options, "num_classes")):
+        if name in target:  # one label key: a value instead of a list
+            target[name] = as_list(target[name])
+    apply_threads_option(options)
+    with h5ad_path(data, layer=data_options.get("layer", "")) as path:
+        model_path = train(DataConfig(data_dir=path, **data_options),
+                           DiffusionModelConfig(vae_path=os.fspath(vae_path), **model_options),
+                           DiffusionTrainingConfig(save_dir=os.fspath(save_dir), **training_options))
+    return load_model(model_path, device=training_options.get("device", "auto"))
+
+
+# ---- a trained model -----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Model:
+    """A trained diffusion model: its checkpoint, its autoencoder and what it can generate."""
+
+    path: str
+    vae_path: str
+    label_keys: list
+    vocabularies: dict  # label key -> its values, in code order
+    step: int
+    use_ema: bool = True
+
+    def conditions(self):
+        """Every condition seen in training, as ``KEY=VALUE[,KEY=VALUE]`` specs for :func:`generate`."""
+        from .diffusion_checkpoint import DiffusionCheckpoint
+
+        counts = DiffusionCheckpoint.load(self.path).condition_counts or []
+        return [",".join(f"{key}={self.vocabularies[key][code]}" for key, code in zip(self.label_keys, row[:-1]))
+                for row in counts]
+
+
+def load_model(model_path, vae_path="", use_ema=True, device="auto"):
+    """Load and check a diffusion checkpoint (``model{step}.pt`` or ``ema_*.pt``) and find its autoencoder
+    (recorded in the checkpoint, checked by its sha256, or ``vae_path``), as ``cell_sample.py`` does.
+
+    >>> model = load_model("checkpoint/diffusion/cfDiffusion/model003000.pt")
+    >>> model.label_keys, model.vocabularies["cell_type1"][:3]
+    """
+    from .cli import resolve_device
+    from .model_loading import load_diffusion_model, resolve_autoencoder
+
+    device = resolve_device(device)
+    loaded = load_diffusion_model(os.fspath(model_path), use_ema=use_ema, device=device)
+    autoencoder = resolve_autoencoder(loaded, os.fspath(vae_path) if vae_path else "", device)
+    return Model(path=os.fspath(model_path), vae_path=autoencoder.path, label_keys=loaded.label_keys,
+                 vocabularies={key: list(values) for key, values in loaded.vocabularies.items()},
+                 step=int(loaded.checkpoint.step), use_ema=use_ema)
+
+
+# ---- generation ----------------------------------------------------------------------------------
+def condition_spec(condition):
+    """A condition as ``cell_sample.py --condition`` takes it, from a spec string or a {key: value} dict."""
+    if isinstance(condition, str):
+        return condition
+    if isinstance(condition, dict):
+        for key, value in condition.items():
+            if any(mark in f"{key}{value}" for mark in ",="):
+                raise UsageError(f"condition {key}={value}: keys and values with ',' or '=' cannot be given")
+        return ",".join(f"{key}={value}" for key, value in condition.items())
+    raise UsageError(f"a condition is 'KEY=VALUE[,KEY=VALUE]' or a dict, got {type(condition).__name__}")
+
+
+def generate(model, conditions=None, sample_dir=None, **options):
+    """Generate cells and return them as an AnnData in memory: the sampler's ``generated.h5ad`` (labels in
+    obs, X log-normalized, ``layers['counts']`` with a count autoencoder, ``uns['log1p']`` as scanpy sets
+    it, ``uns['cfdiffusion']`` the run's record), read back after the sampler wrote it.
+
+    ``model`` is a :class:`Model` or a checkpoint path; ``conditions`` a list of ``"cell_type1=beta"``
+    specs or ``{"cell_type1": "beta"}`` dicts (default: every condition seen in training). ``options`` are
+    ``cell_sample.py``'s flags (``num_samples=1000``, ``guide_w``, ``seed``, ``match_counts``,
+    ``observation``, ``threads``, ...) with its defaults. The files (latents, generated.h5ad, manifest.json)
+    go to ``sample_dir``, or to a temporary folder that is removed (default; the sampler's messages name it).
+
+    >>> adata = generate(model, conditions=[{"cell_type1": "beta"}], num_samples=200, seed=1)
+    """
+    request_options, settings_options = split_options(options, SamplingRequest, SamplerSettings,
+                                                      arguments=("model_path", "sample_dir", "conditions"))
+    if isinstance(model, Model):
+        request_options.setdefault("vae_path", model.vae_path)
+        request_options.setdefault("use_ema", model.use_ema)
+        model_path = model.path
+    else:
+        model_path = os.fspath(model)
+    specs = [condition_spec(condition) for condition in ([conditions] if isinstance(conditions, (str, dict))
+                                                           else (conditions or []))]
+    request_options.update(model_path=model_path, conditions=specs)
+    apply_threads_option(options)
+    with contextlib.ExitStack() as stack:
+        if sample_dir is None:
+            sample_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cfdiffusion_sample_"))
+        else:
+            sample_dir = os.fspath(sample_dir)
+            check_writable_dir(sample_dir, "sample_dir")
+        request = SamplingRequest(sample_dir=sample_dir, **request_options)
+        path = sample_cells(request, SamplerSettings(**settings_options))
+        return anndata.read_h5ad(path if path else os.path.join(sample_dir, GENERATED))
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def evaluate(real, generated, label_key=DEFAULT_LABEL_KEY, train=None, out_dir=None, **options):
+    """Evaluate ``generated`` against ``real`` (and ``train``, the model's training cells); returns the
+    metrics dict (``result["generated"]["overall"]["scc"]``, the controls beside it), as
+    ``exp_script/evaluate.py`` writes it to metrics.json.
+
+    Each of ``real``, ``generated``, ``train`` is an .h5ad path or an AnnData (an in-memory one is written to
+    a temporary .h5ad first: the evaluator reads files). ``options`` are ``evaluate.py``'s flags
+    (``input_is_log`` and ``layer`` for real/train, ``generated_input_is_log``, ``filter``,
+    ``condition_key``, ``seed``, ``n_hvg``, ``metrics``, ...) with its defaults; report.md and plots go to
+    ``out_dir`` if given (without it nothing is written and ``plots`` defaults to False).
+
+    >>> result = evaluate(real_adata, generate(model), label_key="cell_type1", input_is_log=True)
+    >>> result["generated"]["overall"]["scc"], result["real_vs_real"]["overall"]["scc"]
+    """
+    from exp_script.evaluation import EvaluationSettings, evaluate as run_evaluation, log_to_stderr
+
+    inputs = {"layer": "", "input_is_log": False, "generated_layer": "", "generated_input_is_log": True,
+              "filter": [], "condition_key": [], "allow_count_like_log": False, "progress": True}
+    (settings_options,) = split_options(options, EvaluationSettings, extra=tuple(inputs))
+    inputs.update({key: value for key, value in options.items() if key in inputs})
+    for name in ("filter", "condition_key"):
+        inputs[name] = as_list(inputs[name]) or []
+    settings_options.setdefault("plots", out_dir is not None)
+    if "metrics" in settings_options:
+        settings_options["metrics"] = tuple(as_list(settings_options["metrics"]))
+    settings = EvaluationSettings(**settings_options)
+    with contextlib.ExitStack() as stack:
+        real_path = stack.enter_context(h5ad_path(real, "real", inputs["layer"]))
+        generated_path = stack.enter_context(h5ad_path(generated, "generated", inputs["generated_layer"]))
+        train_path = stack.enter_context(h5ad_path(train, "train", inputs["layer"])) if train is not None else None
+        if out_dir is None:
+            out_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cfdiffusion_evaluation_"))
+        else:
+            check_writable_dir(os.fspath(out_dir), "out_dir")
+        return run_evaluation(real_path, generated_path, label_key, out_dir, layer=inputs["layer"],
+                              input_is_log=inputs["input_is_log"], filters=inputs["filter"], settings=settings,
+                              log=log_to_stderr if inputs["progress"] else None, train_path=train_path,
+                              generated_layer=inputs["generated_layer"],
+                              generated_input_is_log=inputs["generated_input_is_log"],
+                              condition_keys=inputs["condition_key"],
+                              allow_count_like_log=inputs["allow_count_like_log"])
+
