@@ -144,8 +144,8 @@ class OrderedWriter:
         if self.executor is None:
             return self._timed(job, *args)
         with self.timer("wait for writes"):
-            while len(self.pending) >= WRITE_QUEUE:
-                self.pending.popleft().result()
+            while self.pending and (len(self.pending) >= WRITE_QUEUE or self.pending[0].done()):
+                self.pending.popleft().result()  # re-raises a failed write's error
         self.pending.append(self.executor.submit(self._timed, job, *args))
 
     def finish(self):
