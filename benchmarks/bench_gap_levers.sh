@@ -5,8 +5,8 @@
 #
 #   benchmarks/bench_gap_levers.sh RUN MODEL
 # RUN holds split/{train,heldout}.h5ad (exp_script/split.py); MODEL is the diffusion checkpoint
-# (cell_train.py). Outputs go to RUN/levers/<setting>/{samples,evaluation}; a summary table is printed
-# and written to RUN/levers/summary.md. Threads are pinned with THREADS (default 1).
+# (cell_train.py). Outputs go to OUT/<setting>/{samples,evaluation} (OUT defaults to RUN/levers); a summary
+# table is printed and written to OUT/summary.md. SEED (default 0) seeds sampling and evaluation; THREADS (default 1) pins threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -15,7 +15,7 @@ MODEL=${2:?usage: bench_gap_levers.sh RUN MODEL}
 SEED=${SEED:-0}
 WEIGHTS=${WEIGHTS:-"0 0.5 1 2"}
 export OMP_NUM_THREADS=${THREADS:-1}
-OUT="$RUN/levers"
+OUT=${OUT:-"$RUN/levers"}
 mkdir -p "$OUT"
 
 run_setting() {  # run_setting NAME SAMPLER-FLAGS...
