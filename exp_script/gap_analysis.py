@@ -243,6 +243,10 @@ def gap_analysis(settings):
     progress = settings.progress
     sets, genes = load_inputs(settings, progress)
     heldout = sets["heldout"]
+    for name in ("heldout", "train", "generated"):
+        if sets[name].counts is None:
+            raise UsageError(f"the {name} cells hold no raw counts: the observation-model section needs them "
+                             f"(real files with counts in X, samples drawn with --observation counts)")
     autoencoder, _ = load_autoencoder(settings.vae_path, device=resolve_device(settings.device))
     latents = encoded_latents(settings, autoencoder, sets, progress)
     sets["generated_on_sphere"], _ = read_set(decode_on_sphere(settings, autoencoder, latents["generated_on_sphere"],
