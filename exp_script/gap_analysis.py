@@ -33,12 +33,14 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from exp_script import gap_metrics as gm  # noqa: E402
 from exp_script import reconstruct as rc  # noqa: E402
+from exp_script.controls import log_normalize  # noqa: E402
 from exp_script.eval_inputs import json_ready  # noqa: E402
 from exp_script.gap_report import markdown_report  # noqa: E402
 from guided_diffusion.atomic import atomic_output  # noqa: E402
 from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,  # noqa: E402
                                   command, resolve_device, str2bool)
-from guided_diffusion.data import DEFAULT_LABEL_KEY, load_dataset  # noqa: E402
+from guided_diffusion.data import DEFAULT_LABEL_KEY, TARGET_SUM, load_dataset  # noqa: E402
+from guided_diffusion.h5ad_writer import write_decoded_h5ad  # noqa: E402
 from guided_diffusion.threads import add_threads_arg, apply_threads  # noqa: E402
 
 
@@ -136,14 +138,17 @@ EXPRESSION_SETS = {"train": "training cells (positive control)",
                    "reconstructed_heldout_counts": "held-out cells reconstructed, drawn counts (autoencoder ceiling)",
                    "reconstructed_heldout_means": "held-out cells reconstructed, decoded means",
                    "reconstructed_train_counts": "training cells reconstructed, drawn counts (perfect latent model)",
-                   "generated": "generated cells"}
+                   "reconstructed_heldout_poisson": "held-out cells reconstructed, Poisson counts around the "
+                                                    "decoded means (no NB dispersion)",
+                   "generated": "generated cells",
+                   "generated_on_sphere": "generated latents projected onto the unit sphere, decoded, drawn counts"}
+OBSERVATION_SETS = ("train", "reconstructed_heldout_counts", "reconstructed_heldout_poisson",
+                    "reconstructed_train_counts", "generated", "generated_on_sphere")
 
 
-def latent_section(settings, sets, progress):
-    """Encoded training and held-out latents and the generated latents, compared in latent space."""
-    from VAE.VAE_model import load_autoencoder
-
-    autoencoder, _ = load_autoencoder(settings.vae_path, device=resolve_device(settings.device))
+def encoded_latents(settings, autoencoder, sets, progress):
+    """{name: latents}: the training and held-out cells encoded, the generated latents as sampled and
+    projected onto the unit sphere (where the encoder puts every real cell)."""
     latents = {}
     for name, path in (("heldout", settings.heldout), ("train", settings.train)):
         dataset = load_dataset(path, label_keys=[settings.label_key])
@@ -153,10 +158,45 @@ def latent_section(settings, sets, progress):
         finally:
             dataset.close()
     latents["generated"] = generated_latents(settings.samples, len(sets["generated"].labels))
+    norms = np.linalg.norm(latents["generated"], axis=1, keepdims=True)
+    latents["generated_on_sphere"] = (latents["generated"] / np.maximum(norms, 1e-12)).astype(np.float32)
+    return latents
+
+
+def decode_on_sphere(settings, autoencoder, latents, progress):
+    """The generated latents projected onto the unit sphere, decoded with the sampler's writer and the
+    generated cells' own target library sizes (drawn counts); returns the output path."""
+    from anndata import read_h5ad
+
+    generated = read_h5ad(os.path.join(settings.samples, "generated.h5ad"), backed="r")
+    try:
+        obs = generated.obs[[settings.label_key]].copy()
+        library_sizes = generated.obs["target_library_size"].to_numpy(np.float64)
+    finally:
+        generated.file.close()
+    path = os.path.join(settings.out, "reconstructions", "generated_on_sphere.h5ad")
+    write_decoded_h5ad(path, autoencoder, latents, obs, {"cfdiffusion": {"observation": "counts"}},
+                       progress=progress, library_sizes=library_sizes, seed=settings.seed)
+    return path
+
+
+def poisson_from_means(means, totals, seed):
+    """Poisson counts around decoded mean expression (log1p of share x TARGET_SUM) at the given library
+    sizes: the observation model without the negative binomial's extra dispersion."""
+    shares = np.expm1(np.asarray(means, dtype=np.float64)) / TARGET_SUM
+    shares /= np.maximum(shares.sum(axis=1, keepdims=True), 1e-12)
+    counts = np.random.default_rng([seed, 17]).poisson(shares * np.asarray(totals, dtype=np.float64)[:, None])
+    return counts.astype(np.float32)
+
+
+def latent_section(settings, sets, latents, progress):
+    """Generated latents (as sampled and on the sphere) vs the encoded held-out latents, beside the encoded
+    training latents; and generated vs training latents."""
     reference = latents["heldout"]
     section = {}
-    for name in tqdm(("train", "generated"), desc="latent space", disable=not progress):
-        section[name] = gm.two_sample(reference, sets["heldout"].labels, latents[name], sets[name].labels,
+    for name in tqdm(("train", "generated", "generated_on_sphere"), desc="latent space", disable=not progress):
+        labels = sets["generated" if name.startswith("generated") else name].labels
+        section[name] = gm.two_sample(reference, sets["heldout"].labels, latents[name], labels,
                                       seed=settings.seed, use_rf=settings.random_forest)
         section[name]["moments"] = gm.latent_moments(reference, latents[name])
     section["generated_vs_train"] = gm.two_sample(latents["train"], sets["train"].labels, latents["generated"],
@@ -176,7 +216,7 @@ def per_label_table(sets, expression, latent):
                                   for name in ("train", "heldout", "generated")}}
         for name, result in expression.items():
             row[f"expression_{name}_knn_auc"] = result["per_label"].get(label, {}).get("knn_auc", float("nan"))
-        for name in ("train", "generated"):
+        for name in ("train", "generated", "generated_on_sphere"):
             row[f"latent_{name}_knn_auc"] = latent[name]["per_label"].get(label, {}).get("knn_auc", float("nan"))
         rows.append(row)
     return rows
@@ -198,16 +238,27 @@ def check_inputs(settings):
 def gap_analysis(settings):
     """Run every section; write OUT/gap_analysis.json and .md; returns the results dict."""
     check_inputs(settings)
+    from VAE.VAE_model import load_autoencoder
+
     progress = settings.progress
     sets, genes = load_inputs(settings, progress)
     heldout = sets["heldout"]
+    for name in ("heldout", "train", "generated"):
+        if sets[name].counts is None:
+            raise UsageError(f"the {name} cells hold no raw counts: the observation-model section needs them "
+                             f"(real files with counts in X, samples drawn with --observation counts)")
+    autoencoder, _ = load_autoencoder(settings.vae_path, device=resolve_device(settings.device))
+    latents = encoded_latents(settings, autoencoder, sets, progress)
+    sets["generated_on_sphere"], _ = read_set(decode_on_sphere(settings, autoencoder, latents["generated_on_sphere"],
+                                                               progress), settings.label_key, "generated_on_sphere")
+    poisson = poisson_from_means(sets["reconstructed_heldout_means"].x, heldout.counts.sum(axis=1), settings.seed)
+    sets["reconstructed_heldout_poisson"] = CellSet(x=log_normalize(poisson), counts=poisson, labels=heldout.labels)
     expression = {}
     for name in tqdm(EXPRESSION_SETS, desc="expression space", disable=not progress):
         expression[name] = gm.expression_two_sample(heldout.x, heldout.labels, sets[name].x, sets[name].labels,
                                                     genes, seed=settings.seed, use_rf=settings.random_forest)
-    latent = latent_section(settings, sets, progress)
-    observation = {name: gm.observation_comparison(heldout.counts, sets[name].counts)
-                   for name in ("train", "reconstructed_heldout_counts", "reconstructed_train_counts", "generated")}
+    latent = latent_section(settings, sets, latents, progress)
+    observation = {name: gm.observation_comparison(heldout.counts, sets[name].counts) for name in OBSERVATION_SETS}
     results = json_ready({"settings": asdict(settings), "expression": expression, "latent": latent,
                           "observation": observation, "per_label": per_label_table(sets, expression, latent),
                           "expression_sets": EXPRESSION_SETS})

@@ -29,6 +29,7 @@ def _latent(results):
     latent = results["latent"]
     titles = {"train": "encoded training latents vs held-out (positive control)",
               "generated": "generated latents vs encoded held-out",
+              "generated_on_sphere": "generated latents projected onto the unit sphere vs encoded held-out",
               "generated_vs_train": "generated latents vs encoded training latents"}
     rows = []
     for name, title in titles.items():
@@ -41,7 +42,7 @@ def _latent(results):
     return ["## (b) Latent space", "",
             *_table(["comparison", "kNN AUC", "RF AUC", "mean shift (sd)", "log2 var ratio (median)",
                      "log2 var ratio q05..q95", "dims < half var", "median norm"], rows), "",
-            f"Held-out latent norm quantiles: " + ", ".join(f"{k} {_f(v)}" for k, v in norms.items()), ""]
+            "Held-out latent norm quantiles: " + ", ".join(f"{k} {_f(v)}" for k, v in norms.items()), ""]
 
 
 def _observation(results):

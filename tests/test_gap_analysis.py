@@ -73,6 +73,18 @@ def test_observation_comparison_sees_overdispersion_zeros_and_library_sizes():
     assert deeper["cell_zero_fraction_compared"] < deeper["cell_zero_fraction_reference"]
 
 
+def test_poisson_from_means_keeps_shares_and_library_sizes():
+    rng = np.random.default_rng(0)
+    shares = rng.dirichlet(np.ones(30), size=400)
+    totals = rng.uniform(500, 2000, size=400)
+    counts = gap_analysis.poisson_from_means(np.log1p(shares * gap_analysis.TARGET_SUM), totals, seed=0)
+    assert np.allclose(counts.sum(axis=1) / totals, 1.0, atol=0.2)
+    expected = shares * totals[:, None]
+    assert np.allclose(counts.mean(axis=0), expected.mean(axis=0), rtol=0.1)
+    residual = (counts - expected) / np.sqrt(expected)  # Poisson: unit variance, no extra dispersion
+    assert residual.var() == pytest.approx(1.0, abs=0.05)
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     """Split -> tiny autoencoder -> tiny diffusion model -> matched-count samples."""
@@ -104,7 +116,9 @@ def test_cli_writes_every_section_and_the_report(pipeline, tmp_path):
     results = json.loads((out / "gap_analysis.json").read_text())
     assert set(results["expression"]) == set(gap_analysis.EXPRESSION_SETS)
     assert results["expression"]["train"]["overall"]["n_reference"] == 40  # the held-out 20%
-    assert {"train", "generated", "generated_vs_train", "heldout_norm"} <= set(results["latent"])
+    assert {"train", "generated", "generated_on_sphere", "generated_vs_train", "heldout_norm"} <= set(results["latent"])
+    assert results["latent"]["generated_on_sphere"]["moments"]["norm"]["q05"] == pytest.approx(1.0, abs=1e-5)
+    assert results["latent"]["heldout_norm"]["q50"] == pytest.approx(1.0, abs=1e-5)  # the encoder's L2 norm
     assert results["observation"]["generated"]["library_size_reference"]["q50"] > 0
     counts = {row["label"]: row for row in results["per_label"]}
     assert sum(row["n_heldout"] for row in counts.values()) == 40
