@@ -4,7 +4,7 @@ one fixed thread count."""
 import os
 
 for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-    os.environ.setdefault(_variable, "1")
+    os.environ[_variable] = "1"  # also for the subprocesses the tests start (exact-resume checks need one thread)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
