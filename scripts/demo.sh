@@ -42,7 +42,9 @@ stage autoencoder "$PY" VAE/VAE_train.py --data_dir "$TRAIN" --num_genes 20125 -
 AE="$OUT/autoencoder/model_seed=0_step=$AE_STEPS.pt"
 stage diffusion "$PY" cell_train.py --data_dir "$TRAIN" --vae_path "$AE" --model_name baron --save_dir "$OUT/diffusion" \
   --lr_anneal_steps "$DIFFUSION_STEPS" --save_interval "$DIFFUSION_STEPS" --lr 1e-3 --num_classes 14 \
-  --branch 0 --cache_interval 5 --non_uniform False
+  --branch 0 --cache_interval 5 --non_uniform False --threads "${DIFFUSION_THREADS:-1}"
+# one thread: the denoiser's kernels are small; measured fastest under load and within 1.3x of the fastest
+# quiet setting (README, "On a CPU")
 MODEL=$(printf "%s/diffusion/baron/model%06d.pt" "$OUT" "$DIFFUSION_STEPS")
 stage sampling "$PY" cell_sample.py --model_path "$MODEL" --sample_dir "$OUT/samples" --match_counts
 stage evaluation "$PY" exp_script/evaluate.py --real "$HELDOUT" --train "$TRAIN" \
