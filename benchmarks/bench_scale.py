@@ -33,12 +33,10 @@ import time
 from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
 
 NUM_GENES = 20125
 NUM_CLASSES = 14
@@ -47,7 +45,7 @@ LAYOUTS = {"previous": dict(compression="none", background_writes=False, share_p
 
 
 def count_autoencoder():
-    from bench_sampling import baron_profile
+    from benchmarks.bench_sampling import baron_profile
     from guided_diffusion.data import Normalization
     from VAE.VAE_model import VAE, Autoencoder
 

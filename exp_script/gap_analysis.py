@@ -21,27 +21,23 @@ OUT/reconstructions/.
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass
 
-if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import h5py
+import numpy as np
+from tqdm.auto import tqdm
 
-import h5py  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from exp_script import gap_metrics as gm  # noqa: E402
-from exp_script import reconstruct as rc  # noqa: E402
-from exp_script.controls import log_normalize  # noqa: E402
-from exp_script.eval_inputs import json_ready  # noqa: E402
-from exp_script.gap_report import markdown_report  # noqa: E402
-from guided_diffusion.atomic import atomic_output  # noqa: E402
-from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,  # noqa: E402
+from exp_script import gap_metrics as gm
+from exp_script import reconstruct as rc
+from exp_script.controls import log_normalize
+from exp_script.eval_inputs import json_ready
+from exp_script.gap_report import markdown_report
+from guided_diffusion.atomic import atomic_output
+from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,
                                   command, resolve_device, str2bool)
-from guided_diffusion.data import DEFAULT_LABEL_KEY, TARGET_SUM, load_dataset  # noqa: E402
-from guided_diffusion.h5ad_writer import write_decoded_h5ad  # noqa: E402
-from guided_diffusion.threads import add_threads_arg, apply_threads  # noqa: E402
+from guided_diffusion.data import DEFAULT_LABEL_KEY, TARGET_SUM, load_dataset
+from guided_diffusion.h5ad_writer import write_decoded_h5ad
+from guided_diffusion.threads import add_threads_arg, apply_threads
 
 
 @dataclass

@@ -20,32 +20,28 @@ guidance_sweep.png, and prints the recommended setting with the rule that chose 
 """
 import argparse
 import os
-import sys
 import tempfile
 from dataclasses import replace
 
-if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
-from sklearn.metrics import pairwise_distances  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from sklearn.decomposition import PCA
+from sklearn.metrics import pairwise_distances
 
-from exp_script import metrics  # noqa: E402
-from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,  # noqa: E402
+from exp_script import metrics
+from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,
                                          out_of_fold_labels, read_cells, variable_genes)
-from guided_diffusion.atomic import atomic_output  # noqa: E402
-from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, command,  # noqa: E402
+from guided_diffusion.atomic import atomic_output
+from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, command,
                                   positive_int, resolve_device, str2bool)
-from guided_diffusion.model_loading import load_diffusion_model, resolve_autoencoder  # noqa: E402
-from guided_diffusion.sampler_settings import (SamplerSettings, format_guide_w, parse_guide_w,  # noqa: E402
+from guided_diffusion.model_loading import load_diffusion_model, resolve_autoencoder
+from guided_diffusion.sampler_settings import (SamplerSettings, format_guide_w, parse_guide_w,
                                                resolve_guide_w, resolve_settings)
-from guided_diffusion.sampling import generate  # noqa: E402
+from guided_diffusion.sampling import generate
 
 ACCURACY_TOLERANCE = 0.02
 RULE = (f"the setting whose generated cells are hardest to tell from the validation cells (mean kNN AUC closest "

@@ -22,19 +22,15 @@ the held-out combination are called the held-out donor at least half as often as
 import argparse
 import json
 import os
-import sys
 
-if __package__ in (None, ""):  # run as a script, from the project root or from inside exp_script/
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from anndata import read_h5ad
 
-import numpy as np  # noqa: E402
-from anndata import read_h5ad  # noqa: E402
-
-from exp_script.guidance_sweep import knn_auc  # noqa: E402
-from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,  # noqa: E402
+from exp_script.guidance_sweep import knn_auc
+from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,
                                          out_of_fold_labels, read_cells)
-from guided_diffusion.atomic import atomic_output  # noqa: E402
-from guided_diffusion.cli import ArgumentParser, UsageError, add_debug_arg, command  # noqa: E402
+from guided_diffusion.atomic import atomic_output
+from guided_diffusion.cli import ArgumentParser, UsageError, add_debug_arg, command
 
 RESULT_JSON = "unseen_combination.json"
 RESULT_MD = "unseen_combination.md"
