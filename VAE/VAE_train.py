@@ -60,7 +60,12 @@ def build_parser():
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                         help="matmuls of the training step: bf16 (autocast, fp32 master weights and loss), fp32, or "
                              "auto = bf16 where the device runs it natively (AMX / AVX512-BF16 CPUs, CUDA)")
-    parser.add_argument("--val_fraction", type=fraction, default=0.1, help="held-out cells for validation")
+    parser.add_argument("--val_fraction", type=fraction, default=0.1,
+                        help="cells of --data_dir set aside for the validation loss (never trained on)")
+    parser.add_argument("--early_stopping_patience", type=non_negative_int, default=0,
+                        help="0 = off; else keep the weights of the lowest validation loss (checked at every log "
+                             "row) in model_seed=S_best.pt and stop when it has not improved for this many steps "
+                             "(--max_steps stays the cap); use the _best.pt file downstream")
     parser.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)
@@ -82,7 +87,10 @@ def main(argv=None):
                                                   from_flags(AutoencoderTrainingConfig, args))
     if not setup_distributed(args.device).is_main:
         return path
-    print(f"saved {path} ({seconds:.1f} s)")
+    print(f"saved {(report or {}).get('last_path', path)} ({seconds:.1f} s)")
+    if report and "best_step" in report:
+        print(f"best validation loss {report['best_val_loss']:.5f} at step {report['best_step']}: "
+              f"{report['best_path']} (use it as --vae_path)")
     if report:
         print(f"held-out reconstruction on {report['n_cells']} cells: MSE {report['mse']:.4f}, "
               f"median per-cell Pearson {report['median_cell_pearson']:.4f}")

@@ -16,11 +16,17 @@ from guided_diffusion.checkpoint import latest_checkpoint, load_checkpoint, save
 
 MODEL_PATTERN = r"model_seed=(-?\d+)_step=(\d+)\.pt"
 OPTIMIZER_PATTERN = r"opt_seed=(-?\d+)_step=(\d+)\.pt"
+BEST_PATTERN = r"model_seed=(-?\d+)_best\.pt"
 RESUME_KEYS = ("optimizer", "sampler", "rng")
 
 
 def model_path(save_dir, seed, step):
     return os.path.join(save_dir, f"model_seed={seed}_step={step}.pt")
+
+
+def best_model_path(save_dir, seed):
+    """``model_seed={seed}_best.pt``: the weights of the lowest validation loss (early stopping)."""
+    return os.path.join(save_dir, f"model_seed={seed}_best.pt")
 
 
 def optimizer_path_for(path):
@@ -34,7 +40,7 @@ def checkpoint_files(folder):
     if not os.path.isdir(folder):
         return []
     return [name for name in os.listdir(folder)
-            if re.fullmatch(MODEL_PATTERN, name) or re.fullmatch(OPTIMIZER_PATTERN, name)]
+            if any(re.fullmatch(pattern, name) for pattern in (MODEL_PATTERN, OPTIMIZER_PATTERN, BEST_PATTERN))]
 
 
 def latest_model_path(folder, seed):
@@ -44,7 +50,9 @@ def latest_model_path(folder, seed):
 
 @dataclass
 class AutoencoderCheckpoint:
-    """One saved autoencoder; ``training_state`` (optimizer, sampler, rng) is None for a weights-only file."""
+    """One saved autoencoder; ``training_state`` (optimizer, sampler, rng and, with early stopping, the
+    best validation loss so far) is None for a weights-only file. ``selection`` (best-weights files only)
+    records how the weights were chosen: validation loss, its step, the patience and the run's last step."""
 
     model_config: dict
     state_dict: dict
@@ -55,18 +63,21 @@ class AutoencoderCheckpoint:
     val_fraction: float = 0.1
     train_config: dict = field(default_factory=dict)
     training_state: Optional[dict] = None
+    selection: Optional[dict] = None
     path: str = ""
 
     def save(self, path):
         """Write the optimizer file (when there is training state), then the model file; returns ``path``."""
         optimizer_path = optimizer_path_for(path)
         if self.training_state is not None and optimizer_path:
-            save_checkpoint({**{key: self.training_state[key] for key in RESUME_KEYS}, "step": self.step},
+            save_checkpoint({**self.training_state, "step": self.step},
                             optimizer_path, kind="autoencoder_optimizer")
-        save_checkpoint({"model_config": self.model_config, "state_dict": self.state_dict, "step": self.step,
-                         "genes": self.genes, "normalization": self.normalization,
-                         "train_config": self.train_config, "val_fraction": self.val_fraction,
-                         "seed": self.seed}, path, kind="autoencoder")
+        payload = {"model_config": self.model_config, "state_dict": self.state_dict, "step": self.step,
+                   "genes": self.genes, "normalization": self.normalization,
+                   "train_config": self.train_config, "val_fraction": self.val_fraction, "seed": self.seed}
+        if self.selection is not None:
+            payload["selection"] = self.selection
+        save_checkpoint(payload, path, kind="autoencoder")
         self.path = path
         return path
 
@@ -82,8 +93,11 @@ class AutoencoderCheckpoint:
             elif optimizer_path_for(path) and os.path.exists(optimizer_path_for(path)):
                 stored = load_checkpoint(optimizer_path_for(path), kinds=("autoencoder_optimizer",))
                 state = {key: stored[key] for key in RESUME_KEYS}
+                if "early_stopping" in stored:
+                    state["early_stopping"] = stored["early_stopping"]
         return cls(model_config=payload["model_config"], state_dict=payload["state_dict"],
                    genes=list(payload["genes"]), normalization=payload["normalization"],
                    step=int(payload["step"]), seed=int(payload.get("seed", 0)),
                    val_fraction=float(payload.get("val_fraction", 0.1)),
-                   train_config=dict(payload.get("train_config", {})), training_state=state, path=path)
+                   train_config=dict(payload.get("train_config", {})), training_state=state,
+                   selection=payload.get("selection"), path=path)

@@ -1,5 +1,6 @@
 """Training loop of the autoencoder: resumable exactly, checkpoints atomic, CSV log, tqdm progress;
 one process, or several on torch.distributed (torchrun / mpiexec)."""
+import math
 import os
 import time
 
@@ -15,7 +16,8 @@ from guided_diffusion.training_config import SettingError, literal, plain_dict
 from guided_diffusion.training_loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
 from guided_diffusion.heap_reuse import reuse_freed_memory
 
-from .autoencoder_checkpoint import AutoencoderCheckpoint, checkpoint_files, latest_model_path, model_path
+from .autoencoder_checkpoint import (AutoencoderCheckpoint, best_model_path, checkpoint_files, latest_model_path,
+                                     model_path)
 from .VAE_model import VAE
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "seconds"]
@@ -95,7 +97,11 @@ def output_bias(dataset, indices, models_counts, seed, max_cells=50000, chunk=10
 
 
 def train_autoencoder(data, model_config, training):
-    """Train (or resume) the autoencoder; returns (last checkpoint path, held-out report or None, seconds).
+    """Train (or resume) the autoencoder; returns (checkpoint path to use, validation report or None, seconds).
+
+    The path to use is the last checkpoint, or with ``early_stopping_patience`` the best-weights file
+    ``model_seed=S_best.pt`` (the report then also holds ``best_step``, ``best_val_loss``, ``best_path``
+    and ``last_path``, and its figures are those of the best weights).
 
     ``data`` is a :class:`~guided_diffusion.training_config.DataConfig`, ``model_config`` an
     :class:`~guided_diffusion.training_config.AutoencoderModelConfig`, ``training`` an
@@ -118,11 +124,22 @@ def train_autoencoder(data, model_config, training):
                                 description="autoencoder", resume_flag="--state_dict", learning_rate=training.lr)
         try:
             path = run_training(task, settings, context, progress=training.progress)
+            if context.is_main and task.early_stopping is not None:
+                task.save_best()  # a best carried over from a resumed run's folder and not saved since
         finally:
             task.folder.release()
         seconds = time.monotonic() - started
         report = None
-        if context.is_main and len(task.val_index):
+        if task.early_stopping is not None and context.is_main and not os.path.exists(task.early_stopping.path):
+            print(f"warning: the best weights (step {task.early_stopping.best_step}) of the resumed run were not "
+                  f"found beside its checkpoint; {path}, the last checkpoint, is the one to use", flush=True)
+        elif task.early_stopping is not None and context.is_main:
+            best = AutoencoderCheckpoint.load(task.early_stopping.path)
+            task.model.load_state_dict(best.state_dict)
+            report = dict(evaluate_reconstruction(task.model, dataset, task.val_index), last_path=path,
+                          best_path=best.path, best_step=best.step, best_val_loss=best.selection["val_loss"])
+            path = best.path
+        elif context.is_main and len(task.val_index):
             report = evaluate_reconstruction(task.model, dataset, task.val_index)
         return path, report, seconds
     finally:
@@ -135,6 +152,10 @@ def check_settings(training):
                            f"need at least 2 cells per batch; use {{batch_size}} 2 or more", "batch_size")
     if training.seed < 0:
         raise SettingError(f"{{seed}} must be zero or positive, got {training.seed}", "seed")
+    if training.early_stopping_patience and not training.val_fraction:
+        raise SettingError("{early_stopping_patience} needs validation cells, but {val_fraction} is 0; set "
+                           "{val_fraction} (e.g. 0.1) or turn early stopping off ({early_stopping_patience} 0)",
+                           "early_stopping_patience", "val_fraction")
 
 
 def resolve_resume_path(training):
@@ -163,6 +184,36 @@ def check_resumable(checkpoint, model, training, path):
                                f"(or start a new run in another {{save_dir}})", "state_dict", name, "save_dir")
 
 
+class EarlyStopping:
+    """The lowest validation loss so far, its step and (until written) its weights; the reason to stop.
+
+    The weights of a new best are copied in memory and written to ``model_seed=S_best.pt`` at the next
+    save (before the step's checkpoint), so a resumed run continues with the same best file, loss and step
+    (they travel in the optimizer file) and stops where the straight run stops.
+    """
+
+    def __init__(self, path, patience):
+        self.path, self.patience = path, patience
+        self.best_loss, self.best_step, self.pending = math.inf, None, None
+
+    def observe(self, step, val_loss, model):
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_step = val_loss, step
+            self.pending = {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+    def stop_reason(self, step):
+        if self.best_step is not None and step - self.best_step >= self.patience:
+            return (f"the validation loss has not improved for {step - self.best_step} steps "
+                    f"(best {self.best_loss:.5f} at step {self.best_step}; early stopping patience {self.patience})")
+        return None
+
+    def state(self):
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "patience": self.patience}
+
+    def load_state(self, state):
+        self.best_loss, self.best_step = float(state["best_loss"]), state["best_step"]
+
+
 class AutoencoderTask(TrainingTask):
     """The autoencoder's step, log row, save and resume, for :func:`~guided_diffusion.training_loop.run_training`."""
 
@@ -187,6 +238,10 @@ class AutoencoderTask(TrainingTask):
             reuse_freed_memory()
         self.optimizer = adamw(self.model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
         self.sampler = make_batch_sampler(dataset, self.train_index, training.batch_size, training.seed)
+        self.early_stopping = None
+        if training.early_stopping_patience:
+            self.early_stopping = EarlyStopping(best_model_path(training.save_dir, training.seed),
+                                                training.early_stopping_patience)
         self.train_config = plain_dict(data, model_config, training)
         resume_path = resolve_resume_path(training)
         self.step = self._start_from(resume_path) if resume_path else self._start_fresh()
@@ -217,8 +272,24 @@ class AutoencoderTask(TrainingTask):
                 group["lr"], group["weight_decay"] = self.training.lr, self.training.weight_decay
             self.sampler.load_state_dict(checkpoint.training_state["sampler"])
             set_rng_state(checkpoint.training_state["rng"])
+            if self.early_stopping is not None and "early_stopping" in checkpoint.training_state:
+                self._resume_early_stopping(checkpoint.training_state["early_stopping"], path)
             self.last_saved_step, self.last_saved_path = checkpoint.step, path
         return checkpoint.step
+
+    def _resume_early_stopping(self, state, path):
+        """Continue the resumed run's best loss and step (so this run stops where it would have); when this
+        run writes into another folder, the best weights come from the resumed run's ``_best.pt`` if that
+        file still holds that step (it is written here at the first save)."""
+        stopping = self.early_stopping
+        stopping.load_state(state)
+        source = best_model_path(os.path.dirname(path), self.training.seed)
+        if os.path.abspath(source) == os.path.abspath(stopping.path) or stopping.best_step is None:
+            return
+        if os.path.exists(source):
+            best = AutoencoderCheckpoint.load(source)
+            if best.step == stopping.best_step:
+                stopping.pending = best.state_dict
 
     def train_step(self):
         batch_index = self.sampler.next_batch()
@@ -246,7 +317,14 @@ class AutoencoderTask(TrainingTask):
         val_loss = ""
         if len(self.val_index):
             val_loss = evaluate_reconstruction(self.model, self.dataset, self.val_index[:VALIDATION_CELLS])["loss"]
+            if self.early_stopping is not None:
+                self.early_stopping.observe(self.step, val_loss, self.model)
         self.log.write(step=self.step, train_loss=train_loss, val_loss=val_loss, seconds=seconds)
+
+    def stop_reason(self):
+        if self.early_stopping is None or not self.context.is_main:
+            return None
+        return self.early_stopping.stop_reason(self.step)
 
     def is_finite(self):
         return all_finite(self.model)
@@ -254,11 +332,28 @@ class AutoencoderTask(TrainingTask):
     def save(self):
         path = checkpoint_path(self.training.save_dir, self.training.seed, self.step)
         if self.context.is_main:
-            AutoencoderCheckpoint(
-                model_config=self.model.config(), state_dict=self.model.state_dict(), genes=self.dataset.genes,
-                normalization=self.dataset.normalization.to_dict(), step=self.step, seed=self.training.seed,
-                val_fraction=self.training.val_fraction, train_config=self.train_config,
-                training_state={"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-                                "rng": rng_state()}).save(path)
+            state = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng_state()}
+            if self.early_stopping is not None:
+                self.save_best()
+                state["early_stopping"] = self.early_stopping.state()
+            self._checkpoint(self.model.state_dict(), self.step, training_state=state).save(path)
         self.context.barrier()
         return path
+
+    def save_best(self):
+        """Write the pending best weights (if a new best was found since the last save)."""
+        stopping = self.early_stopping
+        if stopping.pending is None:
+            return
+        selection = {"criterion": "validation loss", "val_loss": stopping.best_loss, "step": stopping.best_step,
+                     "patience": stopping.patience, "saved_at_step": self.step,
+                     "validation_cells": int(min(len(self.val_index), VALIDATION_CELLS))}
+        self._checkpoint(stopping.pending, stopping.best_step, selection=selection).save(stopping.path)
+        stopping.pending = None
+
+    def _checkpoint(self, state_dict, step, training_state=None, selection=None):
+        return AutoencoderCheckpoint(
+            model_config=self.model.config(), state_dict=state_dict, genes=self.dataset.genes,
+            normalization=self.dataset.normalization.to_dict(), step=step, seed=self.training.seed,
+            val_fraction=self.training.val_fraction, train_config=self.train_config,
+            training_state=training_state, selection=selection)

@@ -90,7 +90,8 @@ def apply_threads_option(options):
 
 # ---- training ------------------------------------------------------------------------------------
 def train_autoencoder(data, save_dir, **options):
-    """Train (or resume) the autoencoder on ``data`` (.h5ad path or AnnData); returns the checkpoint path.
+    """Train (or resume) the autoencoder on ``data`` (.h5ad path or AnnData); returns the checkpoint path
+    (with ``early_stopping_patience``, the best-weights file ``model_seed=S_best.pt``).
 
     ``options`` are ``VAE/VAE_train.py``'s flags (``max_steps=600``, ``hidden_dims=[256, 256]``,
     ``input_is_log=True``, ``layer="counts"``, ``threads=1``, ...) with its defaults. An in-memory AnnData
@@ -110,8 +111,11 @@ def train_autoencoder(data, save_dir, **options):
                                              AutoencoderTrainingConfig(save_dir=os.fspath(save_dir),
                                                                        **training_options))
     if report and training_options.get("progress", True):
-        print(f"saved {result_path} ({seconds:.1f} s); held-out reconstruction on {report['n_cells']} cells: "
-              f"MSE {report['mse']:.4f}, median per-cell Pearson {report['median_cell_pearson']:.4f}")
+        best = (f"; best validation loss {report['best_val_loss']:.5f} at step {report['best_step']}"
+                if "best_step" in report else "")
+        print(f"saved {report.get('last_path', result_path)} ({seconds:.1f} s){best}; held-out reconstruction on "
+              f"{report['n_cells']} cells: MSE {report['mse']:.4f}, median per-cell Pearson "
+              f"{report['median_cell_pearson']:.4f}")
     return result_path
 
 

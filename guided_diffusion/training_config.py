@@ -100,6 +100,7 @@ class AutoencoderTrainingConfig:
     state_dict: str = ""
     start_step: Optional[int] = None
     val_fraction: float = 0.1
+    early_stopping_patience: int = 0  # 0: off; else stop when the validation loss has not improved for this many steps
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True

@@ -2,10 +2,11 @@
 
 :func:`run_training` owns what does not depend on the model: stop at ``max_steps`` or the
 ``max_minutes`` deadline, Ctrl-C/SIGTERM at a step boundary (save, print how to resume, exit 130/143),
-log rows every ``log_interval`` steps, at every checkpoint and at the end, periodic and final saves
+log rows every ``log_interval`` steps, at every checkpoint and at the end (after each row the task may
+ask to stop: early stopping), periodic and final saves
 (no second save of a step already saved), and a stop with a clear message when the loss or the
 weights become non-finite (the last good checkpoint is kept). A trainer supplies a :class:`TrainingTask`:
-its step, its log row, its save and its finiteness check.
+its step, its log row, its save, its finiteness check and, optionally, a reason to stop early.
 """
 import csv
 import fcntl
@@ -64,6 +65,10 @@ class TrainingTask:
     def progress_postfix(self):
         return {}
 
+    def stop_reason(self):
+        """Why training should end now (checked after each log row), or None to go on: early stopping."""
+        return None
+
 
 def run_training(task, settings, context, progress=True):
     """Train ``task`` until ``settings.max_steps``, the deadline or a signal; return the last checkpoint path."""
@@ -82,11 +87,17 @@ def run_training(task, settings, context, progress=True):
             interrupted = context.any(stop.requested)
             at_save = task.step % settings.save_interval == 0
             final = task.step == settings.max_steps or out_of_time or interrupted
-            if task.step % settings.log_interval == 0 or at_save or final:
+            logged = task.step % settings.log_interval == 0 or at_save or final
+            if logged:
                 bar.set_postfix(task.progress_postfix())
                 task.write_log(round(time.monotonic() - started, 2))
             if at_save:
                 _save(task, settings, context)
+            reason = task.stop_reason() if logged else None
+            if context.any(reason is not None) and not interrupted:
+                if context.is_main:
+                    bar.write(f"stopping at step {task.step}: {reason}")
+                break
             if interrupted:
                 path = _save_if_unsaved(task, settings, context)
                 bar.close()

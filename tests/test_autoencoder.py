@@ -183,3 +183,51 @@ def test_count_decoder_means_and_draws():
     np.testing.assert_allclose(draws.sum(dim=2).mean(dim=0).numpy(), totals.numpy(), rtol=0.1)
     with pytest.raises(Exception, match="--loss_ae mse"):
         VAE(num_genes=30, hidden_dims=(16, 16, 16)).sample_counts(latent, totals, torch.Generator())
+
+
+def early_stopping_run(counts_h5ad, save_dir, *extra):
+    return train(counts_h5ad, save_dir, "--max_steps", "400", "--val_fraction", "0.2", "--lr", "1e-2",
+                 "--early_stopping_patience", "20", *extra)
+
+
+def test_early_stopping_keeps_the_best_weights_and_stops(tmp_path, counts_h5ad, capsys):
+    path = early_stopping_run(counts_h5ad, tmp_path)
+    assert path.endswith("model_seed=0_best.pt")
+    log = np.genfromtxt(tmp_path / "train_log.csv", delimiter=",", names=True)
+    last = int(log["step"][-1])
+    best_step = int(log["step"][np.argmin(log["val_loss"])])
+    assert last < 400, "the run stops before --max_steps"
+    assert last - best_step == 20, "it stops at the first log row 20 steps past the best"
+    assert (log["val_loss"][log["step"] > best_step] >= log["val_loss"].min()).all()
+    payload = load_checkpoint(path)
+    assert payload["step"] == best_step
+    assert payload["selection"]["val_loss"] == pytest.approx(log["val_loss"].min(), rel=1e-9)
+    assert payload["selection"]["patience"] == 20 and payload["selection"]["saved_at_step"] >= best_step
+    last_payload = load_checkpoint(tmp_path / f"model_seed=0_step={last}.pt")
+    assert any(not torch.equal(payload["state_dict"][name], last_payload["state_dict"][name])
+               for name in payload["state_dict"]), "the best weights are not the last ones"
+    out = capsys.readouterr().out
+    assert f"stopping at step {last}" in out and f"at step {best_step}: {path}" in out
+    load_autoencoder(path)  # a complete model file, usable as --vae_path
+
+
+def test_early_stopping_resumes_exactly(tmp_path, counts_h5ad):
+    straight = early_stopping_run(counts_h5ad, tmp_path / "a", "--checkpoint_freq", "10")
+    first = load_checkpoint(straight)
+    best_step = first["step"]
+    # from a checkpoint before the best (found again) and from one after it (carried over from folder a)
+    for name, step in [("before", 10 * max((best_step - 1) // 10, 1)), ("after", 10 * -(-best_step // 10))]:
+        resumed = early_stopping_run(counts_h5ad, tmp_path / name, "--checkpoint_freq", "10",
+                                     "--state_dict", str(tmp_path / "a" / f"model_seed=0_step={step}.pt"))
+        second = load_checkpoint(resumed)
+        assert second["step"] == best_step and second["selection"]["val_loss"] == first["selection"]["val_loss"]
+        for key in first["state_dict"]:
+            assert torch.equal(first["state_dict"][key], second["state_dict"][key]), (name, key)
+
+
+def test_early_stopping_needs_validation_cells(tmp_path, counts_h5ad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train(counts_h5ad, tmp_path, "--max_steps", "5", "--val_fraction", "0", "--early_stopping_patience", "10")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--early_stopping_patience needs validation cells" in err and "--val_fraction" in err
