@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Training recipes on the held-out protocol, several training seeds: the demo's split (80/20, split seed 0,
+# the same held-out cells for every run) -> per seed one autoencoder run (AE_STEPS steps, the lowest-validation-
+# loss weights kept in model_seed=S_best.pt; validation cells come from the training split only) -> per recipe a
+# diffusion run, sampling (as many cells per type as training had) and the evaluation against the held-out
+# cells beside the positive control (training cells vs held-out). Prints mean ± sd per recipe.
+#
+#   SEEDS="0 1 2" RECIPES="last:8000 best:8000 best:16000" bash benchmarks/bench_recipes.sh checkpoint/recipes
+#
+# A recipe is AUTOENCODER:DIFFUSION_STEPS; AUTOENCODER is `last` (the model after AE_STEPS steps, today's demo) or
+# `best` (early stopping: the weights of the lowest validation loss; an early-stopped run with patience P would have
+# stopped at best step + P, which the summary reports as the autoencoder steps that recipe needs). Every stage is
+# pinned to THREADS threads (default 1); stage wall times go to OUT/seed*/times.tsv. Runs already done are reused.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${1:-checkpoint/recipes}
+SEEDS=${SEEDS:-"0 1 2"}
+RECIPES=${RECIPES:-"last:8000 best:8000 best:16000"}
+AE_STEPS=${AE_STEPS:-600}
+PATIENCE=${PATIENCE:-150}
+THREADS=${THREADS:-1}
+export OMP_NUM_THREADS=$THREADS
+mkdir -p "$OUT"
+
+timed() {  # timed TIMES_FILE NAME COMMAND...
+  local file=$1 name=$2; shift 2
+  local start=$SECONDS
+  "$@"
+  printf "%s\t%s\n" "$name" "$((SECONDS - start))" >> "$file"
+}
+
+if [ ! -f "$OUT/split/heldout.h5ad" ]; then
+  "$PY" exp_script/split.py --data_dir dataset/baron_human.h5ad --label_key cell_type1 --out "$OUT/split" \
+    --heldout_fraction 0.2 --seed 0
+fi
+for seed in $SEEDS; do
+  run="$OUT/seed$seed"
+  mkdir -p "$run"
+  times="$run/times.tsv"
+  touch "$times"
+  if [ ! -f "$run/autoencoder/model_seed=${seed}_step=$AE_STEPS.pt" ]; then
+    timed "$times" autoencoder "$PY" VAE/VAE_train.py --data_dir "$OUT/split/train.h5ad" --save_dir "$run/autoencoder" \
+      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --log_interval 20 --early_stopping_patience "$AE_STEPS" \
+      --seed "$seed" --threads "$THREADS" --progress False --overwrite True
+  fi
+  for recipe in $RECIPES; do
+    choice=${recipe%%:*}; steps=${recipe##*:}
+    case $choice in
+      last) ae="$run/autoencoder/model_seed=${seed}_step=$AE_STEPS.pt" ;;
+      best) ae="$run/autoencoder/model_seed=${seed}_best.pt" ;;
+      *) echo "error: recipe $recipe: the autoencoder is 'last' or 'best'" >&2; exit 2 ;;
+    esac
+    folder="$run/${choice}_d$steps"
+    model=$(printf "%s/diffusion/baron/model%06d.pt" "$folder" "$steps")
+    if [ ! -f "$model" ]; then
+      timed "$times" "diffusion ${choice}_d$steps" "$PY" cell_train.py --data_dir "$OUT/split/train.h5ad" \
+        --vae_path "$ae" --model_name baron --save_dir "$folder/diffusion" --lr_anneal_steps "$steps" \
+        --save_interval "$steps" --lr 1e-3 --seed "$seed" --threads "$THREADS" --progress False --overwrite True
+    fi
+    if [ ! -f "$folder/evaluation/metrics.json" ]; then
+      rm -rf "$folder/samples"
+      "$PY" cell_sample.py --model_path "$model" --sample_dir "$folder/samples" --match_counts --seed "$seed" \
+        --progress False > /dev/null
+      timed "$times" "evaluation ${choice}_d$steps" "$PY" exp_script/evaluate.py --real "$OUT/split/heldout.h5ad" \
+        --train "$OUT/split/train.h5ad" --generated "$folder/samples/generated.h5ad" --label_key cell_type1 \
+        --out "$folder/evaluation" --seed "$seed" --plots False --progress False > /dev/null
+    fi
+  done
+done
+"$PY" -m benchmarks.recipe_summary "$OUT" --patience "$PATIENCE" --ae_steps "$AE_STEPS"

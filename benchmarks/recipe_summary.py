@@ -1,0 +1,103 @@
+"""Summary of ``benchmarks/bench_recipes.sh``: per recipe, the held-out figures as mean ± sd over training
+seeds, beside the positive control (training cells vs held-out), with the novelty check and the stage times.
+
+    python -m benchmarks.recipe_summary checkpoint/recipes --patience 150 --ae_steps 600
+"""
+import csv
+import glob
+import json
+import os
+import re
+import statistics
+
+from guided_diffusion.cli import ArgumentParser, HelpFormatter, command
+
+FIGURES = ["knn_auc", "rf_auc", "ilisi", "celltypist_accuracy", "de_lfc_pearson"]
+COLUMNS = FIGURES + ["novelty_fraction_closer", "novelty_distance_ratio", "tstr_macro_f1"]
+
+
+def run_figures(metrics):
+    """The figures of one evaluation: the generated cells' and the positive control's."""
+    generated = dict(metrics["generated"]["overall"])
+    novelty = metrics["novelty"]["sections"]["generated"]
+    generated["novelty_fraction_closer"] = novelty["fraction_closer"]
+    generated["novelty_distance_ratio"] = novelty["distance_ratio"]
+    generated["novelty_passes"] = novelty["passes"]
+    useful = metrics.get("usefulness", {}).get("train_on_synthetic", {})
+    generated["tstr_macro_f1"] = useful.get("generated", {}).get("macro_f1")
+    control = dict(metrics["train_vs_heldout"]["overall"])
+    control["tstr_macro_f1"] = useful.get("real training cells", {}).get("macro_f1")
+    return generated, control
+
+
+def best_step(log_path):
+    """The step of the lowest validation loss in an autoencoder's train_log.csv."""
+    with open(log_path, newline="") as stream:
+        rows = [row for row in csv.DictReader(stream) if row["val_loss"]]
+    return int(min(rows, key=lambda row: float(row["val_loss"]))["step"])
+
+
+def stage_seconds(times_path):
+    if not os.path.exists(times_path):
+        return {}
+    with open(times_path) as stream:
+        return {name: float(seconds) for name, seconds in (line.rstrip("\n").split("\t") for line in stream if line.strip())}
+
+
+def mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def summarize(out, patience, ae_steps):
+    recipes, controls, autoencoder = {}, [], {}
+    for seed_folder in sorted(glob.glob(os.path.join(out, "seed*"))):
+        seed = seed_folder.rsplit("seed", 1)[1]
+        log = os.path.join(seed_folder, "autoencoder", "train_log.csv")
+        times = stage_seconds(os.path.join(seed_folder, "times.tsv"))
+        if os.path.exists(log):
+            autoencoder[seed] = best_step(log)
+        for metrics_path in sorted(glob.glob(os.path.join(seed_folder, "*_d*", "evaluation", "metrics.json"))):
+            recipe = os.path.basename(os.path.dirname(os.path.dirname(metrics_path)))
+            with open(metrics_path) as stream:
+                generated, control = run_figures(json.load(stream))
+            generated["diffusion_seconds"] = times.get(f"diffusion {recipe}")
+            recipes.setdefault(recipe, []).append((seed, generated))
+            controls.append(control)
+    lines = [f"Held-out protocol, {len(autoencoder)} training seed(s); autoencoder best steps by validation loss: "
+             + ", ".join(f"seed {s}: {step}" for s, step in sorted(autoencoder.items()))
+             + f" (an early-stopped run with patience {patience} stops at best + {patience}; `last` = {ae_steps} steps)",
+             "", "| recipe | seeds | " + " | ".join(COLUMNS) + " | novelty passes | diffusion s |",
+             "|" + "---|" * (len(COLUMNS) + 4)]
+    lines.append("| train vs held-out (positive control) | " + str(len(controls)) + " | "
+                 + " | ".join(mean_sd([c.get(k) for c in controls]) if k in FIGURES + ["tstr_macro_f1"] else "—"
+                              for k in COLUMNS) + " | — | — |")
+    order = sorted(recipes, key=lambda name: (not name.startswith("last"), int(re.sub(r"\D", "", name) or 0)))
+    for recipe in order:
+        runs = [figures for _, figures in recipes[recipe]]
+        passes = sum(bool(figures["novelty_passes"]) for figures in runs)
+        lines.append(f"| {recipe} | {len(runs)} | " + " | ".join(mean_sd([f.get(k) for f in runs]) for k in COLUMNS)
+                     + f" | {passes}/{len(runs)} | {mean_sd([f.get('diffusion_seconds') for f in runs])} |")
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "summary.md"), "w") as stream:
+        stream.write(text)
+    print(text)
+    return text
+
+
+@command
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("out", help="the folder bench_recipes.sh wrote")
+    parser.add_argument("--patience", type=int, default=150, help="early-stopping patience to report")
+    parser.add_argument("--ae_steps", type=int, default=600, help="the autoencoder run's steps")
+    args = parser.parse_args(argv)
+    summarize(args.out, args.patience, args.ae_steps)
+
+
+if __name__ == "__main__":
+    main()
