@@ -116,11 +116,16 @@ class VAE(nn.Module):
             encoded = self.encoder(x)
         return F.normalize(encoded.float(), dim=1)
 
-    def forward(self, x):
-        """(decoder output, latent): log-normalized expression (mse) or per-gene logits (nb), float32."""
+    def forward(self, x, latent_noise=0.0):
+        """(decoder output, latent): log-normalized expression (mse) or per-gene logits (nb), float32.
+
+        ``latent_noise`` (train mode only): the decoder reads the latent plus Gaussian noise of this
+        standard deviation per coordinate, so it learns to decode the neighbourhood of each training cell's
+        latent, not only the point (the returned latent is the encoder's, without noise)."""
         latent = self.embed(x)
-        with self._matmul_precision(latent):
-            output = self.decoder(latent)
+        decoded = latent + latent_noise * torch.randn_like(latent) if latent_noise and self.training else latent
+        with self._matmul_precision(decoded):
+            output = self.decoder(decoded)
         return output.float(), latent
 
     def reconstruction_loss(self, output, x, counts=None, totals=None):

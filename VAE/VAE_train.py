@@ -66,6 +66,11 @@ def build_parser():
                         help="0 = off; else keep the weights of the lowest validation loss (checked at every log "
                              "row) in model_seed=S_best.pt and stop when it has not improved for this many steps "
                              "(--max_steps stays the cap); use the _best.pt file downstream")
+    parser.add_argument("--latent_noise", type=non_negative_float, default=0.0,
+                        help="training only: the decoder reads each latent plus Gaussian noise of this standard "
+                             "deviation per coordinate (latents have norm 1: a coordinate is ~0.09 for 128 dims), so "
+                             "it decodes latents near the training cells' too, as the diffusion model's are; "
+                             "0 = off (the original)")
     parser.add_argument("--progress", type=str2bool, default=True, help="show a progress bar")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)

@@ -40,13 +40,13 @@ def resolve_loss(loss_ae, dataset):
     return loss_ae
 
 
-def batch_loss(model, forward, dataset, index, device):
+def batch_loss(model, forward, dataset, index, device, latent_noise=0.0):
     """Reconstruction loss of the cells ``index`` (``forward`` is the model or its DDP replica)."""
     if model.models_counts:
         x, counts, totals = (torch.from_numpy(a).to(device) for a in dataset.rows_and_counts(index))
     else:
         x, counts, totals = torch.from_numpy(dataset.rows(index)).to(device), None, None
-    output, _ = forward(x)
+    output, _ = forward(x, latent_noise=latent_noise)
     return model.reconstruction_loss(output, x, counts, totals), output, x
 
 
@@ -152,6 +152,9 @@ def check_settings(training):
                            f"need at least 2 cells per batch; use {{batch_size}} 2 or more", "batch_size")
     if training.seed < 0:
         raise SettingError(f"{{seed}} must be zero or positive, got {training.seed}", "seed")
+    if not 0 <= training.latent_noise < 1:
+        raise SettingError(f"{{latent_noise}} is the noise's standard deviation per latent coordinate (latents have "
+                           f"norm 1), between 0 and 1; got {training.latent_noise}", "latent_noise")
     if training.early_stopping_patience and not training.val_fraction:
         raise SettingError("{early_stopping_patience} needs validation cells, but {val_fraction} is 0; set "
                            "{val_fraction} (e.g. 0.1) or turn early stopping off ({early_stopping_patience} 0)",
@@ -294,7 +297,8 @@ class AutoencoderTask(TrainingTask):
     def train_step(self):
         batch_index = self.sampler.next_batch()
         local_index = batch_index[self.context.shard(len(batch_index))]
-        local_loss, _, _ = batch_loss(self.model, self.replica, self.dataset, local_index, self.device)
+        local_loss, _, _ = batch_loss(self.model, self.replica, self.dataset, local_index, self.device,
+                                      latent_noise=self.training.latent_noise)
         # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
         share = len(local_index) / len(batch_index)
         self.optimizer.zero_grad(set_to_none=True)

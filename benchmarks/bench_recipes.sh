@@ -7,9 +7,10 @@
 #
 #   SEEDS="0 1 2" RECIPES="last:8000 best:8000 best:16000" bash benchmarks/bench_recipes.sh checkpoint/recipes
 #
-# A recipe is AUTOENCODER:DIFFUSION_STEPS; AUTOENCODER is `last` (the model after AE_STEPS steps, today's demo) or
-# `best` (early stopping: the weights of the lowest validation loss; an early-stopped run with patience P would have
-# stopped at best step + P, which the summary reports as the autoencoder steps that recipe needs). Every stage is
+# A recipe is [VARIANT-]AUTOENCODER:DIFFUSION_STEPS; AUTOENCODER is `last` (the model after AE_STEPS steps, today's
+# demo) or `best` (early stopping: the weights of the lowest validation loss; an early-stopped run with patience P
+# would have stopped at best step + P, which the summary reports as the autoencoder steps that recipe needs);
+# VARIANT (optional) trains its own autoencoder with extra flags: noise02 / noise05 = --latent_noise 0.02 / 0.05. Every stage is
 # pinned to THREADS threads (default 1); stage wall times go to OUT/seed*/times.tsv. Runs already done are reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,18 +40,29 @@ for seed in $SEEDS; do
   mkdir -p "$run"
   times="$run/times.tsv"
   touch "$times"
-  if [ ! -f "$run/autoencoder/model_seed=${seed}_step=$AE_STEPS.pt" ]; then
-    timed "$times" autoencoder "$PY" VAE/VAE_train.py --data_dir "$OUT/split/train.h5ad" --save_dir "$run/autoencoder" \
-      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --log_interval 20 --early_stopping_patience "$AE_STEPS" \
-      --seed "$seed" --threads "$THREADS" --progress False --overwrite True
-  fi
   for recipe in $RECIPES; do
     choice=${recipe%%:*}; steps=${recipe##*:}
+    variant=""; ae_flags=""
+    if [[ $choice == *-* ]]; then variant=${choice%%-*}; choice=${choice#*-}; fi
+    case $variant in
+      "") ;;
+      noise02) ae_flags="--latent_noise 0.02" ;;
+      noise05) ae_flags="--latent_noise 0.05" ;;
+      *) echo "error: recipe $recipe: unknown autoencoder variant $variant" >&2; exit 2 ;;
+    esac
+    ae_dir="$run/autoencoder${variant:+_$variant}"
+    if [ ! -f "$ae_dir/model_seed=${seed}_step=$AE_STEPS.pt" ]; then
+      # shellcheck disable=SC2086
+      timed "$times" "autoencoder${variant:+ $variant}" "$PY" VAE/VAE_train.py --data_dir "$OUT/split/train.h5ad" \
+        --save_dir "$ae_dir" --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --log_interval 20 \
+        --early_stopping_patience "$AE_STEPS" --seed "$seed" --threads "$THREADS" --progress False --overwrite True $ae_flags
+    fi
     case $choice in
-      last) ae="$run/autoencoder/model_seed=${seed}_step=$AE_STEPS.pt" ;;
-      best) ae="$run/autoencoder/model_seed=${seed}_best.pt" ;;
+      last) ae="$ae_dir/model_seed=${seed}_step=$AE_STEPS.pt" ;;
+      best) ae="$ae_dir/model_seed=${seed}_best.pt" ;;
       *) echo "error: recipe $recipe: the autoencoder is 'last' or 'best'" >&2; exit 2 ;;
     esac
+    choice="${variant:+$variant-}$choice"
     folder="$run/${choice}_d$steps"
     model=$(printf "%s/diffusion/baron/model%06d.pt" "$folder" "$steps")
     if [ ! -f "$model" ]; then

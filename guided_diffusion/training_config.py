@@ -101,6 +101,7 @@ class AutoencoderTrainingConfig:
     start_step: Optional[int] = None
     val_fraction: float = 0.1
     early_stopping_patience: int = 0  # 0: off; else stop when the validation loss has not improved for this many steps
+    latent_noise: float = 0.0  # sd of Gaussian noise on the latent the decoder reads in training (0: the original)
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True

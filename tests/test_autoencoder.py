@@ -231,3 +231,24 @@ def test_early_stopping_needs_validation_cells(tmp_path, counts_h5ad, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--early_stopping_patience needs validation cells" in err and "--val_fraction" in err
+
+
+def test_latent_noise_reaches_only_the_training_decoder(tmp_path, counts_h5ad):
+    torch.manual_seed(0)
+    model = VAE(num_genes=30, latent_dim=8, hidden_dims=(16, 16, 16), loss_ae="nb")
+    x = torch.rand(6, 30)
+    plain_output, plain_latent = model(x)
+    noisy_output, noisy_latent = model(x, latent_noise=0.1)
+    assert torch.equal(plain_latent, noisy_latent), "the encoder's latent is returned without noise"
+    assert not torch.allclose(plain_output, noisy_output), "train mode: the decoder reads a noisy latent"
+    model.eval()
+    assert torch.equal(model(x)[0], model(x, latent_noise=0.1)[0]), "eval mode: no noise"
+
+    straight = train(counts_h5ad, tmp_path / "a", "--max_steps", "12", "--checkpoint_freq", "6", "--latent_noise", "0.05")
+    resumed = train(counts_h5ad, tmp_path / "b", "--max_steps", "12", "--checkpoint_freq", "6", "--latent_noise", "0.05",
+                    "--state_dict", str(tmp_path / "a" / "model_seed=0_step=6.pt"))
+    plain = train(counts_h5ad, tmp_path / "c", "--max_steps", "12")
+    first, second, third = (load_checkpoint(path) for path in (straight, resumed, plain))
+    assert first["train_config"]["latent_noise"] == 0.05 and third["train_config"]["latent_noise"] == 0.0
+    assert all(torch.equal(first["state_dict"][k], second["state_dict"][k]) for k in first["state_dict"])
+    assert not all(torch.equal(first["state_dict"][k], third["state_dict"][k]) for k in first["state_dict"])
