@@ -46,7 +46,7 @@ def compare(prepared, section, progress):
         for label in prepared.labels:
             rows = compared.labels == label
             per_label[label]["celltypist_accuracy"] = m.label_accuracy(predicted[rows], compared.labels[rows])
-    if "marker_jaccard" in wanted:
+    if "marker_jaccard" in wanted and prepared.reference_markers is not None:
         progress.stage(f"{title}: marker genes")
         result["markers"] = markers(prepared, compared.x, compared.labels)
         scores = {label: m.jaccard(prepared.reference_markers[label], found)
@@ -181,7 +181,7 @@ def run_comparisons(data, settings=None, log=log_to_stderr, progress=None):
         "format": RESULT_FORMAT,
         "label_key": data.label_key,
         "inputs": data.inputs,
-        "warnings": list(data.warnings),
+        "warnings": list(data.warnings) + list(prepared.notes),
         "sections": sections,
         "section_info": {name: {"title": SECTION_INFO[name][0], "kind": SECTION_INFO[name][1]} for name in sections},
         "positive_control": positive_control(prepared),

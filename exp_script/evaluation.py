@@ -119,6 +119,8 @@ def evaluate(real_path, generated_path, label_key, out_dir, layer="", input_is_l
                                 allow_count_like_log=allow_count_like_log, warn=warn)
     check_enough_generated(data, settings)
     results, prepared = run_comparisons(data, settings, progress=progress)
+    for message in prepared.notes:
+        warn(message)
     for message in few_cells_warnings(results, settings):
         warn(message)
         results["warnings"].append(message)

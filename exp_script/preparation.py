@@ -46,6 +46,7 @@ class Prepared:
     reference_markers: dict = None
     fold_changes: dict = field(default_factory=dict)  # section -> label -> (real lfc, compared lfc)
     collapsed_kind: str = None  # "counts" or "log": how the collapsed control was drawn
+    notes: list = field(default_factory=list)  # figures withheld by preparation, and why (become warnings)
 
 
 def control_source(data, control_set):
@@ -120,6 +121,11 @@ def build_sets(data, settings):
     return reference, control, generated, sets, kind
 
 
+# marker Jaccard needs this many times --marker_top_n candidate genes: a top-50 list of 50 or 80 genes
+# overlaps any other by construction (on an 11-gene dataset every label scored 1.000)
+MARKER_CANDIDATE_FACTOR = 2
+
+
 def prepare(data, settings, progress):
     """The compared sets, the evaluated labels, and the shared models fitted on the reference half."""
     reference, control, generated, sets, kind = build_sets(data, settings)
@@ -139,9 +145,15 @@ def prepare(data, settings, progress):
         prepared.celltypist_model = m.train_celltypist(reference_x[:, columns], sets["reference"].labels,
                                                        [data.genes[j] for j in columns], seed=settings.seed)
     if "marker_jaccard" in settings.metrics:
+        count = min(settings.marker_genes or len(data.genes), len(data.genes))
+        if count < MARKER_CANDIDATE_FACTOR * settings.marker_top_n:
+            prepared.notes.append(f"marker_jaccard withheld: {count} candidate genes for the top "
+                                  f"{settings.marker_top_n} markers per label (at least "
+                                  f"{MARKER_CANDIDATE_FACTOR * settings.marker_top_n} are needed; with fewer the "
+                                  f"top sets overlap by construction)")
+            return prepared
         progress.stage("finding marker genes of the reference half")
-        count = settings.marker_genes or len(data.genes)
-        prepared.marker_candidates = np.sort(prepared.gene_order[:min(count, len(data.genes))])
+        prepared.marker_candidates = np.sort(prepared.gene_order[:count])
         prepared.reference_markers = markers(prepared, reference_x, sets["reference"].labels)
     return prepared
 

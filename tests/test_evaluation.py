@@ -392,3 +392,13 @@ def test_notebook_runs(files, kernel_name, tmp_path, name):
     shown = json.dumps([cell.outputs for cell in notebook.cells if cell.cell_type == "code"])
     assert NOTEBOOK_SHOWS[name] in shown, f"{name}'s outputs lack {NOTEBOOK_SHOWS[name]}"
     assert list((tmp_path / "out").glob("*.png")) or name == "down_stream_analysis.ipynb"
+
+
+def test_marker_overlap_is_withheld_with_too_few_candidate_genes(files, tmp_path, capsys):
+    result = run_cli(files, tmp_path / "out", "--plots", "False", "--metrics", "scc", "marker_jaccard",
+                     "--marker_genes", "60")
+    for section in ("generated", "real_vs_real"):
+        assert "marker_jaccard" not in result[section]["overall"] and "scc" in result[section]["overall"]
+    assert any(w.startswith("marker_jaccard withheld: 60 candidate genes") for w in result["warnings"])
+    assert "marker_jaccard withheld" in capsys.readouterr().err
+    assert "marker_jaccard withheld" in (tmp_path / "out" / "report.md").read_text()
