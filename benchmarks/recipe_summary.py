@@ -44,17 +44,17 @@ def stage_seconds(times_path):
         return {name: float(seconds) for name, seconds in (line.rstrip("\n").split("\t") for line in stream if line.strip())}
 
 
-def mean_sd(values):
+def mean_sd(values, digits=3):
     values = [v for v in values if v is not None]
     if not values:
         return "—"
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def summarize(out, patience, ae_steps):
-    recipes, controls, autoencoder = {}, [], {}
+    recipes, controls, autoencoder = {}, {}, {}  # controls: one per seed (the same cells for every recipe)
     for seed_folder in sorted(glob.glob(os.path.join(out, "seed*"))):
         seed = seed_folder.rsplit("seed", 1)[1]
         log = os.path.join(seed_folder, "autoencoder", "train_log.csv")
@@ -67,21 +67,21 @@ def summarize(out, patience, ae_steps):
                 generated, control = run_figures(json.load(stream))
             generated["diffusion_seconds"] = times.get(f"diffusion {recipe}")
             recipes.setdefault(recipe, []).append((seed, generated))
-            controls.append(control)
+            controls.setdefault(seed, control)
     lines = [f"Held-out protocol, {len(autoencoder)} training seed(s); autoencoder best steps by validation loss: "
              + ", ".join(f"seed {s}: {step}" for s, step in sorted(autoencoder.items()))
              + f" (an early-stopped run with patience {patience} stops at best + {patience}; `last` = {ae_steps} steps)",
              "", "| recipe | seeds | " + " | ".join(COLUMNS) + " | novelty passes | diffusion s |",
              "|" + "---|" * (len(COLUMNS) + 4)]
     lines.append("| train vs held-out (positive control) | " + str(len(controls)) + " | "
-                 + " | ".join(mean_sd([c.get(k) for c in controls]) if k in FIGURES + ["tstr_macro_f1"] else "—"
+                 + " | ".join(mean_sd([c.get(k) for c in controls.values()]) if k in FIGURES + ["tstr_macro_f1"] else "—"
                               for k in COLUMNS) + " | — | — |")
     order = sorted(recipes, key=lambda name: (not name.startswith("last"), int(re.sub(r"\D", "", name) or 0)))
     for recipe in order:
         runs = [figures for _, figures in recipes[recipe]]
         passes = sum(bool(figures["novelty_passes"]) for figures in runs)
         lines.append(f"| {recipe} | {len(runs)} | " + " | ".join(mean_sd([f.get(k) for f in runs]) for k in COLUMNS)
-                     + f" | {passes}/{len(runs)} | {mean_sd([f.get('diffusion_seconds') for f in runs])} |")
+                     + f" | {passes}/{len(runs)} | {mean_sd([f.get('diffusion_seconds') for f in runs], digits=0)} |")
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as stream:
         stream.write(text)
