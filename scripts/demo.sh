@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=dataset/baron_human.h5ad
 ROOT=checkpoint/demo
-AE_STEPS=${AE_STEPS:-600}
+AE_STEPS=${AE_STEPS:-600}  # the cap; early stopping on the autoencoder's validation loss ends it sooner
+AE_PATIENCE=${AE_PATIENCE:-150}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-8000}
 SEED=${SEED:-0}
 mkdir -p "$ROOT"
@@ -37,9 +38,11 @@ stage split "$PY" exp_script/split.py --data_dir "$DATA" --label_key cell_type1 
   --heldout_fraction 0.2 --seed "$SEED"
 TRAIN="$OUT/split/train.h5ad"
 HELDOUT="$OUT/split/heldout.h5ad"
+# validation cells come from the training split (--val_fraction 0.1 of it); the held-out cells stay unseen
 stage autoencoder "$PY" VAE/VAE_train.py --data_dir "$TRAIN" --num_genes 20125 --save_dir "$OUT/autoencoder" \
-  --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS"
-AE="$OUT/autoencoder/model_seed=0_step=$AE_STEPS.pt"
+  --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --log_interval 20 --early_stopping_patience "$AE_PATIENCE"
+AE="$OUT/autoencoder/model_seed=0_best.pt"  # AE_PATIENCE=0: no early stopping, the last step's model
+[ "$AE_PATIENCE" -gt 0 ] || AE="$OUT/autoencoder/model_seed=0_step=$AE_STEPS.pt"
 stage diffusion "$PY" cell_train.py --data_dir "$TRAIN" --vae_path "$AE" --model_name baron --save_dir "$OUT/diffusion" \
   --lr_anneal_steps "$DIFFUSION_STEPS" --save_interval "$DIFFUSION_STEPS" --lr 1e-3 --num_classes 14 \
   --branch 0 --cache_interval 5 --non_uniform False --threads "${DIFFUSION_THREADS:-1}"

@@ -312,3 +312,5 @@ def test_demo_writes_each_run_into_its_own_folder():
     script = (REPO_ROOT / "scripts" / "demo.sh").read_text()
     assert "rm -rf" not in script and "run-$(date" in script and "ln -sfn" in script
     assert "--train" in script and "exp_script/split.py" in script
+    # the autoencoder stops on its own validation loss (inside the training split) and its best weights are used
+    assert "--early_stopping_patience" in script and 'AE="$OUT/autoencoder/model_seed=0_best.pt"' in script
