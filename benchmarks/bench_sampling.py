@@ -32,6 +32,7 @@ from guided_diffusion.feature_cache import refresh_schedule
 from guided_diffusion.respace import create_diffusion
 from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, resolve_settings, sample_latents,
                                        write_decoded_h5ad)
+from guided_diffusion.heap_reuse import reuse_freed_memory
 from VAE.VAE_model import VAE, Autoencoder
 from guided_diffusion.data import Normalization
 
@@ -156,7 +157,7 @@ def main(argv=None):
                               ("DPM-Solver++(2M) logsnr15, cache 1, bf16", solver15)):
             rows.append((f"{label}, dense draws (before)", config, args.cells, False))
             dense_draws.add(rows[-1][0])
-            rows.append((f"{label}, screened draws (today)", config, args.cells, False))
+            rows.append((f"{label}, screened draws + heap reuse (today)", config, args.cells, False))
         rows.append(("default, decoded mean (no count draws)", settings(observation="mean"), args.cells, False))
     elif args.solvers:
         rows.append((f"default ({default.describe()})", default, args.cells, False))
@@ -207,6 +208,7 @@ def main(argv=None):
             for name, config, n_cells, per_cell in rows:
                 run_model = PerCellProjections(model) if per_cell else model
                 draws = "dense" if name in dense_draws else "screened"
+                reuse_freed_memory(draws == "screened")  # as cell_sample.py does now, not before
                 timings[name].append(run_once(run_model, autoencoder, config, n_cells, folder, totals, draws,
                                               stages[name]))
     default_rate = None
