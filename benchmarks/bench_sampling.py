@@ -15,6 +15,9 @@ sizes are drawn from their totals (the cost of the draws grows with the number o
 Useful FLOPs are counted from the model's shapes: 2 x multiply-adds of the main-path Linear layers per
 cell per step (full or shallow pass, doubled for guidance) plus the decoder's; per-timestep and
 per-condition projections are not counted (they are amortised, or waste in the reference path).
+Rows draw counts as cell_sample.py does now (screened draws, freed memory kept for reuse) except the
+rows marked "dense count draws (before)" (a float32 uniform per entry over the whole chunk, glibc's
+default allocator); ``--draws`` prints each beside the other with the reverse / output split.
 """
 import os
 import statistics

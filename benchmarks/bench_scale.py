@@ -17,7 +17,7 @@ the final fsync + rename, the per-condition latent .npy files and the manifest. 
 | previous  | the writer two sessions ago: X's indices/indptr stored twice, writes inline, dense draws |
 | dense     | the path before this session: shared sparsity pattern, background writes, dense count draws (a float32 uniform per entry, the whole 1,024 x 20,125 mean matrix) |
 | default   | today's: as dense, with the screened count draws (blocks of 128 cells, a random byte per entry, the inverse CDF on the candidates only) |
-| heap      | the default with freed memory kept for reuse (guided_diffusion/heap_reuse.py)  |
+| heap      | the default with freed memory kept for reuse (guided_diffusion/heap_reuse.py): what cell_sample.py runs |
 | lzf, gzip | the default with that compression of the matrices (--compression)               |
 
 Reverse diffusion runs on ``--reverse_cells`` (default: all) and its rate is scaled to --cells when
@@ -25,7 +25,7 @@ fewer; the output stages always handle every cell. Each layout's peak RSS is tha
 Every file is checked to hold the same cells as the first layout's when it draws from the same random
 numbers (the dense and screened draws use different ones: for them the non-zero share and the mean count
 per cell are compared instead). ``--profile`` times the sub-steps of one chunk for both draws, in one
-process, interleaved (medians).
+process, interleaved (medians; the screened draws with heap reuse, as cell_sample.py runs them).
 """
 import argparse
 import json
@@ -161,6 +161,7 @@ def profile_chunk(threads, runs, n_cells=1024):
     import scipy.sparse as sp
 
     from guided_diffusion.h5ad_writer import _draw_counts, log_normalize_counts
+    from guided_diffusion.heap_reuse import reuse_freed_memory
     from VAE.VAE_model import _SubStepClock
 
     autoencoder, totals = count_autoencoder()
@@ -175,6 +176,7 @@ def profile_chunk(threads, runs, n_cells=1024):
                 steps = {}
                 start = time.perf_counter()
                 generator = torch.Generator().manual_seed(run)
+                reuse_freed_memory(method == "screened")  # as cell_sample.py runs it now, not before
                 if method == "dense":
                     counts = _dense_chunk(model, latent, library, generator, _SubStepClock(steps))
                     with _SubStepClock(steps)("CSR"):
