@@ -14,10 +14,14 @@ the final fsync + rename, the per-condition latent .npy files and the manifest. 
 
 | layout    | what                                                                           |
 | --------- | ------------------------------------------------------------------------------ |
-| previous  | the writer two sessions ago: X's indices/indptr stored twice, writes inline, dense draws |
-| dense     | the path before this session: shared sparsity pattern, background writes, dense count draws (a float32 uniform per entry, the whole 1,024 x 20,125 mean matrix) |
-| default   | today's: as dense, with the screened count draws (blocks of 128 cells, a random byte per entry, the inverse CDF on the candidates only) |
-| heap      | the default with freed memory kept for reuse (guided_diffusion/heap_reuse.py): what cell_sample.py runs |
+| previous  | the writer two sessions ago: X's indices/indptr stored twice, writes inline    |
+| dense     | the path before this session: as default, with the dense count draws           |
+| default   | shared sparsity pattern, background writes, screened count draws               |
+| heap      | the default with freed memory kept for reuse: what cell_sample.py runs          |
+
+(dense draws: a float32 uniform per entry over the whole 1,024 x 20,125 chunk; screened: blocks of 128
+cells, a random byte per entry, the inverse CDF on the candidates only; heap reuse:
+guided_diffusion/heap_reuse.py.)
 | lzf, gzip | the default with that compression of the matrices (--compression)               |
 
 Reverse diffusion runs on ``--reverse_cells`` (default: all) and its rate is scaled to --cells when

@@ -140,4 +140,5 @@ def test_sample_counts_methods_and_decoder_in_float32():
     a, b = torch.stack(screened_draws), torch.stack(dense_draws)
     np.testing.assert_allclose(a.sum(2).mean().item(), 2000, rtol=0.02)
     np.testing.assert_allclose(a.mean((0, 1)).numpy(), b.mean((0, 1)).numpy(), atol=1.0, rtol=0.25)
-    assert {"decoder hidden layers", "decoder output layer", "random bytes", "inverse CDF / Gamma-Poisson"} <= set(timings)
+    assert {"decoder hidden layers", "decoder output layer", "random bytes",
+            "inverse CDF / Gamma-Poisson"} <= set(timings)
