@@ -3,6 +3,7 @@
     python benchmarks/bench_sampling.py            # full table (median of 3 runs per row)
     python benchmarks/bench_sampling.py --runs 1 --quick
     python benchmarks/bench_sampling.py --solvers    # only the solver / step-count rows beside the default
+    python benchmarks/bench_sampling.py --draws --threads 1   # today's screened count draws beside the dense ones
 
 Each row runs the whole sampling process of cell_sample.py — noise → guided reverse diffusion (with the
 feature cache) → decoding to all genes streamed into an .h5ad — with a randomly initialised default-size
@@ -14,6 +15,9 @@ sizes are drawn from their totals (the cost of the draws grows with the number o
 Useful FLOPs are counted from the model's shapes: 2 x multiply-adds of the main-path Linear layers per
 cell per step (full or shallow pass, doubled for guidance) plus the decoder's; per-timestep and
 per-condition projections are not counted (they are amortised, or waste in the reference path).
+Rows draw counts as cell_sample.py does now (screened draws, freed memory kept for reuse) except the
+rows marked "dense count draws (before)" (a float32 uniform per entry over the whole chunk, glibc's
+default allocator); ``--draws`` prints each beside the other with the reverse / output split.
 """
 import os
 import statistics
@@ -31,6 +35,7 @@ from guided_diffusion.feature_cache import refresh_schedule
 from guided_diffusion.respace import create_diffusion
 from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, resolve_settings, sample_latents,
                                        write_decoded_h5ad)
+from guided_diffusion.heap_reuse import reuse_freed_memory
 from VAE.VAE_model import VAE, Autoencoder
 from guided_diffusion.data import Normalization
 
@@ -94,17 +99,21 @@ def baron_profile():
     return np.log(np.maximum(shares, 1e-9)), totals
 
 
-def run_once(model, autoencoder, settings, n_cells, folder, totals):
+def run_once(model, autoencoder, settings, n_cells, folder, totals, count_draws="screened", stages=None):
     cond = (torch.arange(n_cells) % NUM_CLASSES)[:, None]
     noise = torch.randn(n_cells, model.latent_dim, generator=torch.Generator().manual_seed(0))
     obs = pd.DataFrame({"cell_type1": pd.Categorical([f"type{c}" for c in cond[:, 0].tolist()])},
                        index=[f"c{i}" for i in range(n_cells)])
     start = time.perf_counter()
     latents = sample_latents(model, cond, noise, settings, progress=False)
+    reverse_done = time.perf_counter()
     library_sizes = totals[np.arange(n_cells) % len(totals)] if settings.observation != "mean" else None
     write_decoded_h5ad(os.path.join(folder, "generated.h5ad"), autoencoder, latents.numpy(), obs, {}, progress=False,
-                       library_sizes=library_sizes)
-    return time.perf_counter() - start
+                       library_sizes=library_sizes, count_draws=count_draws)
+    end = time.perf_counter()
+    if stages is not None:
+        stages.append((reverse_done - start, end - reverse_done))
+    return end - start
 
 
 def main(argv=None):
@@ -115,6 +124,9 @@ def main(argv=None):
     parser.add_argument("--faithful_cells", type=int, default=512, help="cells per run for 1000-step rows")
     parser.add_argument("--solvers", action="store_true",
                         help="only the default and the DPM-Solver++(2M) / DDIM step-count rows (bf16, cache 1)")
+    parser.add_argument("--draws", action="store_true",
+                        help="only the default and DPM-Solver++(2M) logsnr15 rows, each with today's screened count "
+                             "draws and with the dense draws before them, and the decoded-mean row")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -141,7 +153,16 @@ def main(argv=None):
     faithful = dict(use_ddim=False, timestep_respacing="1000", non_uniform=False, branch=0, batch_size=1024,
                     precision="fp32")
     rows = []
-    if args.solvers:
+    dense_draws = set()  # rows drawing counts the way before (a float32 uniform per entry, whole chunk)
+    if args.draws:
+        solver15 = settings(solver="dpmpp2m", timestep_respacing="logsnr15", cache_interval=1)
+        for label, config in ((f"default ({default.describe()})", default),
+                              ("DPM-Solver++(2M) logsnr15, cache 1, bf16", solver15)):
+            rows.append((f"{label}, dense draws (before)", config, args.cells, False))
+            dense_draws.add(rows[-1][0])
+            rows.append((f"{label}, screened draws + heap reuse (today)", config, args.cells, False))
+        rows.append(("default, decoded mean (no count draws)", settings(observation="mean"), args.cells, False))
+    elif args.solvers:
         rows.append((f"default ({default.describe()})", default, args.cells, False))
         for steps in (10, 15, 20, 25):
             rows.append((f"DPM-Solver++(2M) logsnr{steps}, cache 1, bf16",
@@ -159,20 +180,23 @@ def main(argv=None):
             ("DDPM-1000, cache 5 non-uniform", settings(**dict(faithful, non_uniform=True), cache_interval=5),
              args.faithful_cells, False),
         ]
-    for steps in (() if args.solvers else (100, 50)):
+    only = args.solvers or args.draws
+    for steps in (() if only else (100, 50)):
         for interval in (1, 5):
             rows.append((f"DDIM {steps}, cache {interval}", settings(use_ddim=True, timestep_respacing=f"ddim{steps}",
                                                                      cache_interval=interval, non_uniform=False,
                                                                      batch_size=1024, precision="fp32"),
                          args.cells, False))
-    for precision in (() if args.solvers else ("fp32", "bf16")):
+    for precision in (() if only else ("fp32", "bf16")):
         for interval in (1, 2, 5):
             rows.append((f"DDPM 50, cache {interval}, {precision}",
                          settings(use_ddim=False, timestep_respacing="50", cache_interval=interval, non_uniform=False,
                                   batch_size=1024, precision=precision), args.cells, False))
-    if not args.solvers:
+    if not only:
         rows.append(("default, decoded mean (no count draws)", settings(observation="mean"), args.cells, False))
-    for batch in (() if args.solvers else (256, 1024, 4096)):
+        rows.append((f"default ({default.describe()}), dense count draws (before)", default, args.cells, False))
+        dense_draws.add(rows[-1][0])
+    for batch in (() if only else (256, 1024, 4096)):
         rows.append((f"default ({default.describe()}), batch {batch}", settings(batch_size=batch), args.cells, False))
 
     print(f"matmul peak ({torch.get_num_threads()} threads, 2048^3): fp32 {peak:.0f} GFLOP/s, "
@@ -181,11 +205,15 @@ def main(argv=None):
           f"{'% fp32 peak':>12}")
     results = []
     timings = {name: [] for name, *_ in rows}
+    stages = {name: [] for name, *_ in rows}
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         for _ in range(args.runs):  # interleaved: each round runs every row once, so load hits all rows alike
             for name, config, n_cells, per_cell in rows:
                 run_model = PerCellProjections(model) if per_cell else model
-                timings[name].append(run_once(run_model, autoencoder, config, n_cells, folder, totals))
+                draws = "dense" if name in dense_draws else "screened"
+                reuse_freed_memory(draws == "screened")  # as cell_sample.py does now, not before
+                timings[name].append(run_once(run_model, autoencoder, config, n_cells, folder, totals, draws,
+                                              stages[name]))
     default_rate = None
     for name, config, n_cells, per_cell in rows:
         seconds = statistics.median(timings[name])
@@ -194,9 +222,13 @@ def main(argv=None):
         default_rate = default_rate or (cells_per_second if name.startswith("default") else None)
         results.append((name, cells_per_second))
         row_peak = peak_bf16 if config.precision == "bf16" else peak
+        reverse, output = (statistics.median(x[i] for x in stages[name]) for i in (0, 1))
         print(f"{name:<78} {cells_per_second:>9.1f} {1000 / cells_per_second:>12.2f} {gflops:>15.1f} "
               f"{100 * gflops / row_peak:>6.0f}% {100 * gflops / peak:>11.0f}%"
-              + (f" {cells_per_second / default_rate:>6.2f}x default" if args.solvers else ""), flush=True)
+              + (f" {cells_per_second / default_rate:>6.2f}x {'row 1' if args.draws else 'default'}"
+                 if args.solvers or args.draws else "")
+              + (f"   reverse {1000 * reverse / n_cells:.2f} + output {1000 * output / n_cells:.2f} s/1000 cells"
+                 if args.draws else ""), flush=True)
     by_name = dict(results)
     reference = by_name.get("reference path (per-cell projections), DDPM-1000 cache 5")
     best_default = max(v for k, v in results if k.startswith("default"))

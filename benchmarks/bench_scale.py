@@ -1,7 +1,8 @@
 """Sampling at scale: where a large cell_sample.py run spends its time, peak memory and bytes on disk.
 
     python benchmarks/bench_scale.py --cells 10000 --threads 2
-    python benchmarks/bench_scale.py --cells 100000 --runs 1 --layouts previous default
+    python benchmarks/bench_scale.py --cells 100000 --runs 1 --layouts dense default
+    python benchmarks/bench_scale.py --profile --threads 1     # sub-steps of one 1,024-cell chunk, both draws
 
 Stages, as cell_sample.py runs them with its default settings (DDPM 50, cache 1, guidance, count
 draws): start-up (importing cell_sample in a fresh interpreter), reverse diffusion (a randomly
@@ -13,13 +14,22 @@ the final fsync + rename, the per-condition latent .npy files and the manifest. 
 
 | layout    | what                                                                           |
 | --------- | ------------------------------------------------------------------------------ |
-| previous  | the writer before: X's indices/indptr stored twice, writes inline, no compression |
-| default   | X shares the counts' sparsity pattern, writes on a background thread           |
+| previous  | the writer two sessions ago: X's indices/indptr stored twice, writes inline    |
+| dense     | the path before this session: as default, with the dense count draws           |
+| default   | shared sparsity pattern, background writes, screened count draws               |
+| heap      | the default with freed memory kept for reuse: what cell_sample.py runs          |
+
+(dense draws: a float32 uniform per entry over the whole 1,024 x 20,125 chunk; screened: blocks of 128
+cells, a random byte per entry, the inverse CDF on the candidates only; heap reuse:
+guided_diffusion/heap_reuse.py.)
 | lzf, gzip | the default with that compression of the matrices (--compression)               |
 
 Reverse diffusion runs on ``--reverse_cells`` (default: all) and its rate is scaled to --cells when
 fewer; the output stages always handle every cell. Each layout's peak RSS is that of its own process.
-Every file written is checked to hold the same cells as the `previous` layout's.
+Every file is checked to hold the same cells as the first layout's when it draws from the same random
+numbers (the dense and screened draws use different ones: for them the non-zero share and the mean count
+per cell are compared instead). ``--profile`` times the sub-steps of one chunk for both draws, in one
+process, interleaved (medians; the screened draws with heap reuse, as cell_sample.py runs them).
 """
 import argparse
 import json
@@ -40,8 +50,10 @@ import torch
 
 NUM_GENES = 20125
 NUM_CLASSES = 14
-LAYOUTS = {"previous": dict(compression="none", background_writes=False, share_pattern=False),
-           "default": dict(compression="none"), "lzf": dict(compression="lzf"), "gzip": dict(compression="gzip")}
+LAYOUTS = {"previous": dict(compression="none", background_writes=False, share_pattern=False, count_draws="dense"),
+           "dense": dict(compression="none", count_draws="dense"), "default": dict(compression="none"),
+           "heap": dict(compression="none", heap_reuse=True),
+           "lzf": dict(compression="lzf"), "gzip": dict(compression="gzip")}
 
 
 def count_autoencoder():
@@ -92,11 +104,15 @@ def write_outputs(latent_path, folder, layout):
     obs = pd.DataFrame({"cell_type1": pd.Categorical(np.concatenate([[f"type{r[0]}"] * n for r, n in plan]))},
                        index=pd.Index([f"generated_{i}" for i in range(n_cells)], name="cell"))
     library_sizes = totals[np.arange(n_cells) % len(totals)].astype(np.float32)
+    options = dict(LAYOUTS[layout])
+    if options.pop("heap_reuse", False):
+        from guided_diffusion.heap_reuse import reuse_freed_memory
+        reuse_freed_memory()
     timings = {}
     start = time.perf_counter()
     with torch.inference_mode():
         write_decoded_h5ad(os.path.join(folder, GENERATED), autoencoder, latents, obs, {"cfdiffusion": {}},
-                           progress=False, library_sizes=library_sizes, timings=timings, **LAYOUTS[layout])
+                           progress=False, library_sizes=library_sizes, timings=timings, **options)
     stage = time.perf_counter()
     files = write_latent_files(folder, plan, [NUM_CLASSES], settings, latents)
     write_manifest(folder, [GENERATED] + files, {})
@@ -105,7 +121,94 @@ def write_outputs(latent_path, folder, layout):
     sizes = {"h5ad": os.path.getsize(os.path.join(folder, GENERATED)),
              "latents": sum(os.path.getsize(os.path.join(folder, name)) for name in files)}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"timings": timings, "sizes": sizes, "peak_rss": peak}))
+    import h5py
+    with h5py.File(os.path.join(folder, GENERATED)) as store:
+        nnz, total = store["layers/counts/data"].shape[0], 0.0
+        for begin in range(0, nnz, 1 << 24):
+            total += float(store["layers/counts/data"][begin:begin + (1 << 24)].sum(dtype=np.float64))
+    draws = {"nonzero_share": nnz / (n_cells * NUM_GENES), "mean_count": total / n_cells}
+    print(json.dumps({"timings": timings, "sizes": sizes, "peak_rss": peak, "draws": draws}))
+
+
+def _dense_chunk(model, latent, totals, generator, clock):
+    """The dense count draws of one chunk, step by step (VAE.sample_counts(method="dense") in parts)."""
+    from VAE.VAE_model import _csr, _heavy_threshold, _inverse_cdf_draws
+
+    with clock("decoder hidden layers"):
+        hidden = model.decoder[:-1](latent)
+    with clock("decoder output layer"):
+        logits = model.decoder[-1](hidden)
+    with clock("softmax"):
+        shares = torch.softmax(logits, dim=1)
+    with clock("mean = shares x library size"):
+        mean = shares * totals[:, None]
+    theta = torch.exp(model.log_theta.float())
+    with clock("uniform draws (float32, every entry)"):
+        v = torch.rand(mean.shape, generator=generator)
+    with clock("screen (v < mean) + nonzero"):
+        heavy_threshold = _heavy_threshold(theta)
+        mask = v < mean
+        if heavy_threshold.min() < 1:
+            mask |= mean > heavy_threshold
+        candidates = torch.nonzero(mask.view(-1)).squeeze(1)
+    with clock("inverse CDF / Gamma-Poisson"):
+        draws = _inverse_cdf_draws(mean.view(-1).index_select(0, candidates),
+                                   1.0 - v.view(-1).index_select(0, candidates).double(), theta,
+                                   candidates % mean.shape[1], heavy_threshold, generator)
+    with clock("CSR"):
+        nonzero = torch.nonzero(draws).squeeze(1)
+        return _csr(candidates[nonzero], draws[nonzero], *mean.shape)
+
+
+def profile_chunk(threads, runs, n_cells=1024):
+    """Seconds per sub-step of one chunk's output stages, the dense and the screened draws interleaved."""
+    import scipy.sparse as sp
+
+    from guided_diffusion.h5ad_writer import _draw_counts, log_normalize_counts
+    from guided_diffusion.heap_reuse import reuse_freed_memory
+    from VAE.VAE_model import _SubStepClock
+
+    autoencoder, totals = count_autoencoder()
+    model = autoencoder.model
+    latent = torch.nn.functional.normalize(torch.randn(n_cells, model.latent_dim,
+                                                       generator=torch.Generator().manual_seed(1)), dim=1)
+    library = torch.as_tensor(totals[np.arange(n_cells) % len(totals)].astype(np.float32))
+    rounds = {"dense": [], "screened": []}
+    with torch.inference_mode():
+        for run in range(runs + 1):  # the first round warms up and is not counted
+            for method in rounds:
+                steps = {}
+                start = time.perf_counter()
+                generator = torch.Generator().manual_seed(run)
+                reuse_freed_memory(method == "screened")  # as cell_sample.py runs it now, not before
+                if method == "dense":
+                    counts = _dense_chunk(model, latent, library, generator, _SubStepClock(steps))
+                    with _SubStepClock(steps)("CSR"):
+                        counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
+                                                counts.crow_indices().numpy()), shape=tuple(counts.shape))
+                else:
+                    counts = _draw_counts(autoencoder, latent, library, generator, "screened", steps)
+                clock = _SubStepClock(steps)
+                with clock("log1p(normalize_total)"):
+                    log_normalize_counts(counts, 1e4)
+                steps["total"] = time.perf_counter() - start
+                if run:
+                    rounds[method].append(steps)
+    order = ["decoder hidden layers", "decoder output layer", "softmax", "mean = shares x library size",
+             "softmax x library size", "uniform draws (float32, every entry)", "random bytes",
+             "screen (v < mean) + nonzero", "screen (byte < 256 mean)", "inverse CDF / Gamma-Poisson", "CSR",
+             "log1p(normalize_total)", "total"]
+    found = {name for method in rounds for name in rounds[method][0]}
+    names = [name for name in order if name in found] + sorted(found - set(order))
+    print(f"one chunk of {n_cells} cells x {NUM_GENES} genes, {threads} threads, medians of {runs} interleaved "
+          f"rounds (ms); candidates/non-zeros as drawn")
+    print(f"{'sub-step':<40}{'dense':>10}{'screened':>10}")
+    medians = {method: {name: statistics.median(r.get(name, 0.0) for r in rounds[method]) for name in names}
+               for method in rounds}
+    for name in names:
+        print(f"{name:<40}" + "".join(f"{1000 * medians[m].get(name, 0.0):>10.1f}" for m in rounds))
+    print(f"{'dense / screened time':<40}{medians['dense']['total'] / medians['screened']['total']:>20.2f}x")
+    return medians
 
 
 def same_cells(reference, other, block=1 << 24):
@@ -143,12 +246,16 @@ def main(argv=None):
                         "(default: all; fewer: the rate is scaled to --cells)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (pinned)")
     parser.add_argument("--runs", type=int, default=3, help="interleaved runs per layout (medians reported)")
-    parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--layouts", nargs="+", default=["dense", "default", "heap"], choices=list(LAYOUTS))
+    parser.add_argument("--profile", action="store_true", help="only the sub-steps of one 1,024-cell chunk, "
+                        "dense vs screened draws (--runs interleaved rounds)")
     parser.add_argument("--_write", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._write:
         return write_outputs(*args._write)
+    if args.profile:
+        return profile_chunk(args.threads, args.runs)
     startup = statistics.median(startup_seconds() for _ in range(args.runs))
     latents, reverse = reverse_diffusion(args.cells, min(args.reverse_cells or args.cells, args.cells))
     results = {layout: [] for layout in args.layouts}
@@ -159,8 +266,11 @@ def main(argv=None):
             for layout in args.layouts:
                 folder = os.path.join(work, layout)
                 results[layout].append(run_layout(latent_path, folder, layout, args.threads))
+        draws_of = lambda layout: LAYOUTS[layout].get("count_draws", "screened")  # noqa: E731
         identical = {layout: same_cells(os.path.join(work, args.layouts[0], "generated.h5ad"),
-                                        os.path.join(work, layout, "generated.h5ad")) for layout in args.layouts[1:]}
+                                        os.path.join(work, layout, "generated.h5ad"))
+                     if draws_of(layout) == draws_of(args.layouts[0]) else "other draws"
+                     for layout in args.layouts[1:]}
     report(args, startup, reverse, results, identical)
     return results
 
@@ -183,6 +293,8 @@ def report(args, startup, reverse, results, identical):
         "peak RSS, MB": lambda m, r: f"{max(x['peak_rss'] for x in r) / 1e6:.0f}",
         "h5ad bytes per cell": lambda m, r: f"{r[0]['sizes']['h5ad'] / args.cells:.0f}",
         "latent bytes per cell": lambda m, r: f"{r[0]['sizes']['latents'] / args.cells:.0f}",
+        "non-zero share of counts": lambda m, r: f"{r[0]['draws']['nonzero_share']:.4f}",
+        "mean count per cell": lambda m, r: f"{r[0]['draws']['mean_count']:.0f}",
         f"same cells as {first}": lambda m, r: "-",
     }
     for name, cell in rows.items():

@@ -103,8 +103,8 @@ def _decode_mean(autoencoder, block):
     return decoded
 
 
-def _draw_counts(autoencoder, block, totals, generator):
-    counts = autoencoder.model.sample_counts(block.float(), totals, generator).cpu()
+def _draw_counts(autoencoder, block, totals, generator, method="screened", sub_steps=None):
+    counts = autoencoder.model.sample_counts(block.float(), totals, generator, method=method, timings=sub_steps).cpu()
     counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
                             counts.crow_indices().numpy()), shape=tuple(counts.shape))
     if not (np.isfinite(counts.data).all() and (counts.data >= 0).all()):
@@ -173,7 +173,8 @@ def _write_annotations(store, obs, genes, uns):
 
 
 def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, progress=True, library_sizes=None,
-                       seed=0, compression=None, background_writes=True, share_pattern=True, timings=None):
+                       seed=0, compression=None, background_writes=True, share_pattern=True, timings=None,
+                       count_draws="screened"):
     """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete).
 
     Without ``library_sizes``, X is the decoded mean expression (dense). With them (one target total per
@@ -184,8 +185,10 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     lzf) applies to the matrices' values and indices. ``background_writes`` overlaps the file writes with
     the next chunk's decoding (the file is the same either way); ``share_pattern`` False stores X's indices
     and indptr as copies (the layout before; same values). ``timings``, a dict, gets the seconds spent per
-    stage added to it (``write`` is measured on the writer thread, beside the decoding when overlapped).
-    Returns the decoded values' (min, max).
+    stage added to it (``write`` is measured on the writer thread, beside the decoding when overlapped)
+    and, with ``screened`` draws, the sub-steps of ``decode and draw`` as ``draw: <sub-step>``.
+    ``count_draws`` ``screened`` (the default) or ``dense`` (the path before) draw the same distribution
+    from different random numbers (:meth:`VAE.VAE_model.VAE.sample_counts`). Returns the decoded values' (min, max).
     """
     obs = obs.copy()
     timer = StageTimer(timings)
@@ -199,7 +202,7 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
                     _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range,
                                  progress)
                 else:
-                    layout = dict(compression=compression, share_pattern=share_pattern)
+                    layout = dict(compression=compression, share_pattern=share_pattern, count_draws=count_draws)
                     obs["library_size"] = _write_counts(store, autoencoder, latents, library_sizes, chunk_size,
                                                         seed, layout, writer, timer, value_range, progress)
                     obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
@@ -247,6 +250,7 @@ def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, 
     matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes), compression=compression,
                                pattern_of=counts_matrix if layout["share_pattern"] else None)
     row_totals = np.zeros(n_cells, dtype=np.float64)
+    sub_steps = {} if timer.timings is not None else None
 
     def write(counts, normalized):
         counts_matrix.append(counts)
@@ -257,7 +261,7 @@ def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, 
             block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
             generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
             totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
-            counts = _draw_counts(autoencoder, block, totals, generator)
+            counts = _draw_counts(autoencoder, block, totals, generator, layout["count_draws"], sub_steps)
         with timer("normalize"):
             row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
             normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
@@ -265,4 +269,6 @@ def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, 
                 value_range[:] = (min(value_range[0], 0.0, float(normalized.data.min())),
                                   max(value_range[1], float(normalized.data.max())))
         writer.submit(write, counts, normalized)
+    for name, seconds in (sub_steps or {}).items():
+        timer.timings[f"draw: {name}"] = timer.timings.get(f"draw: {name}", 0.0) + seconds
     return row_totals.astype(np.float32)

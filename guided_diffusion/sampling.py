@@ -34,6 +34,7 @@ from .cli import OUT_OF_MEMORY_ERRORS, UsageError
 from .dist_util import setup_distributed
 from .conditions import (describe_condition, draw_library_sizes, label_columns, latent_file_name,  # noqa: F401
                          parse_condition, plan_conditions, unseen_conditions)
+from .heap_reuse import reuse_freed_memory
 from .h5ad_writer import (COMPRESSIONS, NonFiniteOutput, StreamedCsrMatrix, log_normalize_counts,  # noqa: F401
                           write_decoded_h5ad)
 from .model_loading import LoadedModel, load_diffusion_model, resolve_autoencoder  # noqa: F401
@@ -279,6 +280,9 @@ def sample_cells(request, settings):
     """Load the checkpoint, plan the conditions, find the autoencoder and generate; returns the h5ad path.
     Every input is checked before any output is touched."""
     check_settings(settings)
+    # keep freed memory for reuse: the output stages allocate and free the same few-MB blocks for every
+    # 128 cells, which glibc would otherwise map afresh (page faults; measured 1.2x the output stages' rate)
+    reuse_freed_memory()
     context = setup_distributed(request.device)
     torch.manual_seed(settings.seed)
     loaded = load_diffusion_model(request.model_path, use_ema=request.use_ema, device=context.device)

@@ -31,7 +31,7 @@ def test_non_finite_decoded_values_are_never_written(legacy, tmp_path, capsys, m
     monkeypatch.setattr(VAE_model.VAE, "decode", lambda self, z: torch.full((len(z), 12), float("nan")))
     # an overflowing decoder: NB draws at an infinite mean come back as huge negative numbers
     overflow = torch.full((3, 12), -9.2e18).to_sparse_csr()
-    monkeypatch.setattr(VAE_model.VAE, "sample_counts", lambda self, z, totals, generator: overflow)
+    monkeypatch.setattr(VAE_model.VAE, "sample_counts", lambda self, z, totals, generator, **options: overflow)
     line = refused(capsys, sample, legacy, tmp_path / "out", "--observation", observation)
     assert "decoded the generated latents to non-finite" in line and "nothing was written" in line
     assert [name for name in files(tmp_path / "out") if not name.startswith(".")] == []
