@@ -136,3 +136,4 @@ class DiffusionTrainingConfig:
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
+    precision: str = "auto"
