@@ -210,10 +210,10 @@ def timed_steps(trainer, variant, steps):
     try:
         for _ in range(2):
             trainer.run_step()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(steps):
             trainer.run_step()
-        return steps / (time.perf_counter() - start)
+        return steps / (time.perf_counter() - start), steps / (time.process_time() - cpu_start)
     finally:
         reuse_freed_memory(False)
 
@@ -284,12 +284,16 @@ def main(argv=None):
     print(f"matmul peaks (2048^3, {threads} thread(s)): fp32 {fp32_peak:.0f} GFLOP/s, bf16 {bf16_peak:.0f} GFLOP/s; "
           f"useful work {gflop:.3f} GFLOP per step")
     print(f"median of {args.runs} rounds x {args.steps} steps, interleaved")
-    print("| variant | steps/s | vs today | useful GFLOP/s | % of fp32 peak | % of bf16 peak |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    today = statistics.median(rates["today"])
+    print("(steps per CPU-second: the process's own CPU time, less sensitive to other jobs on a shared machine)")
+    print("| variant | steps/s | vs today | steps per CPU-s | vs today | useful GFLOP/s | % of fp32 peak | "
+          "% of bf16 peak |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    today = statistics.median(wall for wall, _ in rates["today"])
+    today_cpu = statistics.median(cpu for _, cpu in rates["today"])
     for name in names:
-        rate = statistics.median(rates[name])
-        print(f"| {name} | {rate:.1f} | {rate / today:.2f}x | {rate * gflop:.1f} | "
+        rate = statistics.median(wall for wall, _ in rates[name])
+        cpu = statistics.median(cpu for _, cpu in rates[name])
+        print(f"| {name} | {rate:.1f} | {rate / today:.2f}x | {cpu:.1f} | {cpu / today_cpu:.2f}x | {rate * gflop:.1f} | "
               f"{100 * rate * gflop / fp32_peak:.0f}% | {100 * rate * gflop / bf16_peak:.1f}% |")
 
     if args.quality_steps:
