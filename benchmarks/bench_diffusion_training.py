@@ -18,9 +18,10 @@ machine load hits all variants alike. Variants:
 * ``index_select gathers + packed unique + foreach EMA``: the code in ``guided_diffusion`` in fp32: gathers
   by ``index_select`` (backward ``index_add_``), a 1-D unique of packed condition rows
   (:func:`~guided_diffusion.cell_model.unique_rows`), the EMA in two foreach kernels;
-* ``+ bf16 (adopted)``: ``--precision auto`` on a CPU with AVX512-BF16 / AMX (``torch.autocast`` matmuls, fp32
-  master weights, loss in fp32);
-* ``+ bf16 + heap reuse``: also :func:`guided_diffusion.heap_reuse.reuse_freed_memory`;
+* ``+ bf16``: ``--precision auto`` on a CPU with AVX512-BF16 / AMX (``torch.autocast`` matmuls, fp32 master
+  weights, loss in fp32);
+* ``+ bf16 + heap reuse (adopted)``: also :func:`guided_diffusion.heap_reuse.reuse_freed_memory`, as
+  ``DiffusionTrainer.run_loop`` does (no page faults on the step's freshly allocated buffers);
 * ``today + bf16``: today's code under the same autocast (what bf16 alone gives);
 * ``compiled`` (with ``--compile``): ``torch.compile`` of the denoiser's static-shape path, fp32.
 
@@ -186,12 +187,12 @@ VARIANTS = {
     # name: (trainer class, heap reuse, precision, compile)
     "today": (TodayTrainer, False, "fp32", False),
     "index_select gathers + packed unique + foreach EMA": (DiffusionTrainer, False, "fp32", False),
-    "+ bf16 (adopted)": (DiffusionTrainer, False, "bf16", False),
-    "+ bf16 + heap reuse": (DiffusionTrainer, True, "bf16", False),
+    "+ bf16": (DiffusionTrainer, False, "bf16", False),
+    "+ bf16 + heap reuse (adopted)": (DiffusionTrainer, True, "bf16", False),
     "today + bf16": (TodayTrainer, False, "bf16", False),
     "compiled (fp32, static shapes)": (DiffusionTrainer, False, "fp32", True),
 }
-ADOPTED = "+ bf16 (adopted)"
+ADOPTED = "+ bf16 + heap reuse (adopted)"
 
 
 def make_trainer(variant, initial, latents, labels, args, seed=0):
