@@ -57,6 +57,9 @@ def build_parser():
     sampling.add_argument("--cache_interval", type=positive_int, default=5,
                           help="steps between full evaluations when reusing features")
     sampling.add_argument("--non_uniform", type=str2bool, default=False, help="non-uniform cache schedule")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="matmuls of the training step: bf16 (autocast, fp32 master weights and loss), fp32, or "
+                             "auto = bf16 where the device runs it natively (AMX / AVX512-BF16 CPUs, CUDA)")
     parser.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)

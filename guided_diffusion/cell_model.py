@@ -38,6 +38,33 @@ class ConditionedBlock(nn.Module):
         return self.dropout(self.act(self.norm(h)))
 
 
+def unique_rows(rows: torch.Tensor, sizes: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(rows, dim=0, return_inverse=True)`` for label rows (column k in [0, sizes[k]]).
+
+    Each row is packed into one integer (mixed radix, first column most significant, so the order is
+    the same) and the 1-D unique is used: ``unique(dim=0)`` compares rows one by one (hundreds of small
+    kernels per batch). Falls back to it when the packed code would not fit in 63 bits.
+    """
+    radices = [int(size) + 1 for size in sizes]
+    if math.prod(radices) >= 2 ** 62:
+        return torch.unique(rows, dim=0, return_inverse=True)
+    multipliers = []
+    place = 1
+    for radix in reversed(radices):
+        multipliers.append(place)
+        place *= radix
+    multipliers = torch.tensor(multipliers[::-1], dtype=torch.long, device=rows.device)
+    codes, index = torch.unique((rows.long() * multipliers).sum(dim=1), return_inverse=True)
+    radix = torch.tensor(radices, dtype=torch.long, device=rows.device)
+    return (codes[:, None] // multipliers) % radix, index
+
+
+def gather_rows(rows: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """``rows[index]`` (``rows`` itself for None) by ``index_select``, whose backward is ``index_add_``:
+    on CPU 4x faster than plain indexing's ``index_put_`` (measured, 128 rows gathered from 15)."""
+    return rows if index is None else rows.index_select(0, index)
+
+
 class ConditionScales:
     """Every block's condition scale for a fixed batch of condition rows.
 
@@ -47,14 +74,14 @@ class ConditionScales:
 
     def __init__(self, model: "CellUNet", cond: torch.Tensor, gather: bool = True):
         if gather:
-            unique_cond, index = torch.unique(cond, dim=0, return_inverse=True)
+            model.check_condition(cond)
+            unique_cond, index = unique_rows(cond, model.condition_sizes)
         else:
             unique_cond, index = cond, None
         c_emb = model.embed_condition(unique_cond)
         blocks = list(model.encoder) + list(model.decoder)
         self.batch_size = cond.shape[0]
-        self._scales = {id(block): block.cond_proj(c_emb) if index is None else block.cond_proj(c_emb)[index]
-                        for block in blocks}
+        self._scales = {id(block): gather_rows(block.cond_proj(c_emb), index) for block in blocks}
 
     def __call__(self, block: ConditionedBlock) -> torch.Tensor:
         return self._scales[id(block)]
@@ -77,8 +104,7 @@ class TimeShifts:
         self.t_emb = model.embed_time(unique_t)
 
     def __call__(self, block: ConditionedBlock) -> torch.Tensor:
-        shift = block.time_proj(self.t_emb)
-        return shift if self.index is None else shift[self.index]
+        return gather_rows(block.time_proj(self.t_emb), self.index)
 
 
 class CellUNet(nn.Module):
@@ -170,14 +196,18 @@ class CellUNet(nn.Module):
         embedding = timestep_embedding(t, self.time_embed_dim).to(self.time_embed[0].weight.dtype)
         return self.time_embed(embedding)
 
-    def condition_one_hot(self, cond: torch.Tensor) -> torch.Tensor:
-        """(B, K) labels -> (B, sum(condition_sizes)); a null key gives an all-zero block."""
+    def check_condition(self, cond: torch.Tensor) -> None:
+        """Raise ValueError unless ``cond`` is (B, K) with column k in [0, condition_sizes[k]]."""
         if cond.dim() != 2 or cond.shape[1] != len(self.condition_sizes):
             raise ValueError(f"cond must have shape (B, {len(self.condition_sizes)}), got {tuple(cond.shape)}")
-        sizes = self.null_condition_row(cond.device)
         cond = cond.long()
-        if bool(((cond < 0) | (cond > sizes)).any()):
+        if bool(((cond < 0) | (cond > self.null_condition_row(cond.device))).any()):
             raise ValueError(f"cond values must lie in [0, condition_sizes[k]] per key (sizes {self.condition_sizes})")
+
+    def condition_one_hot(self, cond: torch.Tensor) -> torch.Tensor:
+        """(B, K) labels -> (B, sum(condition_sizes)); a null key gives an all-zero block."""
+        self.check_condition(cond)
+        cond = cond.long()
         blocks = [
             F.one_hot(cond[:, k], num_classes=size + 1)[:, :size]
             for k, size in enumerate(self.condition_sizes)

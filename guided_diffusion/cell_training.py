@@ -154,7 +154,8 @@ def train_diffusion(data, model_config, training):
         batch_size=training.batch_size, microbatch=training.microbatch, lr=training.lr,
         weight_decay=training.weight_decay, ema_rate=training.ema_rate, lr_anneal_steps=training.lr_anneal_steps,
         p_uncond=training.p_uncond, save_interval=training.save_interval, log_interval=training.log_interval,
-        seed=training.seed, device=device, max_minutes=training.max_minutes, context=context)
+        seed=training.seed, device=device, max_minutes=training.max_minutes, context=context,
+        precision=training.precision)
     if training.resume_checkpoint:
         trainer.resume(training.resume_checkpoint)
     folder = claim_run_folder(save_dir, "save_dir", checkpoint_files, resuming=bool(training.resume_checkpoint),

@@ -138,3 +138,4 @@ class DiffusionTrainingConfig:
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
+    precision: str = "auto"

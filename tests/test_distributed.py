@@ -42,7 +42,8 @@ AE_FLAGS = ["--max_steps", str(AE_STEPS), "--checkpoint_freq", str(AE_STEPS), "-
             "--progress", "False", "--device", "cpu", "--precision", "fp32"]
 DIFFUSION_FLAGS = ["--lr_anneal_steps", "12", "--save_interval", "6", "--log_interval", "3", "--batch_size", "30",
                    "--microbatch", "7", "--hidden_dims", "32", "32", "16", "--label_key", "cell_type1",
-                   "--label_key", "donor", "--p_uncond", "0.3", "--progress", "False", "--device", "cpu"]
+                   "--label_key", "donor", "--p_uncond", "0.3", "--progress", "False", "--device", "cpu",
+                   "--precision", "fp32"]
 SAMPLE_FLAGS = ["--num_samples", "5", "--batch_size", "4", "--timestep_respacing", "20", "--progress", "False",
                 "--device", "cpu"]
 

@@ -40,7 +40,8 @@ def ae(workspace, save_dir, *extra, data=None):
 
 def diffusion(workspace, save_dir, *extra, data=None, vae=None):
     return cell_train.main(["--data_dir", data or workspace["data"], "--vae_path", vae or workspace["vae"],
-                            "--save_dir", str(save_dir), "--model_name", "run", *TINY_UNET, *map(str, extra)])
+                            "--save_dir", str(save_dir), "--model_name", "run", *TINY_UNET, "--precision", "fp32",
+                            *map(str, extra)])
 
 
 def refused(capsys, run, expected, code=2):
