@@ -101,7 +101,8 @@ for dataset in $DATASETS; do
         # shellcheck disable=SC2086
         "$PY" exp_script/evaluate.py --real "$dir/split/heldout.h5ad" --train "$dir/split/train.h5ad" $LAYER_FLAGS \
           --label_key "$LABEL" --generated "$run/generated.h5ad" --out "$run/evaluation" --metrics $METRICS \
-          --controls False --augmentation_seeds 1 --plots False --progress False > /dev/null
+          --controls False --augmentation_seeds 1 --plots False --progress False > /dev/null 2> "$run/evaluation.log" \
+          || { cat "$run/evaluation.log" >&2; exit 1; }  # the per-label warnings stay in evaluation.log
       fi
       "$PY" benchmarks/fidelity_table.py row "$run" "$dataset" "$config" "$seed" $METRICS | tee -a "$results"
     done
