@@ -26,7 +26,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-checkpoint/fidelity}
 SEEDS=${SEEDS:-"0 1 2"}
-CONFIGS=${CONFIGS:-"faithful default dpmpp2m_logsnr10 dpmpp2m_logsnr15 dpmpp2m_logsnr20 ddim20"}
+# "default": cell_sample.py's default (DPM-Solver++(2M) logsnr10 since 2026-12-02; ddpm50 is the previous one)
+CONFIGS=${CONFIGS:-"faithful default ddpm50 dpmpp2m_logsnr15 dpmpp2m_logsnr20 ddim20"}
 DATASETS=${DATASETS:-"baron pbmc"}
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS
@@ -43,10 +44,10 @@ flags_of() {
     dpmpp2m_logsnr25) echo "--solver dpmpp2m --timestep_respacing logsnr25" ;;
     ddim20) echo "--use_ddim True --timestep_respacing ddim20" ;;
     ddim50_cache1) echo "--use_ddim True --timestep_respacing ddim50 --cache_interval 1" ;;
-    ddpm50) echo "--solver '' --use_ddim False --timestep_respacing 50" ;;
-    ddpm50_cache2) echo "--solver '' --timestep_respacing 50 --cache_interval 2" ;;
-    ddpm50_cache5) echo "--solver '' --timestep_respacing 50 --cache_interval 5" ;;
-    ddpm100_cache5) echo "--solver '' --timestep_respacing 100 --cache_interval 5" ;;
+    ddpm50) echo "--solver ddpm --timestep_respacing 50" ;;
+    ddpm50_cache2) echo "--solver ddpm --timestep_respacing 50 --cache_interval 2" ;;
+    ddpm50_cache5) echo "--solver ddpm --timestep_respacing 50 --cache_interval 5" ;;
+    ddpm100_cache5) echo "--solver ddpm --timestep_respacing 100 --cache_interval 5" ;;
     *) echo "unknown configuration $1" >&2; exit 2 ;;
   esac
 }

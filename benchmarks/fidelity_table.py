@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from guided_diffusion.sampler_settings import DEFAULT_SETTINGS
+
 # acceptance: the configuration's mean minus the faithful configuration's mean, per metric
 LIMITS = {"knn_auc": ("<=", 0.03), "scc": (">=", -0.003), "celltypist_accuracy": (">=", -0.02)}
 CONTROL = "control: training vs held-out"
@@ -37,12 +39,12 @@ def row(run, dataset, configuration, seed, metrics):
 
 def network_evaluations(configuration):
     """Denoiser evaluations per cell (a guided step evaluates the conditional and unconditional branches
-    in one batch): the step count of the configuration; the default is DDPM on 50 steps."""
+    in one batch): the step count of the configuration; "default" is cell_sample.py's default."""
     if configuration == "default":
-        return 50
+        configuration = DEFAULT_SETTINGS.timestep_respacing
     if configuration == "faithful":
         return 1000
-    match = re.search(r"(?:logsnr|ddim|ddpm)([0-9]+)", configuration)
+    match = re.search(r"(?:logsnr|ddim|ddpm)?([0-9]+)", configuration)
     return int(match.group(1)) if match else None
 
 
