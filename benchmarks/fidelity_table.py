@@ -41,10 +41,10 @@ def network_evaluations(configuration):
     """Denoiser evaluations per cell (a guided step evaluates the conditional and unconditional branches
     in one batch): the step count of the configuration; "default" is cell_sample.py's default."""
     if configuration == "default":
-        configuration = DEFAULT_SETTINGS.timestep_respacing
+        return int(re.fullmatch(r"(?:logsnr|ddim)?([0-9]+)", DEFAULT_SETTINGS.timestep_respacing).group(1))
     if configuration == "faithful":
         return 1000
-    match = re.search(r"(?:logsnr|ddim|ddpm)?([0-9]+)", configuration)
+    match = re.search(r"(?:logsnr|ddim|ddpm)([0-9]+)", configuration)
     return int(match.group(1)) if match else None
 
 

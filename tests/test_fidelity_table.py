@@ -42,3 +42,5 @@ def test_rows_and_summary_apply_the_limits_to_the_means_over_seeds(tmp_path, cap
     logsnr10 = next(line for line in out.splitlines() if line.strip().startswith("dpmpp2m_logsnr10 "))
     assert logsnr10.split()[1:5] == ["10", "2", "7.5", "2.00x"]  # NFE, seeds, median seconds, vs default
     assert "control: training vs held-out" in out and "0.5200" in out
+    assert fidelity_table.network_evaluations("default") == 10  # DPM-Solver++(2M) logsnr10
+    assert fidelity_table.network_evaluations("ddpm50_cache5") == 50
