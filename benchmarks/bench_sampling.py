@@ -146,7 +146,7 @@ def main(argv=None):
     default = resolve_settings(DEFAULT_SETTINGS, {"cache_interval": 5, "branch": 0, "non_uniform": False}, "cpu")
 
     def settings(**changes):
-        values = dict(vars(default))
+        values = dict(vars(default), solver="auto")  # auto: the solver follows the steps asked for
         values.update(changes)
         return SamplerSettings(**values)
 
@@ -164,6 +164,8 @@ def main(argv=None):
         rows.append(("default, decoded mean (no count draws)", settings(observation="mean"), args.cells, False))
     elif args.solvers:
         rows.append((f"default ({default.describe()})", default, args.cells, False))
+        rows.append(("DDPM 50, cache 1, bf16 (the previous default)", settings(timestep_respacing="50",
+                                                                               cache_interval=1), args.cells, False))
         for steps in (10, 15, 20, 25):
             rows.append((f"DPM-Solver++(2M) logsnr{steps}, cache 1, bf16",
                          settings(solver="dpmpp2m", timestep_respacing=f"logsnr{steps}", cache_interval=1),

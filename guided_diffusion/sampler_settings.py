@@ -14,7 +14,9 @@ OBSERVATIONS = ("auto", "counts", "mean")
 GUIDE_W_RANGE = (-1.0, 100.0)  # w < -1 inverts the condition; beyond 100 the guided epsilon overflows usefulness
 MAX_SEED = 2 ** 63 - 1
 _RESPACING = re.compile(r"(ddim|logsnr)?([0-9]+)")
-SOLVERS = ("", "dpmpp2m")  # "": ancestral DDPM or DDIM as use_ddim says; dpmpp2m: DPM-Solver++(2M)
+# auto: DPM-Solver++(2M) on log-SNR-spaced steps (timestep_respacing logsnrN), else as ddpm; ddpm (or ""): ancestral
+# DDPM, or DDIM with use_ddim; dpmpp2m: DPM-Solver++(2M) on whatever steps are given
+SOLVERS = ("auto", "ddpm", "dpmpp2m", "")
 
 
 @dataclass
@@ -23,7 +25,7 @@ class SamplerSettings:
 
     guide_w: Union[float, Dict[str, float]] = 0.5  # one weight, or {label key: weight} (resolve_guide_w)
     use_ddim: bool = False
-    timestep_respacing: str = "50"
+    timestep_respacing: str = "logsnr10"
     eta: float = 0.0
     cache_interval: Optional[int] = None  # None: the checkpoint's, scaled to the sampled steps
     branch: Optional[int] = None  # None: the checkpoint's
@@ -33,13 +35,23 @@ class SamplerSettings:
     seed: int = 0
     observation: str = "auto"
     precision: str = "auto"
-    solver: str = ""  # "dpmpp2m": DPM-Solver++(2M) (deterministic; overrides use_ddim)
+    solver: str = "auto"  # see SOLVERS; resolve_settings leaves "dpmpp2m" or "" (the DDPM family)
 
     def describe(self):
-        method = "DPM-Solver++(2M)" if self.solver == "dpmpp2m" else "DDIM" if self.use_ddim else "DDPM"
+        method = "DPM-Solver++(2M)" if solver_of(self) == "dpmpp2m" else "DDIM" if self.use_ddim else "DDPM"
         return f"{method} {self.timestep_respacing} steps, cache {self.cache_interval} " \
                f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), " \
                f"w={format_guide_w(self.guide_w)}"
+
+
+def solver_of(settings):
+    """The solver that runs: "dpmpp2m", or "" (ancestral DDPM, or DDIM with use_ddim). ``auto`` takes
+    DPM-Solver++(2M) when the steps are spaced in log-SNR (logsnrN) and DDIM is not asked for, else DDPM/DDIM,
+    so the original command lines (--timestep_respacing 1000, ddim50 with --use_ddim True) run what they did."""
+    if settings.solver == "auto":
+        spaced_in_log_snr = str(settings.timestep_respacing).startswith("logsnr")
+        return "dpmpp2m" if spaced_in_log_snr and not settings.use_ddim else ""
+    return "" if settings.solver == "ddpm" else settings.solver
 
 
 def parse_guide_w(text):
@@ -85,10 +97,11 @@ def guide_weights(guide_w):
     return list(guide_w.values()) if isinstance(guide_w, dict) else guide_w
 
 
-# The default: ancestral DDPM on 50 of the 1000 training steps (respaced), the checkpoint's cache interval
-# scaled to them (5 of 1000 -> 1 of 50: no reuse), bf16 matmuls where the device runs them natively.
-# Chosen by measurement against the faithful configuration (use_ddim False, timestep_respacing 1000,
-# cache 5) on two datasets: README, "Speed".
+# The default: DPM-Solver++(2M) on 10 steps evenly spaced in log-SNR, the checkpoint's cache interval scaled
+# to them (5 of 1000 -> 1 of 10: no reuse), bf16 matmuls where the device runs them natively. Chosen by
+# measurement on held-out cells against the faithful configuration (use_ddim False, timestep_respacing 1000,
+# cache 5; benchmarks/bench_fidelity.sh): README, "Speed". DDPM-50, the previous default:
+# --timestep_respacing 50.
 DEFAULT_SETTINGS = SamplerSettings()
 FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32"
 
@@ -118,10 +131,14 @@ def check_settings(settings):
                          f"such as 10,10,10 are not supported)")
     if settings.solver not in SOLVERS:
         raise UsageError(f"--solver {settings.solver!r}: choose one of {', '.join(repr(s) for s in SOLVERS)}")
-    if match.group(1) == "logsnr" and settings.solver != "dpmpp2m":
+    solver = solver_of(settings)
+    if match.group(1) == "logsnr" and settings.use_ddim and solver != "dpmpp2m":
+        raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for DPM-Solver++; with "
+                         f"--use_ddim True give DDIM steps, e.g. --timestep_respacing ddim{match.group(2)}")
+    if match.group(1) == "logsnr" and solver != "dpmpp2m":
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for DPM-Solver++, but "
                          f"--solver is not dpmpp2m; add --solver dpmpp2m, or give {match.group(2)}")
-    if match.group(1) == "ddim" and not settings.use_ddim and settings.solver != "dpmpp2m":
+    if match.group(1) == "ddim" and not settings.use_ddim and solver != "dpmpp2m":
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps for DDIM, but --use_ddim is False; "
                          f"add --use_ddim True, or give {match.group(2)} for DDPM")
 
@@ -154,7 +171,8 @@ def resolve_settings(settings, recorded, device, schedule_steps=TRAINING_STEPS):
         if settings.cache_interval is None else settings.cache_interval,
         branch=recorded["branch"] if settings.branch is None else settings.branch,
         non_uniform=recorded["non_uniform"] if settings.non_uniform is None else settings.non_uniform,
-        precision=resolve_precision(settings.precision, device))
+        precision=resolve_precision(settings.precision, device),
+        solver=solver_of(settings))
 
 
 def resolve_observation(observation, autoencoder):
@@ -170,6 +188,6 @@ def resolve_observation(observation, autoencoder):
     return observation
 
 
-__all__ = ["OBSERVATIONS", "PRECISIONS", "SamplerSettings", "DEFAULT_SETTINGS", "FAITHFUL_FLAGS", "check_settings",
+__all__ = ["OBSERVATIONS", "PRECISIONS", "SOLVERS", "SamplerSettings", "solver_of", "DEFAULT_SETTINGS", "FAITHFUL_FLAGS", "check_settings",
            "parse_guide_w", "format_guide_w", "resolve_guide_w", "guide_weights",
            "build_sampling_diffusion", "scaled_cache_interval", "resolve_settings", "resolve_observation"]

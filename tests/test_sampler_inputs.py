@@ -169,7 +169,7 @@ def test_help_shows_every_default_and_every_flag_has_help(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: 0.5)" in text and "(default: 50)" in text and "(default: 1000)" in text
+    assert "(default: 0.5)" in text and "(default: logsnr10)" in text and "(default: 1000)" in text
     assert "17x" not in text and "21x" not in text  # the speed figure lives in the README only
 
 

@@ -113,3 +113,61 @@ def test_cell_sample_passes_the_solver_flag_through():
     settings = cell_sample.settings_from_args(args)
     assert settings.solver == "dpmpp2m" and settings.timestep_respacing == "logsnr15"
     assert "DPM-Solver++(2M) logsnr15 steps" in settings.describe()
+
+
+def _resolved(*flags):
+    import cell_sample
+    from guided_diffusion.sampling import resolve_settings
+
+    args = cell_sample.build_parser().parse_args(["--model_path", "m.pt", *flags])
+    return resolve_settings(cell_sample.settings_from_args(args), {"cache_interval": 5, "branch": 0,
+                                                                   "non_uniform": False}, "cpu")
+
+
+def test_the_default_is_dpm_solver_on_log_snr_steps_and_the_original_command_lines_keep_their_sampler():
+    from guided_diffusion.sampling import FAITHFUL_FLAGS
+
+    default = _resolved()
+    assert (default.solver, default.timestep_respacing, default.cache_interval) == ("dpmpp2m", "logsnr10", 1)
+    faithful = _resolved(*FAITHFUL_FLAGS.split())
+    assert (faithful.solver, faithful.use_ddim, faithful.timestep_respacing, faithful.cache_interval,
+            faithful.precision) == ("", False, "1000", 5, "fp32")
+    assert faithful.describe().startswith("DDPM 1000 steps")
+    assert _resolved("--timestep_respacing", "50").describe().startswith("DDPM 50 steps")  # the previous default
+    ddim = _resolved("--use_ddim", "True", "--timestep_respacing", "ddim50")
+    assert ddim.solver == "" and ddim.describe().startswith("DDIM ddim50 steps")
+    assert _resolved("--solver", "ddpm", "--timestep_respacing", "20").solver == ""
+    assert _resolved("--solver", "dpmpp2m", "--timestep_respacing", "20").solver == "dpmpp2m"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--use_ddim", "True"], "with --use_ddim True give DDIM steps, e.g. --timestep_respacing ddim10"),
+    (["--solver", "ddpm"], "--timestep_respacing logsnr10 spaces the steps in log-SNR for DPM-Solver++, but "
+                           "--solver is not dpmpp2m"),
+])
+def test_log_snr_steps_without_dpm_solver_are_refused_naming_the_flag(flags, message):
+    from guided_diffusion.cli import UsageError
+
+    with pytest.raises(UsageError, match=message.replace("+", r"\+")):
+        _resolved(*flags)
+
+
+def test_auto_runs_what_it_resolves_to():
+    from guided_diffusion.cell_model import CellUNet
+    from guided_diffusion.sampling import DEFAULT_SETTINGS, sample_latents
+    from dataclasses import replace
+
+    torch.manual_seed(0)
+    model = CellUNet(latent_dim=8, hidden_dims=[32, 16], condition_sizes=(3,)).eval()
+    cond = torch.tensor([[0], [1], [2], [1]])
+    noise = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    common = dict(cache_interval=1, branch=0, non_uniform=False, precision="fp32")
+
+    def run(**changes):
+        return sample_latents(model, cond, noise, replace(DEFAULT_SETTINGS, **common, **changes), progress=False)
+
+    torch.testing.assert_close(run(), run(solver="dpmpp2m"), rtol=0, atol=0)
+    ddpm = run(timestep_respacing="20", seed=3)
+    torch.testing.assert_close(ddpm, run(timestep_respacing="20", seed=3, solver="ddpm"), rtol=0, atol=0)
+    torch.testing.assert_close(ddpm, run(timestep_respacing="20", seed=3, solver=""), rtol=0, atol=0)
+    assert not torch.allclose(ddpm, run(timestep_respacing="20", seed=3, solver="dpmpp2m"))
