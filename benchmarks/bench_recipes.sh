@@ -12,6 +12,7 @@
 # would have stopped at best step + P, which the summary reports as the autoencoder steps that recipe needs);
 # VARIANT (optional) trains its own autoencoder with extra flags: noise02 / noise05 = --latent_noise 0.02 / 0.05. Every stage is
 # pinned to THREADS threads (default 1); stage wall times go to OUT/seed*/times.tsv. Runs already done are reused.
+# SAMPLER_FLAGS (default: the sampler's defaults) are passed to cell_sample.py, e.g. "--timestep_respacing 50".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,6 +22,7 @@ RECIPES=${RECIPES:-"last:8000 best:8000 best:16000"}
 AE_STEPS=${AE_STEPS:-600}
 PATIENCE=${PATIENCE:-150}
 THREADS=${THREADS:-1}
+SAMPLER_FLAGS=${SAMPLER_FLAGS:-}
 export OMP_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
 
@@ -72,8 +74,9 @@ for seed in $SEEDS; do
     fi
     if [ ! -f "$folder/evaluation/metrics.json" ]; then
       rm -rf "$folder/samples"
+      # shellcheck disable=SC2086
       "$PY" cell_sample.py --model_path "$model" --sample_dir "$folder/samples" --match_counts --seed "$seed" \
-        --progress False > /dev/null
+        --progress False $SAMPLER_FLAGS > /dev/null
       timed "$times" "evaluation ${choice}_d$steps" "$PY" exp_script/evaluate.py --real "$OUT/split/heldout.h5ad" \
         --train "$OUT/split/train.h5ad" --generated "$folder/samples/generated.h5ad" --label_key cell_type1 \
         --out "$folder/evaluation" --seed "$seed" --plots False --progress False > /dev/null
