@@ -3,6 +3,7 @@
     python benchmarks/bench_scale.py --cells 10000 --threads 2
     python benchmarks/bench_scale.py --cells 100000 --runs 1 --layouts dense default
     python benchmarks/bench_scale.py --profile --threads 1     # sub-steps of one 1,024-cell chunk, both draws
+    python benchmarks/bench_scale.py --block_rows 128 512 1024 --threads 2   # screened draws per block size
 
 Stages, as cell_sample.py runs them with its default settings (DDPM 50, cache 1, guidance, count
 draws): start-up (importing cell_sample in a fresh interpreter), reverse diffusion (a randomly
@@ -211,6 +212,43 @@ def profile_chunk(threads, runs, n_cells=1024):
     return medians
 
 
+def time_block_sizes(threads, runs, sizes, n_cells=1024):
+    """Seconds for one chunk's output layer + screened draws at each ``block_rows``, interleaved rounds
+    (heap reuse on, as cell_sample.py runs it); the draws are the same for every size (checked)."""
+    from guided_diffusion.heap_reuse import reuse_freed_memory
+    from VAE.VAE_model import sample_negative_binomial_screened
+
+    reuse_freed_memory(True)
+    autoencoder, totals = count_autoencoder()
+    model = autoencoder.model
+    latent = torch.nn.functional.normalize(torch.randn(n_cells, model.latent_dim,
+                                                       generator=torch.Generator().manual_seed(1)), dim=1)
+    library = torch.as_tensor(totals[np.arange(n_cells) % len(totals)].astype(np.float32))
+    theta = torch.exp(model.log_theta.float())
+    seconds = {size: [] for size in sizes}
+    with torch.inference_mode():
+        hidden, output = model.decoder[:-1](latent), model.decoder[-1]
+        for run in range(runs + 1):  # the first round warms up and is not counted
+            drawn = []
+            for size in sizes:
+                start = time.perf_counter()
+                counts = sample_negative_binomial_screened(
+                    lambda a, b: torch.nn.functional.linear(hidden[a:b], output.weight, output.bias), library,
+                    theta, torch.Generator().manual_seed(run), block_rows=size)
+                if run:
+                    seconds[size].append(time.perf_counter() - start)
+                drawn.append(counts.values())
+            if not all(torch.equal(drawn[0], other) for other in drawn[1:]):
+                raise AssertionError("the draws depend on block_rows")
+    reference = statistics.median(seconds[sizes[0]])
+    print(f"one chunk of {n_cells} cells x {NUM_GENES} genes (output layer + screened draws), {threads} threads, "
+          f"medians of {runs} interleaved rounds; identical draws at every size")
+    for size in sizes:
+        median = statistics.median(seconds[size])
+        print(f"block_rows {size:>5}: {1000 * median:8.0f} ms   {reference / median:5.2f}x block_rows {sizes[0]}")
+    return seconds
+
+
 def same_cells(reference, other, block=1 << 24):
     """Whether two generated files hold the same matrices (values, indices, indptr) and obs, read in blocks."""
     import anndata as ad
@@ -249,6 +287,8 @@ def main(argv=None):
     parser.add_argument("--layouts", nargs="+", default=["dense", "default", "heap"], choices=list(LAYOUTS))
     parser.add_argument("--profile", action="store_true", help="only the sub-steps of one 1,024-cell chunk, "
                         "dense vs screened draws (--runs interleaved rounds)")
+    parser.add_argument("--block_rows", type=int, nargs="+", default=None,
+                        help="only time one chunk's screened draws at these block sizes (--runs interleaved rounds)")
     parser.add_argument("--_write", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -256,6 +296,8 @@ def main(argv=None):
         return write_outputs(*args._write)
     if args.profile:
         return profile_chunk(args.threads, args.runs)
+    if args.block_rows:
+        return time_block_sizes(args.threads, args.runs, args.block_rows)
     startup = statistics.median(startup_seconds() for _ in range(args.runs))
     latents, reverse = reverse_diffusion(args.cells, min(args.reverse_cells or args.cells, args.cells))
     results = {layout: [] for layout in args.layouts}
