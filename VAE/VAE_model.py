@@ -36,8 +36,8 @@ INVERSE_CDF_MAX_STEPS = 256
 # ratio <= 0.9 a walk is unfinished after 256 steps with probability below ~1e-10 per entry
 INVERSE_CDF_MAX_MEAN = 16.0
 # cells per block of the screened count draws (a block's float32 cells x 20,125 arrays are ~41 MB): 512 ran a
-# 1,024-cell chunk 1.20x (2 threads) / 1.29x (1 thread) faster than 128 on an idle machine, and 1,024 no faster
-# (README, Speed); the draws do not depend on it
+# 1,024-cell chunk 1.22x (2 threads) / 1.15x (1 thread) faster than 128 on an idle machine, 1,024 slower on one
+# thread (`benchmarks/bench_scale.py --block_rows`, README Speed); the draws do not depend on it
 NB_BLOCK_ROWS = 512
 
 

@@ -161,6 +161,15 @@ def _dense_chunk(model, latent, totals, generator, clock):
         return _csr(candidates[nonzero], draws[nonzero], *mean.shape)
 
 
+def chunk_inputs(n_cells):
+    """The count autoencoder, one chunk's unit-norm latents and their library sizes (fixed seeds)."""
+    autoencoder, totals = count_autoencoder()
+    latent = torch.nn.functional.normalize(torch.randn(n_cells, autoencoder.model.latent_dim,
+                                                       generator=torch.Generator().manual_seed(1)), dim=1)
+    library = torch.as_tensor(totals[np.arange(n_cells) % len(totals)].astype(np.float32))
+    return autoencoder, latent, library
+
+
 def profile_chunk(threads, runs, n_cells=1024):
     """Seconds per sub-step of one chunk's output stages, the dense and the screened draws interleaved."""
     import scipy.sparse as sp
@@ -169,11 +178,8 @@ def profile_chunk(threads, runs, n_cells=1024):
     from guided_diffusion.heap_reuse import reuse_freed_memory
     from VAE.VAE_model import _SubStepClock
 
-    autoencoder, totals = count_autoencoder()
+    autoencoder, latent, library = chunk_inputs(n_cells)
     model = autoencoder.model
-    latent = torch.nn.functional.normalize(torch.randn(n_cells, model.latent_dim,
-                                                       generator=torch.Generator().manual_seed(1)), dim=1)
-    library = torch.as_tensor(totals[np.arange(n_cells) % len(totals)].astype(np.float32))
     rounds = {"dense": [], "screened": []}
     with torch.inference_mode():
         for run in range(runs + 1):  # the first round warms up and is not counted
@@ -219,11 +225,8 @@ def time_block_sizes(threads, runs, sizes, n_cells=1024):
     from VAE.VAE_model import sample_negative_binomial_screened
 
     reuse_freed_memory(True)
-    autoencoder, totals = count_autoencoder()
+    autoencoder, latent, library = chunk_inputs(n_cells)
     model = autoencoder.model
-    latent = torch.nn.functional.normalize(torch.randn(n_cells, model.latent_dim,
-                                                       generator=torch.Generator().manual_seed(1)), dim=1)
-    library = torch.as_tensor(totals[np.arange(n_cells) % len(totals)].astype(np.float32))
     theta = torch.exp(model.log_theta.float())
     seconds = {size: [] for size in sizes}
     with torch.inference_mode():
