@@ -84,9 +84,14 @@ def build_parser():
                              "values, layers['counts'] = the counts); mean: the decoded mean expression; "
                              "auto: counts for autoencoders trained with --loss_ae nb, else mean")
     parser.add_argument("--precision", default=DEFAULT_SETTINGS.precision, choices=PRECISIONS,
-                        help="the denoiser's matrix multiplications in fp32 or bf16 (torch.autocast; the decoder and "
-                             "every output stay fp32); auto: bf16 where the device runs it natively (CPUs with "
+                        help="the denoiser's matrix multiplications in fp32 or bf16 (torch.autocast; the diffusion "
+                             "updates and every output stay fp32; see --decoder_precision); auto: bf16 where the device runs it natively (CPUs with "
                              "AMX/AVX512-BF16, CUDA GPUs with bf16), else fp32")
+    parser.add_argument("--decoder_precision", default=DEFAULT_SETTINGS.decoder_precision, choices=PRECISIONS,
+                        help="the count decoder's output layer (1024 x genes, most of the decoding work) in fp32 or "
+                             "bf16 (its logits move by ~2^-9 of their size, far below the count draws' noise; "
+                             "measured in the README, Speed); auto: bf16 when --precision resolves to bf16 and "
+                             "counts are drawn, else fp32 (decoded means are always fp32)")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of every random stream (noise, count draws, library sizes)")
     parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
@@ -103,7 +108,7 @@ def settings_from_args(args):
                            eta=args.eta, cache_interval=args.cache_interval, branch=args.branch,
                            non_uniform=args.non_uniform, clip_denoised=args.clip_denoised,
                            batch_size=args.batch_size, seed=args.seed, observation=args.observation,
-                           precision=args.precision, solver=args.solver)
+                           precision=args.precision, solver=args.solver, decoder_precision=args.decoder_precision)
 
 
 def request_from_args(args):

@@ -26,7 +26,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-checkpoint/fidelity}
 SEEDS=${SEEDS:-"0 1 2"}
-# "default": cell_sample.py's default (DPM-Solver++(2M) logsnr10 since 2026-12-02; ddpm50 is the previous one)
+# "default": cell_sample.py's default (DPM-Solver++(2M) logsnr10 since 2026-12-02; ddpm50 is the previous one;
+# since 2026-12-04 with the count decoder's output layer in bf16 where the CPU has it, decoder_fp32 without)
 CONFIGS=${CONFIGS:-"faithful default ddpm50 dpmpp2m_logsnr15 dpmpp2m_logsnr20 ddim20"}
 DATASETS=${DATASETS:-"baron pbmc"}
 THREADS=${THREADS:-1}
@@ -38,6 +39,7 @@ flags_of() {
   case $1 in
     faithful) echo "--use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32" ;;
     default) echo "" ;;
+    decoder_fp32) echo "--decoder_precision fp32" ;;
     dpmpp2m_logsnr10) echo "--solver dpmpp2m --timestep_respacing logsnr10" ;;
     dpmpp2m_logsnr15) echo "--solver dpmpp2m --timestep_respacing logsnr15" ;;
     dpmpp2m_logsnr20) echo "--solver dpmpp2m --timestep_respacing logsnr20" ;;

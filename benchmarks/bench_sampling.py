@@ -4,6 +4,7 @@
     python benchmarks/bench_sampling.py --runs 1 --quick
     python benchmarks/bench_sampling.py --solvers    # only the solver / step-count rows beside the default
     python benchmarks/bench_sampling.py --draws --threads 1   # today's screened count draws beside the dense ones
+    python benchmarks/bench_sampling.py --decoder --threads 2  # the bf16 output layer beside the fp32 one
 
 Each row runs the whole sampling process of cell_sample.py — noise → guided reverse diffusion (with the
 feature cache) → decoding to all genes streamed into an .h5ad — with a randomly initialised default-size
@@ -17,12 +18,15 @@ cell per step (full or shallow pass, doubled for guidance) plus the decoder's; p
 per-condition projections are not counted (they are amortised, or waste in the reference path).
 Rows draw counts as cell_sample.py does now (screened draws, freed memory kept for reuse) except the
 rows marked "dense count draws (before)" (a float32 uniform per entry over the whole chunk, glibc's
-default allocator); ``--draws`` prints each beside the other with the reverse / output split.
+default allocator); ``--draws`` prints each beside the other with the reverse / output split. Rows run the
+count decoder's output layer as cell_sample.py does (``--decoder_precision auto``: bf16 with bf16 denoiser
+matmuls) unless marked "fp32 decoder"; ``--decoder`` prints the default and DDPM-50 with both.
 """
 import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 
 import numpy as np
@@ -33,8 +37,8 @@ from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.cell_model import CellUNet
 from guided_diffusion.feature_cache import refresh_schedule
 from guided_diffusion.respace import create_diffusion
-from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, resolve_settings, sample_latents,
-                                       write_decoded_h5ad)
+from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, resolve_decoder_precision,
+                                       resolve_settings, sample_latents, write_decoded_h5ad)
 from guided_diffusion.heap_reuse import reuse_freed_memory
 from VAE.VAE_model import VAE, Autoencoder
 from guided_diffusion.data import Normalization
@@ -107,9 +111,11 @@ def run_once(model, autoencoder, settings, n_cells, folder, totals, count_draws=
     start = time.perf_counter()
     latents = sample_latents(model, cond, noise, settings, progress=False)
     reverse_done = time.perf_counter()
-    library_sizes = totals[np.arange(n_cells) % len(totals)] if settings.observation != "mean" else None
+    observation = "mean" if settings.observation == "mean" else "counts"
+    library_sizes = totals[np.arange(n_cells) % len(totals)] if observation == "counts" else None
+    decoder_precision = resolve_decoder_precision(settings, observation, "cpu") if count_draws == "screened" else "fp32"
     write_decoded_h5ad(os.path.join(folder, "generated.h5ad"), autoencoder, latents.numpy(), obs, {}, progress=False,
-                       library_sizes=library_sizes, count_draws=count_draws)
+                       library_sizes=library_sizes, count_draws=count_draws, decoder_precision=decoder_precision)
     end = time.perf_counter()
     if stages is not None:
         stages.append((reverse_done - start, end - reverse_done))
@@ -127,6 +133,9 @@ def main(argv=None):
     parser.add_argument("--draws", action="store_true",
                         help="only the default and DPM-Solver++(2M) logsnr15 rows, each with today's screened count "
                              "draws and with the dense draws before them, and the decoded-mean row")
+    parser.add_argument("--decoder", action="store_true",
+                        help="only the default and DDPM-50 rows, each with the bf16 output layer (today) and the "
+                             "fp32 one, with the reverse / output split")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -154,7 +163,13 @@ def main(argv=None):
                     precision="fp32")
     rows = []
     dense_draws = set()  # rows drawing counts the way before (a float32 uniform per entry, whole chunk)
-    if args.draws:
+    if args.decoder:
+        for label, config in ((f"default ({default.describe()})", default),
+                              ("DDPM 50, cache 1, bf16", settings(timestep_respacing="50", cache_interval=1))):
+            rows.append((f"{label}, fp32 decoder (before)", replace(config, decoder_precision="fp32"), args.cells,
+                         False))
+            rows.append((f"{label}, bf16 output layer (today)", config, args.cells, False))
+    elif args.draws:
         solver15 = settings(solver="dpmpp2m", timestep_respacing="logsnr15", cache_interval=1)
         for label, config in ((f"default ({default.describe()})", default),
                               ("DPM-Solver++(2M) logsnr15, cache 1, bf16", solver15)):
@@ -182,7 +197,7 @@ def main(argv=None):
             ("DDPM-1000, cache 5 non-uniform", settings(**dict(faithful, non_uniform=True), cache_interval=5),
              args.faithful_cells, False),
         ]
-    only = args.solvers or args.draws
+    only = args.solvers or args.draws or args.decoder
     for steps in (() if only else (100, 50)):
         for interval in (1, 5):
             rows.append((f"DDIM {steps}, cache {interval}", settings(use_ddim=True, timestep_respacing=f"ddim{steps}",
@@ -227,10 +242,10 @@ def main(argv=None):
         reverse, output = (statistics.median(x[i] for x in stages[name]) for i in (0, 1))
         print(f"{name:<78} {cells_per_second:>9.1f} {1000 / cells_per_second:>12.2f} {gflops:>15.1f} "
               f"{100 * gflops / row_peak:>6.0f}% {100 * gflops / peak:>11.0f}%"
-              + (f" {cells_per_second / default_rate:>6.2f}x {'row 1' if args.draws else 'default'}"
-                 if args.solvers or args.draws else "")
+              + (f" {cells_per_second / default_rate:>6.2f}x {'default' if args.solvers else 'row 1'}"
+                 if only else "")
               + (f"   reverse {1000 * reverse / n_cells:.2f} + output {1000 * output / n_cells:.2f} s/1000 cells"
-                 if args.draws else ""), flush=True)
+                 if args.draws or args.decoder else ""), flush=True)
     by_name = dict(results)
     reference = by_name.get("reference path (per-cell projections), DDPM-1000 cache 5")
     best_default = max(v for k, v in results if k.startswith("default"))

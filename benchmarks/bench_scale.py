@@ -171,7 +171,9 @@ def chunk_inputs(n_cells):
 
 
 def profile_chunk(threads, runs, n_cells=1024):
-    """Seconds per sub-step of one chunk's output stages, the dense and the screened draws interleaved."""
+    """Seconds per sub-step of one chunk's output stages, interleaved: the dense draws, the screened draws with
+    the float32 output layer, and the screened draws with the bf16 output layer (cell_sample.py's default where
+    the CPU has native bf16)."""
     import scipy.sparse as sp
 
     from guided_diffusion.h5ad_writer import _draw_counts, log_normalize_counts
@@ -180,7 +182,7 @@ def profile_chunk(threads, runs, n_cells=1024):
 
     autoencoder, latent, library = chunk_inputs(n_cells)
     model = autoencoder.model
-    rounds = {"dense": [], "screened": []}
+    rounds = {"dense": [], "screened": [], "screened bf16": []}
     with torch.inference_mode():
         for run in range(runs + 1):  # the first round warms up and is not counted
             for method in rounds:
@@ -194,7 +196,8 @@ def profile_chunk(threads, runs, n_cells=1024):
                         counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
                                                 counts.crow_indices().numpy()), shape=tuple(counts.shape))
                 else:
-                    counts = _draw_counts(autoencoder, latent, library, generator, "screened", steps)
+                    counts = _draw_counts(autoencoder, latent, library, generator, "screened", steps,
+                                          "bf16" if method.endswith("bf16") else "fp32")
                 clock = _SubStepClock(steps)
                 with clock("log1p(normalize_total)"):
                     log_normalize_counts(counts, 1e4)
@@ -209,12 +212,14 @@ def profile_chunk(threads, runs, n_cells=1024):
     names = [name for name in order if name in found] + sorted(found - set(order))
     print(f"one chunk of {n_cells} cells x {NUM_GENES} genes, {threads} threads, medians of {runs} interleaved "
           f"rounds (ms); candidates/non-zeros as drawn")
-    print(f"{'sub-step':<40}{'dense':>10}{'screened':>10}")
+    print(f"{'sub-step':<40}{'dense':>10}{'screened':>10}{'+ bf16 out':>11}")
     medians = {method: {name: statistics.median(r.get(name, 0.0) for r in rounds[method]) for name in names}
                for method in rounds}
     for name in names:
         print(f"{name:<40}" + "".join(f"{1000 * medians[m].get(name, 0.0):>10.1f}" for m in rounds))
     print(f"{'dense / screened time':<40}{medians['dense']['total'] / medians['screened']['total']:>20.2f}x")
+    print(f"{'screened / screened bf16 time':<40}"
+          f"{medians['screened']['total'] / medians['screened bf16']['total']:>31.2f}x")
     return medians
 
 

@@ -1,8 +1,9 @@
 """Decoded latents straight into an .h5ad, chunk by chunk (anndata's on-disk layout, written with h5py so
 that no N x genes matrix is ever held in memory), under a temporary name renamed when complete.
 
-Used by the sampler and by ``exp_script/reconstruct.py``. The decoder runs in float32 whatever the
-sampler's ``--precision``: everything written is computed and stored in float32.
+Used by the sampler and by ``exp_script/reconstruct.py``. Everything written is computed and stored in
+float32, except that with ``decoder_precision`` bf16 the count decoder's output layer multiplies in
+bfloat16 (:func:`VAE.VAE_model.output_layer_logits`); decoded means are always float32.
 
 With count draws, ``X`` (log-normalized) and ``layers['counts']`` have the same sparsity pattern: their
 ``indices`` and ``indptr`` are stored once, ``X``'s being HDF5 hard links to the counts' (anndata and
@@ -103,8 +104,9 @@ def _decode_mean(autoencoder, block):
     return decoded
 
 
-def _draw_counts(autoencoder, block, totals, generator, method="screened", sub_steps=None):
-    counts = autoencoder.model.sample_counts(block.float(), totals, generator, method=method, timings=sub_steps).cpu()
+def _draw_counts(autoencoder, block, totals, generator, method="screened", sub_steps=None, precision="fp32"):
+    counts = autoencoder.model.sample_counts(block.float(), totals, generator, method=method, timings=sub_steps,
+                                             precision=precision).cpu()
     counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
                             counts.crow_indices().numpy()), shape=tuple(counts.shape))
     if not (np.isfinite(counts.data).all() and (counts.data >= 0).all()):
@@ -174,7 +176,7 @@ def _write_annotations(store, obs, genes, uns):
 
 def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, progress=True, library_sizes=None,
                        seed=0, compression=None, background_writes=True, share_pattern=True, timings=None,
-                       count_draws="screened"):
+                       count_draws="screened", decoder_precision="fp32"):
     """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete).
 
     Without ``library_sizes``, X is the decoded mean expression (dense). With them (one target total per
@@ -188,8 +190,14 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     stage added to it (``write`` is measured on the writer thread, beside the decoding when overlapped)
     and, with ``screened`` draws, the sub-steps of ``decode and draw`` as ``draw: <sub-step>``.
     ``count_draws`` ``screened`` (the default) or ``dense`` (the path before) draw the same distribution
-    from different random numbers (:meth:`VAE.VAE_model.VAE.sample_counts`). Returns the decoded values' (min, max).
+    from different random numbers (:meth:`VAE.VAE_model.VAE.sample_counts`). ``decoder_precision`` ``bf16``
+    runs the count decoder's output layer in bfloat16 (screened draws only; the means path refuses it).
+    Returns the decoded values' (min, max).
     """
+    if decoder_precision not in ("fp32", "bf16"):
+        raise ValueError(f"decoder_precision must be 'fp32' or 'bf16', not {decoder_precision!r}")
+    if decoder_precision == "bf16" and (library_sizes is None or count_draws != "screened"):
+        raise ValueError("decoder_precision bf16 applies to screened count draws only; decoded means are float32")
     obs = obs.copy()
     timer = StageTimer(timings)
     value_range = [np.inf, -np.inf]
@@ -202,7 +210,8 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
                     _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range,
                                  progress)
                 else:
-                    layout = dict(compression=compression, share_pattern=share_pattern, count_draws=count_draws)
+                    layout = dict(compression=compression, share_pattern=share_pattern, count_draws=count_draws,
+                                  decoder_precision=decoder_precision)
                     obs["library_size"] = _write_counts(store, autoencoder, latents, library_sizes, chunk_size,
                                                         seed, layout, writer, timer, value_range, progress)
                     obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
@@ -261,7 +270,8 @@ def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, 
             block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
             generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
             totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
-            counts = _draw_counts(autoencoder, block, totals, generator, layout["count_draws"], sub_steps)
+            counts = _draw_counts(autoencoder, block, totals, generator, layout["count_draws"], sub_steps,
+                                  layout["decoder_precision"])
         with timer("normalize"):
             row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
             normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)

@@ -1,7 +1,8 @@
 """Matmul precision of the sampler: probing for fast bf16 and the autocast context.
 
-Only the denoiser's matrix multiplications run in bf16 (``denoiser_precision``); the diffusion updates,
-the decoder and everything written to disk stay float32.
+The denoiser's matrix multiplications run in bf16 (``--precision``), and by default with it the count
+decoder's output layer (``--decoder_precision``, :func:`VAE.VAE_model.output_layer_logits`); the diffusion
+updates, the softmax, the count draws and everything written to disk stay float32.
 """
 import torch
 

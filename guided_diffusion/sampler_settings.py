@@ -36,6 +36,9 @@ class SamplerSettings:
     observation: str = "auto"
     precision: str = "auto"
     solver: str = "auto"  # see SOLVERS; resolve_settings leaves "dpmpp2m" or "" (the DDPM family)
+    # the count decoder's output layer; auto: bf16 when the denoiser's matmuls are and counts are drawn
+    # (resolve_decoder_precision), decoded means always fp32
+    decoder_precision: str = "auto"
 
     def describe(self):
         method = "DPM-Solver++(2M)" if solver_of(self) == "dpmpp2m" else "DDIM" if self.use_ddim else "DDPM"
@@ -129,6 +132,9 @@ def check_settings(settings):
         raise UsageError(f"--timestep_respacing {respacing!r}: give a step count such as 50 or 1000 (all steps), "
                          f"ddim50 with --use_ddim True, or logsnr15 with --solver dpmpp2m (no spaces; section lists "
                          f"such as 10,10,10 are not supported)")
+    if settings.decoder_precision not in PRECISIONS:
+        raise UsageError(f"--decoder_precision must be one of {', '.join(PRECISIONS)}, got "
+                         f"{settings.decoder_precision!r}")
     if settings.solver not in SOLVERS:
         raise UsageError(f"--solver {settings.solver!r}: choose one of {', '.join(repr(s) for s in SOLVERS)}")
     solver = solver_of(settings)
@@ -188,6 +194,20 @@ def resolve_observation(observation, autoencoder):
     return observation
 
 
+def resolve_decoder_precision(settings, observation, device):
+    """The count decoder's output-layer precision: ``auto`` -> ``bf16`` when counts are drawn and the
+    denoiser's matmuls run in bf16 (so ``--precision fp32`` keeps the whole sampler exact), else ``fp32``.
+    Decoded means are written as computed and stay float32: ``bf16`` with them is refused."""
+    if settings.decoder_precision == "auto":
+        fast = resolve_precision(settings.precision, device) == "bf16"
+        return "bf16" if fast and observation == "counts" else "fp32"
+    if settings.decoder_precision == "bf16" and observation != "counts":
+        raise UsageError("--decoder_precision bf16 applies to count draws; decoded means (--observation mean) "
+                         "are computed in fp32: omit it or use --decoder_precision fp32")
+    return resolve_precision(settings.decoder_precision, device)
+
+
 __all__ = ["OBSERVATIONS", "PRECISIONS", "SOLVERS", "SamplerSettings", "solver_of", "DEFAULT_SETTINGS", "FAITHFUL_FLAGS", "check_settings",
            "parse_guide_w", "format_guide_w", "resolve_guide_w", "guide_weights",
-           "build_sampling_diffusion", "scaled_cache_interval", "resolve_settings", "resolve_observation"]
+           "build_sampling_diffusion", "scaled_cache_interval", "resolve_settings", "resolve_observation",
+           "resolve_decoder_precision"]

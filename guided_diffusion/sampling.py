@@ -42,8 +42,8 @@ from .precision import PRECISIONS, has_fast_bf16, matmul_precision, resolve_prec
 from .guidance import guidance_formula
 from .reverse_process import condition_noise, sample_latents
 from .sampler_settings import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, SamplerSettings,  # noqa: F401
-                               build_sampling_diffusion, check_settings, resolve_guide_w, resolve_observation,
-                               resolve_settings)
+                               build_sampling_diffusion, check_settings, resolve_decoder_precision,
+                               resolve_guide_w, resolve_observation, resolve_settings)
 
 MANIFEST = "manifest.json"
 GENERATED = "generated.h5ad"
@@ -67,6 +67,8 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
     path = os.path.join(sample_dir, GENERATED)
     # 1. what to draw: the observation, each cell's library size, its condition row and starting noise
     observation = resolve_observation(settings.observation, autoencoder)
+    settings = replace(settings, decoder_precision=resolve_decoder_precision(settings, observation,
+                                                                             autoencoder.device))
     check_memory(sum(count for _, count in plan), loaded.model.latent_dim)
     library_sizes = plan_library_sizes(loaded, plan, settings) if observation == "counts" else None
     cond_rows, noise = starting_points(plan, settings.seed, len(sizes), loaded.model.latent_dim)
@@ -233,7 +235,7 @@ def decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings
     try:
         return write_decoded_h5ad(path, autoencoder, latents, obs, uns, progress=progress,
                                   library_sizes=library_sizes, seed=settings.seed, compression=compression,
-                                  timings=timings)
+                                  timings=timings, decoder_precision=settings.decoder_precision)
     except NonFiniteOutput as error:
         raise UsageError(f"the autoencoder decoded the generated latents to non-finite {error}; nothing was "
                          f"written (train longer, or lower --guide_w)") from None
