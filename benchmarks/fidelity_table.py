@@ -39,8 +39,9 @@ def row(run, dataset, configuration, seed, metrics):
 
 def network_evaluations(configuration):
     """Denoiser evaluations per cell (a guided step evaluates the conditional and unconditional branches
-    in one batch): the step count of the configuration; "default" is cell_sample.py's default."""
-    if configuration == "default":
+    in one batch): the step count of the configuration; "default" is cell_sample.py's default, and so are the
+    denoiser steps of "decoder_fp32" (the default with an fp32 decoder)."""
+    if configuration in ("default", "decoder_fp32"):
         return int(re.fullmatch(r"(?:logsnr|ddim)?([0-9]+)", DEFAULT_SETTINGS.timestep_respacing).group(1))
     if configuration == "faithful":
         return 1000

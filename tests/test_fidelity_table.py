@@ -44,3 +44,4 @@ def test_rows_and_summary_apply_the_limits_to_the_means_over_seeds(tmp_path, cap
     assert "control: training vs held-out" in out and "0.5200" in out
     assert fidelity_table.network_evaluations("default") == 10  # DPM-Solver++(2M) logsnr10
     assert fidelity_table.network_evaluations("ddpm50_cache5") == 50
+    assert fidelity_table.network_evaluations("decoder_fp32") == 10  # the default's steps, fp32 decoder
