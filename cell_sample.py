@@ -3,10 +3,11 @@
     python cell_sample.py --model_path checkpoint/diffusion/baron/model800000.pt --sample_dir output/baron \\
         --num_classes 14 --branch 0 --cache_interval 5 --non_uniform False
 
-Sampler: by default DPM-Solver++(2M) on 10 steps evenly spaced in log-SNR (--timestep_respacing logsnr10), the
+Sampler: by default SDE-DPM-Solver++(2M) on 10 steps evenly spaced in log-SNR (--timestep_respacing logsnr10), the
 checkpoint's cache interval scaled to them (5 of 1000 steps -> 1 of 10) and bf16 matmuls where the device runs
 them natively (measured on held-out cells within the fidelity limits of the original 1000-step sampler; README,
-"Speed"); --timestep_respacing 50 is the previous default (ancestral DDPM on 50 steps), and the original sampler
+"Speed"); --solver dpmpp2m is its deterministic (ODE) form, --timestep_respacing 50 ancestral DDPM on 50 steps,
+and the original sampler
 is --use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32. Output: counts drawn from
 the count autoencoder (X log-normalized, layers['counts']), or the decoded mean (--observation mean), and
 manifest.json, written last: a folder without it holds no complete run.
@@ -63,9 +64,10 @@ def build_parser():
                              f"spaced in log-SNR, DPM-Solver++), N (e.g. 50, 250; 1000 = all: ancestral DDPM), or "
                              f"ddimN with --use_ddim True (the original 1000-step sampler: {FAITHFUL_FLAGS})")
     parser.add_argument("--solver", default=DEFAULT_SETTINGS.solver, choices=list(SOLVERS),
-                        help="auto: DPM-Solver++(2M) on logsnrN steps, else ancestral DDPM (DDIM with --use_ddim "
+                        help="auto: SDE-DPM-Solver++(2M) on logsnrN steps, else ancestral DDPM (DDIM with --use_ddim "
                              "True); ddpm: ancestral DDPM or DDIM on any steps; dpmpp2m: DPM-Solver++(2M) on any "
-                             "steps (deterministic, one network evaluation per step; overrides --use_ddim)")
+                             "steps (deterministic, one network evaluation per step; overrides --use_ddim); "
+                             "dpmpp2m_sde: its stochastic form (fresh noise at every step, as DDPM)")
     parser.add_argument("--eta", type=non_negative_float, default=DEFAULT_SETTINGS.eta,
                         help="DDIM eta (0: deterministic)")
     parser.add_argument("--clip_denoised", type=str2bool, default=False,

@@ -44,6 +44,9 @@ flags_of() {
     dpmpp2m_logsnr15) echo "--solver dpmpp2m --timestep_respacing logsnr15" ;;
     dpmpp2m_logsnr20) echo "--solver dpmpp2m --timestep_respacing logsnr20" ;;
     dpmpp2m_logsnr25) echo "--solver dpmpp2m --timestep_respacing logsnr25" ;;
+    sde_logsnr10) echo "--solver dpmpp2m_sde --timestep_respacing logsnr10" ;;
+    sde_logsnr15) echo "--solver dpmpp2m_sde --timestep_respacing logsnr15" ;;
+    sde_logsnr20) echo "--solver dpmpp2m_sde --timestep_respacing logsnr20" ;;
     ddim20) echo "--use_ddim True --timestep_respacing ddim20" ;;
     ddim50_cache1) echo "--use_ddim True --timestep_respacing ddim50 --cache_interval 1" ;;
     ddpm50) echo "--solver ddpm --timestep_respacing 50" ;;

@@ -129,7 +129,8 @@ def main(argv=None):
     parser.add_argument("--cells", type=int, default=4096, help="cells per run for the fast rows")
     parser.add_argument("--faithful_cells", type=int, default=512, help="cells per run for 1000-step rows")
     parser.add_argument("--solvers", action="store_true",
-                        help="only the default and the DPM-Solver++(2M) / DDIM step-count rows (bf16, cache 1)")
+                        help="only the default and the DPM-Solver++(2M) (ODE and SDE) / DDIM step-count rows (bf16, "
+                             "cache 1)")
     parser.add_argument("--draws", action="store_true",
                         help="only the default and DPM-Solver++(2M) logsnr15 rows, each with today's screened count "
                              "draws and with the dense draws before them, and the decoded-mean row")
@@ -184,6 +185,10 @@ def main(argv=None):
         for steps in (10, 15, 20, 25):
             rows.append((f"DPM-Solver++(2M) logsnr{steps}, cache 1, bf16",
                          settings(solver="dpmpp2m", timestep_respacing=f"logsnr{steps}", cache_interval=1),
+                         args.cells, False))
+        for steps in (10, 15, 20):
+            rows.append((f"SDE-DPM-Solver++(2M) logsnr{steps}, cache 1, bf16",
+                         settings(solver="dpmpp2m_sde", timestep_respacing=f"logsnr{steps}", cache_interval=1),
                          args.cells, False))
         rows.append(("DDIM 20, cache 1, bf16", settings(use_ddim=True, timestep_respacing="ddim20", cache_interval=1),
                      args.cells, False))

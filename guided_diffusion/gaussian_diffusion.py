@@ -262,6 +262,7 @@ class GaussianDiffusion:
         progress: bool = False,
         on_step: Optional[StepCallback] = None,
         device=None,
+        stochastic: bool = False,
     ) -> torch.Tensor:
         """DPM-Solver++(2M) (Lu et al. 2022, multistep, data-prediction form) on the probability-flow ODE.
 
@@ -272,7 +273,12 @@ class GaussianDiffusion:
         (1 + 1 / 2r) D_t - (1 / 2r) D_prev with r = h_prev / h. The update to step 0 stays first order
         (its log-SNR step is several times the previous one on the linear schedule, where extrapolating
         from D_prev overshoots: the reference solver's "lower order final"), and the last evaluation
-        (t = 0) returns D_0, as DDIM does. Deterministic: ``generator`` is accepted for a uniform signature and not used.
+        (t = 0) returns D_0, as DDIM does. Deterministic: ``generator`` is not used by this form.
+
+        ``stochastic`` True is SDE-DPM-Solver++(2M) (the same paper): the same data predictions D integrate
+        the reverse diffusion SDE instead, x_{t-1} = (sigma_{t-1} / sigma_t) e^{-h} x_t + alpha_{t-1} (1 - e^{-2h}) D
+        + sigma_{t-1} sqrt(1 - e^{-2h}) z, with fresh Gaussian noise z from ``generator`` at every update (as
+        ancestral DDPM draws it): part of each step's error is forgotten instead of carried to the end.
         """
         alpha, sigma, log_snr = self.dpm_solver_coefficients()
         previous = {}  # the last data prediction and its step length in log-SNR
@@ -288,6 +294,11 @@ class GaussianDiffusion:
                 half_inverse_ratio = 0.5 * h / previous["h"]
                 data = (1 + half_inverse_ratio) * x0 - half_inverse_ratio * previous["x0"]
             previous.update(x0=x0, h=h)
-            return float(sigma[index - 1] / sigma[index]) * x - float(alpha[index - 1] * np.expm1(-h)) * data
+            if not stochastic:
+                return float(sigma[index - 1] / sigma[index]) * x - float(alpha[index - 1] * np.expm1(-h)) * data
+            kept = -np.expm1(-2.0 * h)  # 1 - e^{-2h}
+            z = _randn(x.shape, generator, x.device, x.dtype)
+            return (float(sigma[index - 1] / sigma[index] * np.exp(-h)) * x + float(alpha[index - 1] * kept) * data
+                    + float(sigma[index - 1] * np.sqrt(kept)) * z)
 
         return self._sample_loop(step, shape, noise, device, generator, progress, on_step)

@@ -9,7 +9,7 @@ from .feature_cache import refresh_schedule
 from .guidance import guided_eps_fn
 from .precision import matmul_precision
 from .respace import TRAINING_STEPS
-from .sampler_settings import build_sampling_diffusion, guide_weights, solver_of
+from .sampler_settings import DPM_SOLVERS, build_sampling_diffusion, guide_weights, solver_of
 
 
 def condition_noise(seed, condition_index, n_cells, latent_dim):
@@ -52,8 +52,9 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,
                       on_step=lambda *_: bar.update(1))
         with matmul_precision(settings.precision, device):  # the denoiser's matmuls; the updates stay fp32
-            if solver_of(settings) == "dpmpp2m":
-                x = diffusion.dpm_solver_sample_loop(eps_fn, noise[part].shape, **common)
+            if solver_of(settings) in DPM_SOLVERS:
+                x = diffusion.dpm_solver_sample_loop(eps_fn, noise[part].shape,
+                                                     stochastic=solver_of(settings) == "dpmpp2m_sde", **common)
             elif settings.use_ddim:
                 x = diffusion.ddim_sample_loop(eps_fn, noise[part].shape, eta=settings.eta, **common)
             else:

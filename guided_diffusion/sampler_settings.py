@@ -14,9 +14,11 @@ OBSERVATIONS = ("auto", "counts", "mean")
 GUIDE_W_RANGE = (-1.0, 100.0)  # w < -1 inverts the condition; beyond 100 the guided epsilon overflows usefulness
 MAX_SEED = 2 ** 63 - 1
 _RESPACING = re.compile(r"(ddim|logsnr)?([0-9]+)")
-# auto: DPM-Solver++(2M) on log-SNR-spaced steps (timestep_respacing logsnrN), else as ddpm; ddpm (or ""): ancestral
-# DDPM, or DDIM with use_ddim; dpmpp2m: DPM-Solver++(2M) on whatever steps are given
-SOLVERS = ("auto", "ddpm", "dpmpp2m", "")
+# auto: SDE-DPM-Solver++(2M) on log-SNR-spaced steps (timestep_respacing logsnrN), else as ddpm; ddpm (or ""): ancestral
+# DDPM, or DDIM with use_ddim; dpmpp2m: DPM-Solver++(2M) on whatever steps are given; dpmpp2m_sde: its stochastic
+# form (SDE-DPM-Solver++(2M), fresh noise at every step)
+SOLVERS = ("auto", "ddpm", "dpmpp2m", "dpmpp2m_sde", "")
+DPM_SOLVERS = ("dpmpp2m", "dpmpp2m_sde")
 
 
 @dataclass
@@ -35,25 +37,27 @@ class SamplerSettings:
     seed: int = 0
     observation: str = "auto"
     precision: str = "auto"
-    solver: str = "auto"  # see SOLVERS; resolve_settings leaves "dpmpp2m" or "" (the DDPM family)
+    solver: str = "auto"  # see SOLVERS; resolve_settings leaves one of DPM_SOLVERS or "" (the DDPM family)
     # the count decoder's output layer; auto: bf16 when the denoiser's matmuls are and counts are drawn
     # (resolve_decoder_precision), decoded means always fp32
     decoder_precision: str = "auto"
 
     def describe(self):
-        method = "DPM-Solver++(2M)" if solver_of(self) == "dpmpp2m" else "DDIM" if self.use_ddim else "DDPM"
+        methods = {"dpmpp2m": "DPM-Solver++(2M)", "dpmpp2m_sde": "SDE-DPM-Solver++(2M)"}
+        method = methods.get(solver_of(self)) or ("DDIM" if self.use_ddim else "DDPM")
         return f"{method} {self.timestep_respacing} steps, cache {self.cache_interval} " \
                f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), " \
                f"w={format_guide_w(self.guide_w)}"
 
 
 def solver_of(settings):
-    """The solver that runs: "dpmpp2m", or "" (ancestral DDPM, or DDIM with use_ddim). ``auto`` takes
-    DPM-Solver++(2M) when the steps are spaced in log-SNR (logsnrN) and DDIM is not asked for, else DDPM/DDIM,
-    so the original command lines (--timestep_respacing 1000, ddim50 with --use_ddim True) run what they did."""
+    """The solver that runs: "dpmpp2m", "dpmpp2m_sde", or "" (ancestral DDPM, or DDIM with use_ddim). ``auto`` takes
+    SDE-DPM-Solver++(2M) when the steps are spaced in log-SNR (logsnrN) and DDIM is not asked for (the ODE form,
+    ``dpmpp2m``, was the default until 2026-12-04), else DDPM/DDIM, so the original command lines
+    (--timestep_respacing 1000, ddim50 with --use_ddim True) run what they did."""
     if settings.solver == "auto":
         spaced_in_log_snr = str(settings.timestep_respacing).startswith("logsnr")
-        return "dpmpp2m" if spaced_in_log_snr and not settings.use_ddim else ""
+        return "dpmpp2m_sde" if spaced_in_log_snr and not settings.use_ddim else ""
     return "" if settings.solver == "ddpm" else settings.solver
 
 
@@ -100,11 +104,11 @@ def guide_weights(guide_w):
     return list(guide_w.values()) if isinstance(guide_w, dict) else guide_w
 
 
-# The default: DPM-Solver++(2M) on 10 steps evenly spaced in log-SNR, the checkpoint's cache interval scaled
-# to them (5 of 1000 -> 1 of 10: no reuse), bf16 matmuls where the device runs them natively. Chosen by
-# measurement on held-out cells against the faithful configuration (use_ddim False, timestep_respacing 1000,
-# cache 5; benchmarks/bench_fidelity.sh): README, "Speed". DDPM-50, the previous default:
-# --timestep_respacing 50.
+# The default: SDE-DPM-Solver++(2M) on 10 steps evenly spaced in log-SNR, the checkpoint's cache interval scaled
+# to them (5 of 1000 -> 1 of 10: no reuse), bf16 matmuls where the device runs them natively (the count decoder's
+# output layer too). Chosen by measurement on held-out cells against the faithful configuration (use_ddim False,
+# timestep_respacing 1000, cache 5; benchmarks/bench_fidelity.sh): README, "Speed". The earlier defaults:
+# --solver dpmpp2m (the ODE form, until 2026-12-04), --timestep_respacing 50 (DDPM-50, until 2026-12-02).
 DEFAULT_SETTINGS = SamplerSettings()
 FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32"
 
@@ -138,13 +142,13 @@ def check_settings(settings):
     if settings.solver not in SOLVERS:
         raise UsageError(f"--solver {settings.solver!r}: choose one of {', '.join(repr(s) for s in SOLVERS)}")
     solver = solver_of(settings)
-    if match.group(1) == "logsnr" and settings.use_ddim and solver != "dpmpp2m":
+    if match.group(1) == "logsnr" and settings.use_ddim and solver not in DPM_SOLVERS:
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for DPM-Solver++; with "
                          f"--use_ddim True give DDIM steps, e.g. --timestep_respacing ddim{match.group(2)}")
-    if match.group(1) == "logsnr" and solver != "dpmpp2m":
+    if match.group(1) == "logsnr" and solver not in DPM_SOLVERS:
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for DPM-Solver++, but "
                          f"--solver is not dpmpp2m; add --solver dpmpp2m, or give {match.group(2)}")
-    if match.group(1) == "ddim" and not settings.use_ddim and solver != "dpmpp2m":
+    if match.group(1) == "ddim" and not settings.use_ddim and solver not in DPM_SOLVERS:
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps for DDIM, but --use_ddim is False; "
                          f"add --use_ddim True, or give {match.group(2)} for DDPM")
 
@@ -207,7 +211,7 @@ def resolve_decoder_precision(settings, observation, device):
     return resolve_precision(settings.decoder_precision, device)
 
 
-__all__ = ["OBSERVATIONS", "PRECISIONS", "SOLVERS", "SamplerSettings", "solver_of", "DEFAULT_SETTINGS", "FAITHFUL_FLAGS", "check_settings",
+__all__ = ["OBSERVATIONS", "PRECISIONS", "SOLVERS", "DPM_SOLVERS", "SamplerSettings", "solver_of", "DEFAULT_SETTINGS", "FAITHFUL_FLAGS", "check_settings",
            "parse_guide_w", "format_guide_w", "resolve_guide_w", "guide_weights",
            "build_sampling_diffusion", "scaled_cache_interval", "resolve_settings", "resolve_observation",
            "resolve_decoder_precision"]

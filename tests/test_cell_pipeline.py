@@ -304,7 +304,7 @@ def test_default_settings_scale_the_recorded_cache_to_the_sampled_steps():
 
     recorded = {"cache_interval": 5, "branch": 0, "non_uniform": False}
     default = resolve_settings(DEFAULT_SETTINGS, recorded, "cpu", schedule_steps=1000)
-    assert (default.solver, default.timestep_respacing, default.cache_interval) == ("dpmpp2m", "logsnr10", 1)
+    assert (default.solver, default.timestep_respacing, default.cache_interval) == ("dpmpp2m_sde", "logsnr10", 1)
     assert default.precision in ("fp32", "bf16")
     faithful = resolve_settings(SamplerSettings(timestep_respacing="1000", precision="fp32"), recorded, "cpu")
     assert (faithful.cache_interval, faithful.branch, faithful.non_uniform) == (5, 0, False)

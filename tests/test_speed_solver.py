@@ -124,11 +124,13 @@ def _resolved(*flags):
                                                                    "non_uniform": False}, "cpu")
 
 
-def test_the_default_is_dpm_solver_on_log_snr_steps_and_the_original_command_lines_keep_their_sampler():
+def test_the_default_is_sde_dpm_solver_on_log_snr_steps_and_the_original_command_lines_keep_their_sampler():
     from guided_diffusion.sampling import FAITHFUL_FLAGS
 
     default = _resolved()
-    assert (default.solver, default.timestep_respacing, default.cache_interval) == ("dpmpp2m", "logsnr10", 1)
+    assert (default.solver, default.timestep_respacing, default.cache_interval) == ("dpmpp2m_sde", "logsnr10", 1)
+    assert default.describe().startswith("SDE-DPM-Solver++(2M) logsnr10 steps")
+    assert _resolved("--solver", "dpmpp2m").solver == "dpmpp2m"  # the ODE form, the default until 2026-12-04
     faithful = _resolved(*FAITHFUL_FLAGS.split())
     assert (faithful.solver, faithful.use_ddim, faithful.timestep_respacing, faithful.cache_interval,
             faithful.precision) == ("", False, "1000", 5, "fp32")
@@ -166,8 +168,59 @@ def test_auto_runs_what_it_resolves_to():
     def run(**changes):
         return sample_latents(model, cond, noise, replace(DEFAULT_SETTINGS, **common, **changes), progress=False)
 
-    torch.testing.assert_close(run(), run(solver="dpmpp2m"), rtol=0, atol=0)
+    torch.testing.assert_close(run(), run(solver="dpmpp2m_sde"), rtol=0, atol=0)
+    assert not torch.allclose(run(), run(solver="dpmpp2m"))
     ddpm = run(timestep_respacing="20", seed=3)
     torch.testing.assert_close(ddpm, run(timestep_respacing="20", seed=3, solver="ddpm"), rtol=0, atol=0)
     torch.testing.assert_close(ddpm, run(timestep_respacing="20", seed=3, solver=""), rtol=0, atol=0)
     assert not torch.allclose(ddpm, run(timestep_respacing="20", seed=3, solver="dpmpp2m"))
+
+
+# ---- SDE-DPM-Solver++(2M): the stochastic form -----------------------------------------------------
+@pytest.mark.parametrize("steps, spread", [(15, 0.05), (20, 0.04)])
+def test_sde_dpm_solver_reproduces_the_gaussian_data_distribution(setup, steps, spread):
+    eps_fn, noise, _ = setup
+    samples = create_diffusion(1000, f"logsnr{steps}").dpm_solver_sample_loop(
+        eps_fn, noise.shape, noise=noise, stochastic=True, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(samples.mean(dim=0), DATA_MEAN, atol=0.02, rtol=0)
+    torch.testing.assert_close(samples.std(dim=0), DATA_STD, atol=0.0, rtol=spread)
+
+
+def test_sde_dpm_solver_draws_step_noise_from_its_generator(setup):
+    eps_fn, noise, _ = setup
+    diffusion = create_diffusion(1000, "logsnr10")
+
+    def run(seed, stochastic=True):
+        return diffusion.dpm_solver_sample_loop(eps_fn, noise[:500].shape, noise=noise[:500], stochastic=stochastic,
+                                                generator=torch.Generator().manual_seed(seed))
+
+    torch.testing.assert_close(run(3), run(3), rtol=0, atol=0)
+    assert not torch.allclose(run(3), run(4))
+    ode = run(3, stochastic=False)
+    torch.testing.assert_close(ode, run(4, stochastic=False), rtol=0, atol=0)
+    # the same start, other paths: the SDE's cells are not the ODE's, yet from the same distribution
+    assert float((run(3) - ode).abs().mean()) > 0.05
+
+
+def test_the_sde_solver_is_one_flag_and_runs_in_the_sampler():
+    from guided_diffusion.cell_model import CellUNet
+    from guided_diffusion.sampling import sample_latents
+
+    settings = _resolved("--solver", "dpmpp2m_sde", "--timestep_respacing", "logsnr15")
+    assert settings.solver == "dpmpp2m_sde" and settings.describe().startswith("SDE-DPM-Solver++(2M) logsnr15 steps")
+    torch.manual_seed(0)
+    model = CellUNet(latent_dim=8, hidden_dims=[32, 16], condition_sizes=(3,)).eval()
+    cond = torch.tensor([[0], [1], [2], [1]])
+    noise = torch.randn(4, 8, generator=torch.Generator().manual_seed(1))
+    settings = fp32_settings(settings)
+    first = sample_latents(model, cond, noise, settings, progress=False)
+    assert torch.isfinite(first).all()
+    torch.testing.assert_close(sample_latents(model, cond, noise, settings, progress=False), first, rtol=0, atol=0)
+    assert not torch.allclose(sample_latents(model, cond, noise, fp32_settings(settings, seed=1), progress=False),
+                              first)
+
+
+def fp32_settings(settings, **changes):
+    from dataclasses import replace
+
+    return replace(settings, precision="fp32", batch_size=2, **changes)
