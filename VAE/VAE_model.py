@@ -186,6 +186,8 @@ class VAE(nn.Module):
             raise UsageError("this autoencoder was trained with --loss_ae mse and has no count model; "
                              "decode the mean expression instead (--observation mean)")
         theta = torch.exp(self.log_theta.float())
+        if method == "dense" and precision != "fp32":
+            raise ValueError("precision bf16 applies to the screened draws; the dense path decodes in fp32")
         if method == "dense":  # the path before: the whole mean matrix, a float32 uniform per entry
             shares = self._in_eval_mode(lambda z: torch.softmax(self.decoder(z).float(), dim=1), latent)
             return sample_negative_binomial(shares * totals[:, None], theta, generator)

@@ -59,6 +59,8 @@ def test_bf16_output_layer_draws_the_same_distribution():
                                                  precision="bf16").to_dense() for s in range(200)])
         with pytest.raises(ValueError, match="fp32' or 'bf16"):
             model.sample_counts(latent, totals, torch.Generator(), precision="half")
+        with pytest.raises(ValueError, match="screened draws"):
+            model.sample_counts(latent, totals, torch.Generator(), method="dense", precision="bf16")
     # 200 draws per entry: the average of 8,000 draws per gene is within a few % of its fp32 mean
     np.testing.assert_allclose(draws.mean((0, 1)).numpy(), means.mean(0).numpy(), rtol=0.1, atol=0.3)
     assert abs(draws.sum(2).mean().item() - 3000) < 30
