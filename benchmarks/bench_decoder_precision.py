@@ -25,7 +25,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.data import load_dataset

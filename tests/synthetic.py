@@ -33,3 +33,16 @@ def make_counts_adata(n_cells=150, n_genes=40, n_types=3, n_donors=2, seed=0):
     }, index=[f"cell{i}" for i in range(n_cells)])
     var = pd.DataFrame(index=[f"gene{j}" for j in range(n_genes)])
     return anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+
+
+def small_count_decoder(n_cells, total, seed=0):
+    """A small untrained count autoencoder (300 genes, latent 8) in eval mode, ``n_cells`` unit-norm latents
+    and a library size of ``total`` for each: the inputs of ``VAE.sample_counts`` tests."""
+    import torch
+
+    from VAE.VAE_model import VAE
+
+    torch.manual_seed(seed)
+    model = VAE(num_genes=300, latent_dim=8, hidden_dims=(16, 16, 16), loss_ae="nb").eval()
+    latent = torch.nn.functional.normalize(torch.randn(n_cells, 8), dim=1)
+    return model, latent, torch.full((n_cells,), float(total))

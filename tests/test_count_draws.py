@@ -5,7 +5,8 @@ import pytest
 import torch
 from scipy.stats import nbinom
 
-from VAE.VAE_model import (VAE, _fine_uniforms, _heavy_threshold, _inverse_cdf_draws,
+from synthetic import small_count_decoder
+from VAE.VAE_model import (_fine_uniforms, _heavy_threshold, _inverse_cdf_draws,
                            _random_bytes, sample_negative_binomial, sample_negative_binomial_screened)
 
 
@@ -124,10 +125,7 @@ def test_screened_draws_are_reproducible_and_independent_of_the_block_size():
 
 
 def test_sample_counts_methods_and_decoder_in_float32():
-    torch.manual_seed(0)
-    model = VAE(num_genes=300, latent_dim=8, hidden_dims=(16, 16, 16), loss_ae="nb").eval()
-    latent = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
-    totals = torch.full((50,), 2000.0)
+    model, latent, totals = small_count_decoder(50, 2000)
     with torch.inference_mode():
         screened_draws = [model.sample_counts(latent, totals, torch.Generator().manual_seed(s)).to_dense()
                           for s in range(40)]

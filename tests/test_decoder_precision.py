@@ -10,6 +10,7 @@ from guided_diffusion.cli import UsageError
 from guided_diffusion.precision import has_fast_bf16
 from guided_diffusion.sampler_settings import SamplerSettings, check_settings, resolve_decoder_precision
 from guided_diffusion.h5ad_writer import write_decoded_h5ad
+from synthetic import small_count_decoder
 from test_sampler_checkpoint import legacy, refused, sample  # noqa: F401
 from VAE.VAE_model import VAE, output_layer_logits
 
@@ -49,10 +50,7 @@ def test_bf16_logits_stay_within_the_rounding_bound():
 
 
 def test_bf16_output_layer_draws_the_same_distribution():
-    torch.manual_seed(0)
-    model = VAE(num_genes=300, latent_dim=8, hidden_dims=(16, 16, 16), loss_ae="nb").eval()
-    latent = torch.nn.functional.normalize(torch.randn(40, 8), dim=1)
-    totals = torch.full((40,), 3000.0)
+    model, latent, totals = small_count_decoder(40, 3000)
     with torch.inference_mode():
         means = torch.softmax(model.decoder(latent), dim=1) * totals[:, None]
         draws = torch.stack([model.sample_counts(latent, totals, torch.Generator().manual_seed(s),
