@@ -147,7 +147,8 @@ def check_settings(settings):
                          f"--use_ddim True give DDIM steps, e.g. --timestep_respacing ddim{match.group(2)}")
     if match.group(1) == "logsnr" and solver not in DPM_SOLVERS:
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for DPM-Solver++, but "
-                         f"--solver is not dpmpp2m; add --solver dpmpp2m, or give {match.group(2)}")
+                         f"--solver {settings.solver or repr('')} is not one; drop --solver (auto: SDE-DPM-Solver++) or give "
+                         f"{match.group(2)} for DDPM")
     if match.group(1) == "ddim" and not settings.use_ddim and solver not in DPM_SOLVERS:
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps for DDIM, but --use_ddim is False; "
                          f"add --use_ddim True, or give {match.group(2)} for DDPM")

@@ -145,7 +145,7 @@ def test_the_default_is_sde_dpm_solver_on_log_snr_steps_and_the_original_command
 @pytest.mark.parametrize("flags, message", [
     (["--use_ddim", "True"], "with --use_ddim True give DDIM steps, e.g. --timestep_respacing ddim10"),
     (["--solver", "ddpm"], "--timestep_respacing logsnr10 spaces the steps in log-SNR for DPM-Solver++, but "
-                           "--solver is not dpmpp2m"),
+                           "--solver ddpm is not one; drop --solver"),
 ])
 def test_log_snr_steps_without_dpm_solver_are_refused_naming_the_flag(flags, message):
     from guided_diffusion.cli import UsageError
