@@ -206,11 +206,23 @@ def command(main):
     UsageError -> exit 2; OSError (disk full, I/O error) and out-of-memory -> exit 1; anything
     unexpected -> exit 1 with a hint to rerun with ``--debug``, which re-raises so the traceback is shown.
     Ctrl-C outside a training loop -> exit 130 when run as a script (``argv`` None); a Python caller
-    (a notebook, a test) gets the KeyboardInterrupt itself.
+    (a notebook, a test) gets the KeyboardInterrupt itself. A script run that created a process group
+    (torchrun, mpiexec) ends in :func:`guided_diffusion.dist_util.end_process`, with the same exit status.
     """
 
     @functools.wraps(main)
     def wrapper(argv=None):
+        if argv is not None:
+            return guarded(argv)
+        try:  # a script run: a process that joined a process group ends here (dist_util.end_process)
+            result = guarded(None)
+        except SystemExit as stop:
+            _end_distributed_process(_exit_status(stop.code))
+            raise
+        _end_distributed_process(0)
+        return result
+
+    def guarded(argv):
         debug = "--debug" in (sys.argv[1:] if argv is None else argv)
         try:
             return main(argv)
@@ -237,6 +249,19 @@ def command(main):
                            f"and please report it"), 1)
 
     return wrapper
+
+
+def _exit_status(code):
+    """The process exit status Python gives ``SystemExit(code)`` (a message is printed and gives 1)."""
+    if code is None or isinstance(code, int):
+        return code or 0
+    print(code, file=sys.stderr, flush=True)
+    return 1
+
+
+def _end_distributed_process(status):
+    from .dist_util import end_process  # dist_util imports this module
+    end_process(status)
 
 
 def _fail(message, code):
