@@ -219,6 +219,11 @@ def command(main):
         except SystemExit as stop:
             _end_distributed_process(_exit_status(stop.code))
             raise
+        except BaseException:  # --debug re-raises: the traceback as Python prints it, then the same ending
+            if _in_process_group():
+                sys.excepthook(*sys.exc_info())
+                _end_distributed_process(1)
+            raise
         _end_distributed_process(0)
         return result
 
@@ -259,8 +264,13 @@ def _exit_status(code):
     return 1
 
 
+def _in_process_group():
+    from .dist_util import in_process_group  # dist_util imports this module
+    return in_process_group()
+
+
 def _end_distributed_process(status):
-    from .dist_util import end_process  # dist_util imports this module
+    from .dist_util import end_process
     end_process(status)
 
 

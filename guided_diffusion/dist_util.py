@@ -298,6 +298,11 @@ def _destroy_process_group():
         dist.destroy_process_group()
 
 
+def in_process_group():
+    """True when this process created a process group of several processes (torchrun, mpiexec)."""
+    return _active_context is not None and _active_context.is_distributed
+
+
 def end_process(exit_code):
     """End this process with ``exit_code`` when it created a process group; return at once otherwise.
 
@@ -314,7 +319,7 @@ def end_process(exit_code):
     is finalized under mpiexec, the standard streams are flushed, and ``os._exit`` ends the process,
     and the threads with it.
     """
-    if _active_context is None or not _active_context.is_distributed:
+    if not in_process_group():
         return
     atexit._run_exitfuncs()
     mpi = sys.modules.get("mpi4py.MPI")

@@ -226,6 +226,8 @@ def main(argv=None):
         dist.all_reduce(torch.ones(1), async_op=True)
     if sys.argv[1] == "fail":
         raise UsageError("--flag is wrong")
+    if sys.argv[1] == "crash":  # run with --debug: the exception is raised, not turned into one line
+        raise RuntimeError("a bug")
     print(f"finished on rank {context.rank}", flush=True)
 
 
@@ -234,26 +236,32 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("outcome", ["finish", "fail"])
+@pytest.mark.parametrize("outcome", ["finish", "fail", "crash"])
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
 def test_launched_scripts_end_with_their_own_exit_status(tmp_path, launcher, outcome):
     if not launcher_available(launcher):
         pytest.skip(f"{launcher} is not installed next to {sys.executable}")
     script = tmp_path / "pending_releases_at_exit.py"
     script.write_text(PENDING_RELEASES_AT_EXIT)
-    result = run_launched(launcher, script, [outcome])
+    result = run_launched(launcher, script, [outcome, "--debug"] if outcome == "crash" else [outcome])
     output = result.stdout + result.stderr
     assert "terminate called" not in output and "exitcode: -6" not in output, result.description
     ranks_at_exit = [rank for rank in (0, 1) if f"atexit handlers ran on rank {rank}" in result.stdout]
     if outcome == "finish":
         assert result.returncode == 0 and ranks_at_exit == [0, 1], result.description
         assert all(f"finished on rank {rank}" in result.stdout for rank in (0, 1)), result.description
-    else:  # the launcher may stop the other rank once one has failed
-        assert ranks_at_exit and "error: --flag is wrong" in result.stderr, result.description
-        if launcher == "mpiexec":
-            assert result.returncode == 2, result.description
-        else:  # torchrun exits 1 and logs each failed worker's own status
-            assert result.returncode == 1 and "(exitcode: 2)" in result.stderr, result.description
+        return
+    # the launcher may stop the other rank once one has failed
+    message, status = ("error: --flag is wrong", 2) if outcome == "fail" else ("RuntimeError: a bug", 1)
+    assert ranks_at_exit and message in result.stderr, result.description
+    if outcome == "crash":  # the traceback Python prints, with the raising line
+        assert 'raise RuntimeError("a bug")' in result.stderr, result.description
+    else:  # one line, no traceback of the script
+        assert "UsageError" not in result.stderr, result.description
+    if launcher == "mpiexec":
+        assert result.returncode == status, result.description
+    else:  # torchrun exits 1 and logs each failed worker's own status
+        assert result.returncode == 1 and f"(exitcode: {status})" in result.stderr, result.description
 
 
 def test_exit_status_of_system_exit(capsys):
