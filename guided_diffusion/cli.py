@@ -214,17 +214,20 @@ def command(main):
     def wrapper(argv=None):
         if argv is not None:
             return guarded(argv)
+        from . import dist_util  # (it imports this module)
+
         try:  # a script run: a process that joined a process group ends here (dist_util.end_process)
             result = guarded(None)
         except SystemExit as stop:
-            _end_distributed_process(_exit_status(stop.code))
+            if dist_util.in_process_group():
+                dist_util.end_process(_exit_status(stop.code))
             raise
         except BaseException:  # --debug re-raises: the traceback as Python prints it, then the same ending
-            if _in_process_group():
+            if dist_util.in_process_group():
                 sys.excepthook(*sys.exc_info())
-                _end_distributed_process(1)
+                dist_util.end_process(1)
             raise
-        _end_distributed_process(0)
+        dist_util.end_process(0)
         return result
 
     def guarded(argv):
@@ -262,16 +265,6 @@ def _exit_status(code):
         return code or 0
     print(code, file=sys.stderr, flush=True)
     return 1
-
-
-def _in_process_group():
-    from .dist_util import in_process_group  # dist_util imports this module
-    return in_process_group()
-
-
-def _end_distributed_process(status):
-    from .dist_util import end_process
-    end_process(status)
 
 
 def _fail(message, code):
