@@ -222,17 +222,23 @@ def negative_binomial_nll(log_mean, log_theta, counts):
     With d = log mean - log theta, log NB = -theta softplus(d) - counts softplus(-d) + lgamma(counts + theta)
     - lgamma(theta) - lgamma(counts + 1). Every term but the first is 0 where counts = 0, so they are
     evaluated on the non-zero counts only (~9% of a Baron batch): the same value as the dense formula
-    (up to summation order) at a fraction of its lgamma / digamma work, forward and backward.
+    (up to summation order) at a fraction of its lgamma / digamma work, forward and backward. The
+    lgamma(theta) term depends on the gene only: it is summed per gene, weighted by the gene's number of
+    non-zero counts. Gathers are ``index_select`` (backward ``index_add_``; indexing's backward,
+    ``index_put_`` with accumulation, took 17 ms per step of a 128-cell batch on 2 threads).
     """
     n_genes = log_mean.shape[-1]
     theta = torch.exp(log_theta)
     log_mean, counts = log_mean.reshape(-1, n_genes), counts.reshape(-1, n_genes)
     dense = (F.softplus(log_mean - log_theta).sum(dim=0) * theta).sum()
-    positions = torch.nonzero(counts.reshape(-1)).squeeze(1)
+    flat_counts = counts.reshape(-1)
+    positions = _flat_nonzero(flat_counts.detach() != 0).to(flat_counts.device)
     genes = positions % n_genes
-    c, t = counts.reshape(-1)[positions], theta[genes]
-    d = log_mean.reshape(-1)[positions] - log_theta[genes]
-    sparse = (c * F.softplus(-d) - torch.lgamma(c + t) + torch.lgamma(t) + torch.lgamma(c + 1)).sum()
+    c, log_t = flat_counts.index_select(0, positions), log_theta.index_select(0, genes)
+    d = log_mean.reshape(-1).index_select(0, positions) - log_t
+    nonzero_per_gene = torch.bincount(genes, minlength=n_genes).to(theta.dtype)
+    sparse = ((c * F.softplus(-d) - torch.lgamma(c + torch.exp(log_t)) + torch.lgamma(c + 1)).sum()
+              + (nonzero_per_gene * torch.lgamma(theta)).sum())
     return (dense + sparse) / counts.numel()
 
 

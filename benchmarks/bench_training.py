@@ -10,7 +10,9 @@ reported, so machine load hits all variants alike. Variants:
 
 * ``today``: float32, the dense NB formula (lgamma of every entry), glibc's default allocation;
 * ``sparse NB``: the NB likelihood of :func:`VAE.VAE_model.negative_binomial_nll` (lgamma terms on the
-  non-zero counts only);
+  non-zero counts only; lgamma(theta) per gene; ``index_select`` gathers);
+* ``before``: the adopted path with the sparse likelihood as it was until 2026-12-04
+  (:func:`indexed_negative_binomial_nll`: gathers by indexing, lgamma(theta) on every non-zero entry);
 * ``heap reuse``: :func:`guided_diffusion.heap_reuse.reuse_freed_memory` (no page faults on the step's
   large buffers);
 * ``bf16``: :meth:`VAE.set_precision` (``torch.autocast`` matmuls, fp32 master weights and likelihood);
@@ -49,6 +51,21 @@ def dense_negative_binomial_nll(log_mean, log_theta, counts):
     log_likelihood = (theta * (log_theta - log_theta_plus_mean) + counts * (log_mean - log_theta_plus_mean)
                       + torch.lgamma(counts + theta) - torch.lgamma(theta) - torch.lgamma(counts + 1))
     return -log_likelihood.mean()
+
+
+def indexed_negative_binomial_nll(log_mean, log_theta, counts):
+    """The sparse formula before: gathers by indexing (backward ``index_put_`` with accumulation) and
+    lgamma(theta) / its digamma on every non-zero entry."""
+    n_genes = log_mean.shape[-1]
+    theta = torch.exp(log_theta)
+    log_mean, counts = log_mean.reshape(-1, n_genes), counts.reshape(-1, n_genes)
+    dense = (F.softplus(log_mean - log_theta).sum(dim=0) * theta).sum()
+    positions = torch.nonzero(counts.reshape(-1)).squeeze(1)
+    genes = positions % n_genes
+    c, t = counts.reshape(-1)[positions], theta[genes]
+    d = log_mean.reshape(-1)[positions] - log_theta[genes]
+    sparse = (c * F.softplus(-d) - torch.lgamma(c + t) + torch.lgamma(t) + torch.lgamma(c + 1)).sum()
+    return (dense + sparse) / counts.numel()
 
 
 class SparseInputLinear(torch.autograd.Function):
@@ -96,9 +113,11 @@ VARIANTS = {  # name: (nll, precision, heap reuse, CSR first layer)
     "sparse NB + heap reuse": (negative_binomial_nll, "fp32", True, False),
     "sparse NB + heap reuse + CSR first layer": (negative_binomial_nll, "fp32", True, True),
     "sparse NB + bf16": (negative_binomial_nll, "bf16", False, False),
+    "before: indexed sparse NB + bf16 + heap": (indexed_negative_binomial_nll, "bf16", True, False),
     "adopted: sparse NB + bf16 + heap reuse": (negative_binomial_nll, "bf16", True, False),
 }
 TODAY, ADOPTED = "today (fp32, dense NB)", "adopted: sparse NB + bf16 + heap reuse"
+BEFORE = "before: indexed sparse NB + bf16 + heap"
 
 
 def useful_flops_per_step(model, batch_size):
@@ -179,6 +198,7 @@ def main(argv=None):
         gflops = flops / seconds / 1e9
         print(f"{name:<44} {1 / seconds:>8.2f} {1000 * seconds:>8.1f} {medians[TODAY] / seconds:>8.2f}x "
               f"{gflops:>8.0f} {100 * gflops / peak:>8.0f}% {100 * gflops / peak_bf16:>8.0f}%", flush=True)
+    print(f"adopted vs the path adopted before (indexed sparse NB): {medians[BEFORE] / medians[ADOPTED]:.3f}x")
     if args.quality_steps:
         for variant in (TODAY, ADOPTED):
             report, seconds = train_for_quality(dataset, train_index, val_index, variant, args)

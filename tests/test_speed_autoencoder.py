@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench_training import SparseInputLinear, dense_negative_binomial_nll, to_csr
+from benchmarks.bench_training import (SparseInputLinear, dense_negative_binomial_nll, indexed_negative_binomial_nll,
+                                      to_csr)
 from VAE.VAE_model import VAE, negative_binomial_nll
 
 
@@ -18,16 +19,18 @@ def test_sparse_negative_binomial_nll_equals_the_dense_formula_and_its_gradients
     generator = torch.Generator().manual_seed(0)
     counts = sparse_counts(generator, (16, 50))
     assert 0 < int((counts > 0).sum()) < counts.numel() // 4
-    results = []
-    for nll in (negative_binomial_nll, dense_negative_binomial_nll):
+    assert 0 < int(((counts > 0).sum(dim=0) == 0).sum()) and int((counts > 0).sum(dim=0).max()) > 1  # lgamma(theta)
+    results = []  # is weighted by each gene's non-zero count: genes with none and genes with several
+    for nll in (negative_binomial_nll, indexed_negative_binomial_nll, dense_negative_binomial_nll):
         log_mean = (torch.randn(16, 50, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
                     ).requires_grad_()
         log_theta = torch.randn(50, generator=torch.Generator().manual_seed(2), dtype=torch.float64).requires_grad_()
         loss = nll(log_mean, log_theta, counts)
         loss.backward()
         results.append((loss.detach(), log_mean.grad, log_theta.grad))
-    for sparse, dense in zip(*results):
+    for sparse, indexed, dense in zip(*results):
         torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(indexed, dense, rtol=1e-12, atol=1e-12)
 
 
 def test_csr_first_layer_matches_the_dense_linear_forward_and_weight_gradient():
