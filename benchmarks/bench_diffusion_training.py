@@ -23,6 +23,13 @@ machine load hits all variants alike. Variants:
 * ``+ bf16 + heap reuse (adopted)``: also :func:`guided_diffusion.heap_reuse.reuse_freed_memory`, as
   ``DiffusionTrainer.run_loop`` does (no page faults on the step's freshly allocated buffers);
 * ``today + bf16``: today's code under the same autocast (what bf16 alone gives);
+* ``+ bf16 + heap reuse, one weight cast``: the adopted step, but every Linear's weight and bias reaches the
+  forward as a bf16 view of one concatenation cast once per step (:class:`OneCastTrainer`) instead of
+  autocast casting each layer's weights (and its backward casting each gradient back); the same numbers bit for
+  bit (measured, not adopted);
+* ``bound: adopted forward + backward only``: the adopted step without the optimizer update and the EMA
+  (:class:`ForwardBackwardOnly`; not a training step: the weights never change) — what the network's forward
+  and backward alone cost, a bound on any faster optimizer or EMA;
 * ``compiled`` (with ``--compile``): ``torch.compile`` of the denoiser's static-shape path, fp32.
 
 Useful GFLOP/s count 2 x multiply-adds of the main-path Linear layers per step (forward, weight gradients,
@@ -124,6 +131,46 @@ class TodayTrainer(DiffusionTrainer):
             ema_buffer.copy_(buffer)
 
 
+class OneCastForward:
+    """The denoiser with every Linear's weight and bias in bf16 from one concatenation and one cast per call
+    (``torch.func.functional_call`` with bf16 views): autocast finds them in bf16 and casts only the inputs.
+    Rounding is the same as autocast's per-layer cast, so outputs and gradients are identical."""
+
+    def __init__(self, model):
+        self.model = model
+        linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+        self.names = [f"{name}.{part}" for name, module in linears
+                      for part, _ in module.named_parameters(recurse=False)]
+        parameters = dict(model.named_parameters())
+        self.parameters = [parameters[name] for name in self.names]
+        self.sizes = [p.numel() for p in self.parameters]
+
+    def __call__(self, *args, **kwargs):
+        flat = torch.cat([p.reshape(-1) for p in self.parameters]).to(torch.bfloat16)
+        pieces = flat.split(self.sizes)
+        weights = {name: piece.view(p.shape) for name, piece, p in zip(self.names, pieces, self.parameters)}
+        return torch.func.functional_call(self.model, weights, args, kwargs, strict=False)
+
+
+class OneCastTrainer(DiffusionTrainer):
+    """(Measured, not adopted.) The adopted step with the Linear weights cast once per step (OneCastForward)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replica = OneCastForward(self.model)
+
+
+class ForwardBackwardOnly(DiffusionTrainer):
+    """(A bound, not a training step.) The adopted step without the optimizer update and the EMA."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optimizer.step = lambda closure=None: None
+
+    def _update_ema(self):
+        pass
+
+
 def compiled_denoiser(model):
     """(Measured, not adopted.) ``torch.compile`` of the denoiser's static-shape path (every row
     projected, no unique/gather: the gathered path's shapes change with the number of distinct timesteps
@@ -190,6 +237,8 @@ VARIANTS = {
     "+ bf16": (DiffusionTrainer, False, "bf16", False),
     "+ bf16 + heap reuse (adopted)": (DiffusionTrainer, True, "bf16", False),
     "today + bf16": (TodayTrainer, False, "bf16", False),
+    "+ bf16 + heap reuse, one weight cast": (OneCastTrainer, True, "bf16", False),
+    "bound: adopted forward + backward only": (ForwardBackwardOnly, True, "bf16", False),
     "compiled (fp32, static shapes)": (DiffusionTrainer, False, "fp32", True),
 }
 ADOPTED = "+ bf16 + heap reuse (adopted)"

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench_diffusion_training import TodayTrainer, compiled_denoiser, todays_projections
+from benchmarks.bench_diffusion_training import (ForwardBackwardOnly, OneCastForward, OneCastTrainer, TodayTrainer,
+                                                compiled_denoiser, todays_projections)
 from guided_diffusion.cell_model import CellUNet, gather_rows, unique_rows
 from guided_diffusion.respace import create_diffusion
 from guided_diffusion.train_util import DiffusionTrainer
@@ -141,3 +142,27 @@ def test_compiled_denoiser_matches_eager_or_falls_back(monkeypatch):
     expected = model(x, t, cond)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_one_weight_cast_per_step_is_autocasts_step_bit_for_bit(tmp_path):
+    adopted = trainer(tmp_path=tmp_path / "a", precision="bf16")
+    one_cast = trainer(OneCastTrainer, tmp_path=tmp_path / "b", precision="bf16")
+    assert isinstance(one_cast.replica, OneCastForward) and len(one_cast.replica.names) == 2 * sum(
+        isinstance(m, torch.nn.Linear) for m in one_cast.model.modules())
+    for _ in range(4):
+        adopted_losses, _ = adopted.run_step()
+        one_cast_losses, _ = one_cast.run_step()
+        assert torch.equal(adopted_losses, one_cast_losses)
+    for a, b in zip(adopted.model.parameters(), one_cast.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_forward_backward_bound_computes_gradients_and_changes_no_weights(tmp_path):
+    bound = trainer(ForwardBackwardOnly, tmp_path=tmp_path, precision="bf16")
+    before = [p.detach().clone() for p in bound.model.parameters()]
+    ema_before = [p.detach().clone() for p in bound.ema_model.parameters()]
+    losses, _ = bound.run_step()
+    assert torch.isfinite(losses).all() and bound.step == 1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bound.model.encoder[0].parameters())
+    assert all(torch.equal(a, p) for a, p in zip(before, bound.model.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(ema_before, bound.ema_model.parameters()))
