@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench_training import (SparseInputLinear, dense_negative_binomial_nll, indexed_negative_binomial_nll,
-                                      to_csr)
+from benchmarks.bench_training import (VARIANTS, SparseInputLinear, dense_negative_binomial_nll,
+                                      indexed_negative_binomial_nll, no_likelihood, to_csr, training_step)
+from guided_diffusion.optim import adamw
 from VAE.VAE_model import VAE, negative_binomial_nll
 
 
@@ -81,6 +82,23 @@ def test_bf16_training_step_keeps_float32_master_weights_and_loss():
     assert loss.dtype == torch.float32 and np.isfinite(float(loss.detach()))
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
                for p in model.parameters())
+
+
+@pytest.mark.parametrize("bound", [name for name in VARIANTS if name.startswith("bound")])
+def test_the_bound_rows_reach_every_layer_and_change_no_weight(bound):
+    nll, _, _, csr_input, update = VARIANTS[bound]
+    assert not update and nll in (negative_binomial_nll, no_likelihood)
+    torch.manual_seed(0)
+    model = VAE(200, latent_dim=8, hidden_dims=(32,), loss_ae="nb")
+    counts = sparse_counts(torch.Generator().manual_seed(6), (16, 200)).float()
+    totals = counts.sum(dim=1).clamp_min(1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = adamw(model.parameters(), lr=1e-3, weight_decay=1e-5)
+    loss = training_step(model, optimizer, (torch.log1p(counts / totals[:, None] * 1e4), counts, totals), nll,
+                         csr_input, update)
+    assert np.isfinite(float(loss.detach()))
+    assert model.encoder[0].weight.grad is not None and float(model.encoder[0].weight.grad.abs().sum()) > 0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("enabled", [True, False])
