@@ -21,11 +21,14 @@ and --batch_size.
 """
 import argparse
 
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, check_writable_dir, command,
-                                  non_negative_float, non_negative_int, positive_int, str2bool)
-from guided_diffusion.sampler_settings import SOLVERS, parse_guide_w
-from guided_diffusion.sampling import (COMPRESSIONS, DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, PRECISIONS,
-                                       SamplerSettings, SamplingRequest, sample_cells)
+from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, non_negative_float,
+                                  non_negative_int, positive_int, str2bool)
+from guided_diffusion.core.atomic import check_writable_dir
+from guided_diffusion.sampling.settings import SOLVERS, parse_guide_w
+from guided_diffusion.sampling.writer import COMPRESSIONS
+from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, SamplerSettings
+from guided_diffusion.core.device import PRECISIONS
+from guided_diffusion.sampling.pipeline import SamplingRequest, sample_cells
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

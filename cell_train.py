@@ -8,15 +8,15 @@ Several conditions: repeat --label_key (e.g. --label_key cell_type1 --label_key 
 Several processes: torchrun --nproc_per_node N cell_train.py ... or mpiexec -n N python cell_train.py ...;
 files larger than memory: --backed True (see docs/scaling.md).
 """
-from guided_diffusion.cell_training import train_diffusion
+from guided_diffusion.training.pipeline import train_diffusion
 from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, add_device_arg, command, fraction,
                                   non_negative_float, non_negative_int, positive_float, positive_int, probability,
                                   str2bool)
-from guided_diffusion.data import add_data_args
-from guided_diffusion.dist_util import setup_distributed
-from guided_diffusion.threads import add_threads_arg, apply_thread_flags
-from guided_diffusion.training_config import (DataConfig, DiffusionModelConfig, DiffusionTrainingConfig, from_flags,
-                                              settings_worded_as_flags)
+from guided_diffusion.data.flags import add_data_args
+from guided_diffusion.core.distributed import setup_distributed
+from guided_diffusion.cli import add_threads_arg, apply_thread_flags
+from guided_diffusion.training.config import DataConfig, DiffusionModelConfig, DiffusionTrainingConfig, from_flags
+from guided_diffusion.core.errors import settings_worded_as_flags
 
 
 def build_parser():

@@ -21,10 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import Normalization, check_genes
 
-from .autoencoder_checkpoint import AutoencoderCheckpoint
+from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
 
 DECODER_ACTIVATIONS = ("ReLU", "linear")
 LOSSES = ("mse", "nb")
@@ -111,7 +111,7 @@ class VAE(nn.Module):
         matmuls on float32 master weights; the latent normalization, the decoder output, softmax and the
         likelihood stay float32) or ``auto`` (bf16 where ``device`` runs it natively: AMX / AVX512-BF16
         CPUs, CUDA GPUs with bf16). Returns the precision chosen."""
-        from guided_diffusion.sampling import resolve_precision
+        from guided_diffusion.core.device import resolve_precision
 
         device = device if device is not None else next(self.parameters()).device
         self.precision = resolve_precision(precision, device)

@@ -11,11 +11,11 @@ import argparse
 from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, add_device_arg, command,
                                   fraction, non_negative_float, non_negative_int, positive_float, positive_int,
                                   str2bool)
-from guided_diffusion.data import add_data_args
-from guided_diffusion.dist_util import setup_distributed
-from guided_diffusion.threads import add_threads_arg, apply_thread_flags
-from guided_diffusion.training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig,
-                                              DataConfig, from_flags, settings_worded_as_flags)
+from guided_diffusion.data.flags import add_data_args
+from guided_diffusion.core.distributed import setup_distributed
+from guided_diffusion.cli import add_threads_arg, apply_thread_flags
+from guided_diffusion.training.config import AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig, from_flags
+from guided_diffusion.core.errors import settings_worded_as_flags
 from VAE.autoencoder_training import train_autoencoder
 
 

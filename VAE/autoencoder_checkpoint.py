@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from guided_diffusion.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from guided_diffusion.core.container import latest_checkpoint, load_checkpoint, save_checkpoint
 
 MODEL_PATTERN = r"model_seed=(-?\d+)_step=(\d+)\.pt"
 OPTIMIZER_PATTERN = r"opt_seed=(-?\d+)_step=(\d+)\.pt"

@@ -7,18 +7,19 @@ import time
 import numpy as np
 import torch
 
-from guided_diffusion.checkpoint import rng_state, set_rng_state
-from guided_diffusion.cli import check_writable_dir
+from guided_diffusion.core.container import rng_state, set_rng_state
+from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.data import check_genes, load_dataset, make_batch_sampler, split_train_validation
-from guided_diffusion.dist_util import setup_distributed
-from guided_diffusion.optim import adamw, all_finite
-from guided_diffusion.training_config import SettingError, literal, plain_dict
-from guided_diffusion.training_loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
-from guided_diffusion.heap_reuse import reuse_freed_memory
+from guided_diffusion.core.distributed import setup_distributed
+from guided_diffusion.training.optim import adamw, all_finite
+from guided_diffusion.core.errors import SettingError, literal
+from guided_diffusion.training.config import plain_dict
+from guided_diffusion.training.loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
+from guided_diffusion.core.memory import reuse_freed_memory
 
-from .autoencoder_checkpoint import (AutoencoderCheckpoint, best_model_path, checkpoint_files, latest_model_path,
-                                     model_path)
-from .VAE_model import VAE
+from VAE.autoencoder_checkpoint import (AutoencoderCheckpoint, best_model_path, checkpoint_files, latest_model_path,
+                                        model_path)
+from VAE.VAE_model import VAE
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "seconds"]
 VALIDATION_CELLS = 2048  # the validation loss of each log row is taken on (at most) this many held-out cells
@@ -103,9 +104,9 @@ def train_autoencoder(data, model_config, training):
     ``model_seed=S_best.pt`` (the report then also holds ``best_step``, ``best_val_loss``, ``best_path``
     and ``last_path``, and its figures are those of the best weights).
 
-    ``data`` is a :class:`~guided_diffusion.training_config.DataConfig`, ``model_config`` an
-    :class:`~guided_diffusion.training_config.AutoencoderModelConfig`, ``training`` an
-    :class:`~guided_diffusion.training_config.AutoencoderTrainingConfig`. Under torchrun/mpiexec every
+    ``data`` is a :class:`~guided_diffusion.training.config.DataConfig`, ``model_config`` an
+    :class:`~guided_diffusion.training.config.AutoencoderModelConfig`, ``training`` an
+    :class:`~guided_diffusion.training.config.AutoencoderTrainingConfig`. Under torchrun/mpiexec every
     rank trains a DistributedDataParallel replica on its slice of each global batch of ``batch_size``
     cells (BatchNorm statistics synchronized over ranks); rank 0 evaluates, logs and writes checkpoints,
     which hold only global state (any world size resumes).
@@ -218,7 +219,7 @@ class EarlyStopping:
 
 
 class AutoencoderTask(TrainingTask):
-    """The autoencoder's step, log row, save and resume, for :func:`~guided_diffusion.training_loop.run_training`."""
+    """The autoencoder's step, log row, save and resume, for :func:`~guided_diffusion.training.loop.run_training`."""
 
     def __init__(self, data, model_config, training, dataset, context):
         if model_config.num_genes is not None and model_config.num_genes != dataset.n_genes:

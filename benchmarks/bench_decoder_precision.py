@@ -28,7 +28,7 @@ import torch
 
 from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.data import load_dataset
-from guided_diffusion.heap_reuse import reuse_freed_memory
+from guided_diffusion.core.memory import reuse_freed_memory
 from VAE.VAE_model import load_autoencoder, output_layer_logits
 
 PRECISIONS = ("fp32", "bf16")

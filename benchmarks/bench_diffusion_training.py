@@ -17,10 +17,10 @@ machine load hits all variants alike. Variants:
   backward is ``index_put_``), the EMA one tensor at a time (today's code, kept here);
 * ``index_select gathers + packed unique + foreach EMA``: the code in ``guided_diffusion`` in fp32: gathers
   by ``index_select`` (backward ``index_add_``), a 1-D unique of packed condition rows
-  (:func:`~guided_diffusion.cell_model.unique_rows`), the EMA in two foreach kernels;
+  (:func:`~guided_diffusion.diffusion.denoiser.unique_rows`), the EMA in two foreach kernels;
 * ``+ bf16``: ``--precision auto`` on a CPU with AVX512-BF16 / AMX (``torch.autocast`` matmuls, fp32 master
   weights, loss in fp32);
-* ``+ bf16 + heap reuse (adopted)``: also :func:`guided_diffusion.heap_reuse.reuse_freed_memory`, as
+* ``+ bf16 + heap reuse (adopted)``: also :func:`guided_diffusion.core.memory.reuse_freed_memory`, as
   ``DiffusionTrainer.run_loop`` does (no page faults on the step's freshly allocated buffers);
 * ``today + bf16``: today's code under the same autocast (what bf16 alone gives);
 * ``+ bf16 + heap reuse, one weight cast``: the adopted step, but every Linear's weight and bias reaches the
@@ -55,15 +55,15 @@ import numpy as np
 import torch
 
 from benchmarks.bench_sampling import matmul_peak_gflops
-from guided_diffusion import cell_model
-from guided_diffusion.cell_model import CellUNet
-from guided_diffusion.cell_training import resolve_latent_scale
+from guided_diffusion.diffusion import denoiser as cell_model
+from guided_diffusion.diffusion.denoiser import CellUNet
+from guided_diffusion.training.pipeline import resolve_latent_scale
 from guided_diffusion.cli import ArgumentParser, HelpFormatter, non_negative_int, positive_int
 from guided_diffusion.data import load_dataset
-from guided_diffusion.heap_reuse import reuse_freed_memory
-from guided_diffusion.respace import create_diffusion
-from guided_diffusion.threads import add_threads_arg, apply_thread_flags
-from guided_diffusion.train_util import DiffusionTrainer
+from guided_diffusion.core.memory import reuse_freed_memory
+from guided_diffusion.diffusion.respace import create_diffusion
+from guided_diffusion.cli import add_threads_arg, apply_thread_flags
+from guided_diffusion.training.trainer import DiffusionTrainer
 
 
 # ---- today's code, kept for the comparison -------------------------------------------------------
@@ -122,7 +122,7 @@ class TodayTrainer(DiffusionTrainer):
 
     @torch.no_grad()
     def _update_ema(self):
-        from guided_diffusion.train_util import ema_warmup_rate
+        from guided_diffusion.training.trainer import ema_warmup_rate
 
         rate = ema_warmup_rate(self.ema_rate, self.step)
         for ema_param, param in zip(self.ema_model.parameters(), self.model.parameters()):

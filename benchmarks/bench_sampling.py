@@ -34,12 +34,14 @@ import pandas as pd
 import torch
 
 from guided_diffusion.cli import ArgumentParser, HelpFormatter
-from guided_diffusion.cell_model import CellUNet
-from guided_diffusion.feature_cache import refresh_schedule
-from guided_diffusion.respace import create_diffusion
-from guided_diffusion.sampling import (DEFAULT_SETTINGS, SamplerSettings, resolve_decoder_precision,
-                                       resolve_settings, sample_latents, write_decoded_h5ad)
-from guided_diffusion.heap_reuse import reuse_freed_memory
+from guided_diffusion.diffusion.denoiser import CellUNet
+from guided_diffusion.diffusion.feature_cache import refresh_schedule
+from guided_diffusion.diffusion.respace import create_diffusion
+from guided_diffusion.sampling.settings import (DEFAULT_SETTINGS, SamplerSettings, resolve_decoder_precision,
+                                                resolve_settings)
+from guided_diffusion.sampling.reverse import sample_latents
+from guided_diffusion.sampling.writer import write_decoded_h5ad
+from guided_diffusion.core.memory import reuse_freed_memory
 from VAE.VAE_model import VAE, Autoencoder
 from guided_diffusion.data import Normalization
 

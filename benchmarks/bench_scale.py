@@ -22,7 +22,7 @@ the final fsync + rename, the per-condition latent .npy files and the manifest. 
 
 (dense draws: a float32 uniform per entry over the whole 1,024 x 20,125 chunk; screened: blocks of 128
 cells, a random byte per entry, the inverse CDF on the candidates only; heap reuse:
-guided_diffusion/heap_reuse.py.)
+guided_diffusion/core/memory.py.)
 | lzf, gzip | the default with that compression of the matrices (--compression)               |
 
 Reverse diffusion runs on ``--reverse_cells`` (default: all) and its rate is scaled to --cells when
@@ -79,8 +79,9 @@ def plan_for(n_cells):
 def reverse_diffusion(n_cells, reverse_cells):
     """Latents for n_cells (the first reverse_cells sampled, the rest tiled from them) and the seconds
     the reverse process would take for all n_cells."""
-    from guided_diffusion.cell_model import CellUNet
-    from guided_diffusion.sampling import DEFAULT_SETTINGS, resolve_settings, sample_latents
+    from guided_diffusion.diffusion.denoiser import CellUNet
+    from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, resolve_settings
+    from guided_diffusion.sampling.reverse import sample_latents
 
     torch.manual_seed(0)
     model = CellUNet(condition_sizes=(NUM_CLASSES,)).eval()
@@ -95,7 +96,8 @@ def reverse_diffusion(n_cells, reverse_cells):
 
 def write_outputs(latent_path, folder, layout):
     """One layout's output stages (run in a fresh process); prints a JSON line of its figures."""
-    from guided_diffusion.sampling import GENERATED, write_latent_files, write_manifest, write_decoded_h5ad
+    from guided_diffusion.sampling.pipeline import GENERATED, write_latent_files, write_manifest
+    from guided_diffusion.sampling.writer import write_decoded_h5ad
 
     latents = np.load(latent_path)
     autoencoder, totals = count_autoencoder()
@@ -107,7 +109,7 @@ def write_outputs(latent_path, folder, layout):
     library_sizes = totals[np.arange(n_cells) % len(totals)].astype(np.float32)
     options = dict(LAYOUTS[layout])
     if options.pop("heap_reuse", False):
-        from guided_diffusion.heap_reuse import reuse_freed_memory
+        from guided_diffusion.core.memory import reuse_freed_memory
         reuse_freed_memory()
     timings = {}
     start = time.perf_counter()
@@ -176,8 +178,8 @@ def profile_chunk(threads, runs, n_cells=1024):
     the CPU has native bf16)."""
     import scipy.sparse as sp
 
-    from guided_diffusion.h5ad_writer import _draw_counts, log_normalize_counts
-    from guided_diffusion.heap_reuse import reuse_freed_memory
+    from guided_diffusion.sampling.writer import _draw_counts, log_normalize_counts
+    from guided_diffusion.core.memory import reuse_freed_memory
     from VAE.VAE_model import _SubStepClock
 
     autoencoder, latent, library = chunk_inputs(n_cells)
@@ -226,7 +228,7 @@ def profile_chunk(threads, runs, n_cells=1024):
 def time_block_sizes(threads, runs, sizes, n_cells=1024):
     """Seconds for one chunk's output layer + screened draws at each ``block_rows``, interleaved rounds
     (heap reuse on, as cell_sample.py runs it); the draws are the same for every size (checked)."""
-    from guided_diffusion.heap_reuse import reuse_freed_memory
+    from guided_diffusion.core.memory import reuse_freed_memory
     from VAE.VAE_model import sample_negative_binomial_screened
 
     reuse_freed_memory(True)

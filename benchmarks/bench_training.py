@@ -13,7 +13,7 @@ reported, so machine load hits all variants alike. Variants:
   non-zero counts only; lgamma(theta) per gene; ``index_select`` gathers);
 * ``before``: the adopted path with the sparse likelihood as it was until 2026-12-04
   (:func:`indexed_negative_binomial_nll`: gathers by indexing, lgamma(theta) on every non-zero entry);
-* ``heap reuse``: :func:`guided_diffusion.heap_reuse.reuse_freed_memory` (no page faults on the step's
+* ``heap reuse``: :func:`guided_diffusion.core.memory.reuse_freed_memory` (no page faults on the step's
   large buffers);
 * ``bf16``: :meth:`VAE.set_precision` (``torch.autocast`` matmuls, fp32 master weights and likelihood);
 * ``CSR first layer``: the first Linear multiplies the sparse (CSR) batch, forward and weight gradient
@@ -41,8 +41,8 @@ import torch.nn.functional as F
 from benchmarks.bench_sampling import matmul_peak_gflops
 from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.data import load_dataset, make_batch_sampler, split_train_validation
-from guided_diffusion.heap_reuse import reuse_freed_memory
-from guided_diffusion.optim import adamw
+from guided_diffusion.core.memory import reuse_freed_memory
+from guided_diffusion.training.optim import adamw
 from VAE.autoencoder_training import evaluate_reconstruction, output_bias
 from VAE.VAE_model import VAE, negative_binomial_nll
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from guided_diffusion.sampler_settings import DEFAULT_SETTINGS
+from guided_diffusion.sampling.settings import DEFAULT_SETTINGS
 
 # acceptance: the configuration's mean minus the faithful configuration's mean, per metric
 LIMITS = {"knn_auc": ("<=", 0.03), "scc": (">=", -0.003), "celltypist_accuracy": (">=", -0.02)}

@@ -19,8 +19,8 @@ from exp_script.eval_inputs import json_ready, load_evaluation_data
 from exp_script.eval_settings import EvaluationSettings
 from exp_script.evaluation import write_atomic
 from exp_script.report import usefulness_lines
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, check_writable_dir, command,
-                                  positive_int, str2bool)
+from guided_diffusion.cli import ArgumentParser, add_debug_arg, command, positive_int, str2bool
+from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.data import DEFAULT_LABEL_KEY
 
 

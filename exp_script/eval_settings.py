@@ -3,7 +3,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.errors import UsageError
 
 RESULT_FORMAT = "cfdiffusion-evaluation/2"
 

@@ -30,8 +30,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from guided_diffusion.atomic import atomic_output
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.core.errors import UsageError
 
 from .comparison import compare, run_comparisons  # noqa: F401  (public API)
 from .eval_inputs import EvaluationData, json_ready, load_evaluation_data  # noqa: F401

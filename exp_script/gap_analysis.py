@@ -32,12 +32,15 @@ from exp_script import reconstruct as rc
 from exp_script.controls import log_normalize
 from exp_script.eval_inputs import json_ready
 from exp_script.gap_report import markdown_report
-from guided_diffusion.atomic import atomic_output
-from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, check_writable_dir,
-                                  command, resolve_device, str2bool)
+from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, command, str2bool
+from guided_diffusion.core.atomic import check_writable_dir
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.core.device import resolve_device
 from guided_diffusion.data import DEFAULT_LABEL_KEY, TARGET_SUM, load_dataset
-from guided_diffusion.h5ad_writer import write_decoded_h5ad
-from guided_diffusion.threads import add_threads_arg, apply_threads
+from guided_diffusion.sampling.writer import write_decoded_h5ad
+from guided_diffusion.cli import add_threads_arg
+from guided_diffusion.core.threads import apply_threads
 
 
 @dataclass

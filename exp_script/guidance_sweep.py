@@ -35,13 +35,14 @@ from sklearn.metrics import pairwise_distances
 from exp_script import metrics
 from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,
                                          out_of_fold_labels, read_cells, variable_genes)
-from guided_diffusion.atomic import atomic_output
-from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, add_device_arg, command,
-                                  positive_int, resolve_device, str2bool)
-from guided_diffusion.model_loading import load_diffusion_model, resolve_autoencoder
-from guided_diffusion.sampler_settings import (SamplerSettings, format_guide_w, parse_guide_w,
-                                               resolve_guide_w, resolve_settings)
-from guided_diffusion.sampling import generate
+from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, command, positive_int, str2bool
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.core.device import resolve_device
+from guided_diffusion.checkpoints import load_diffusion_model, resolve_autoencoder
+from guided_diffusion.sampling.settings import (SamplerSettings, format_guide_w, parse_guide_w, resolve_guide_w,
+                                                resolve_settings)
+from guided_diffusion.sampling.pipeline import generate
 
 ACCURACY_TOLERANCE = 0.02
 RULE = (f"the setting whose generated cells are hardest to tell from the validation cells (mean kNN AUC closest "

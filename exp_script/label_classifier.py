@@ -16,7 +16,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.errors import UsageError
 
 TARGET_SUM = 1e4
 

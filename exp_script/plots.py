@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from sklearn.neighbors import NearestNeighbors
 
-from guided_diffusion.atomic import atomic_output
+from guided_diffusion.core.atomic import atomic_output
 
 from .eval_settings import METRIC_INFO, PER_LABEL_PLOT_METRICS, SECTION_TITLES
 from .features import FeatureSpace, subsample_rows

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.errors import UsageError
 
 from . import controls
 from . import metrics as m

@@ -13,10 +13,12 @@ import os
 
 import pandas as pd
 
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, check_writable_dir,
-                                  command, resolve_device, str2bool)
-from guided_diffusion.data import add_data_args, dataset_from_args
-from guided_diffusion.sampling import OBSERVATIONS, resolve_observation, write_decoded_h5ad
+from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, command, str2bool
+from guided_diffusion.core.atomic import check_writable_dir
+from guided_diffusion.core.device import resolve_device
+from guided_diffusion.data.flags import add_data_args, dataset_from_args
+from guided_diffusion.sampling.settings import OBSERVATIONS, resolve_observation
+from guided_diffusion.sampling.writer import write_decoded_h5ad
 from VAE.VAE_model import load_autoencoder
 
 

@@ -14,9 +14,10 @@ import os
 import numpy as np
 import pandas as pd
 
-from guided_diffusion.atomic import atomic_output
-from guided_diffusion.cli import (ArgumentParser, UsageError, add_debug_arg, check_writable_dir, command,
-                                  fraction)
+from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.cli import ArgumentParser, add_debug_arg, command, fraction
+from guided_diffusion.core.atomic import check_writable_dir
+from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import DEFAULT_LABEL_KEY, read_h5ad
 
 SIDES = ("train", "heldout")

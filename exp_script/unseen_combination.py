@@ -29,8 +29,9 @@ from anndata import read_h5ad
 from exp_script.guidance_sweep import knn_auc
 from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,
                                          out_of_fold_labels, read_cells)
-from guided_diffusion.atomic import atomic_output
-from guided_diffusion.cli import ArgumentParser, UsageError, add_debug_arg, command
+from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.cli import ArgumentParser, add_debug_arg, command
+from guided_diffusion.core.errors import UsageError
 
 RESULT_JSON = "unseen_combination.json"
 RESULT_MD = "unseen_combination.md"

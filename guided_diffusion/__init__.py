@@ -1,3 +1,3 @@
-from .threads import prefer_passive_waiting
+from guided_diffusion.core.threads import prefer_passive_waiting
 
 prefer_passive_waiting()  # before anything below imports torch (OpenMP reads it once, at load)

@@ -1,6 +1,7 @@
-"""The main job from Python (a notebook): train or load a model, generate cells into an AnnData, evaluate.
+"""The main job from Python (a notebook): train or load a model, generate cells into an AnnData.
 
-    from guided_diffusion.api import train_autoencoder, train_diffusion, load_model, generate, evaluate
+    from guided_diffusion.api import train_autoencoder, train_diffusion, load_model, generate
+    from exp_script.api import evaluate
     vae = train_autoencoder("dataset/baron_human.h5ad", "checkpoint/nb/ae", max_steps=600)
     model = train_diffusion("dataset/baron_human.h5ad", vae, "checkpoint/nb/diffusion", lr_anneal_steps=3000)
     adata = generate(model, conditions=["cell_type1=beta"], num_samples=200)   # an AnnData in memory
@@ -20,14 +21,15 @@ import types
 
 import anndata
 
-from .cli import UsageError, check_writable_dir
-from .data import DEFAULT_LABEL_KEY
-from .sampling import GENERATED, SamplerSettings, SamplingRequest, sample_cells
-from .threads import apply_thread_flags
-from .training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig, DiffusionModelConfig,
-                              DiffusionTrainingConfig)
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.core.atomic import check_writable_dir
+from guided_diffusion.sampling.pipeline import GENERATED, SamplingRequest, sample_cells
+from guided_diffusion.sampling.settings import SamplerSettings
+from guided_diffusion.cli import apply_thread_flags
+from guided_diffusion.training.config import (AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig,
+                                              DiffusionModelConfig, DiffusionTrainingConfig)
 
-__all__ = ["Model", "UsageError", "evaluate", "generate", "load_model", "train_autoencoder", "train_diffusion"]
+__all__ = ["Model", "UsageError", "generate", "load_model", "train_autoencoder", "train_diffusion"]
 THREAD_OPTIONS = ("threads", "deterministic")
 
 
@@ -129,7 +131,7 @@ def train_diffusion(data, vae_path, save_dir="checkpoint/diffusion", **options):
 
     >>> model = train_diffusion(adata, vae_path, "checkpoint/nb/diffusion", lr_anneal_steps=3000)
     """
-    from .cell_training import train_diffusion as train
+    from guided_diffusion.training.pipeline import train_diffusion as train
 
     data_options, model_options, training_options = split_options(
         options, DataConfig, DiffusionModelConfig, DiffusionTrainingConfig,
@@ -159,11 +161,17 @@ class Model:
 
     def conditions(self):
         """Every condition seen in training, as ``KEY=VALUE[,KEY=VALUE]`` specs for :func:`generate`."""
-        from .diffusion_checkpoint import DiffusionCheckpoint
+        from guided_diffusion.checkpoints import DiffusionCheckpoint
 
         counts = DiffusionCheckpoint.load(self.path).condition_counts or []
         return [",".join(f"{key}={self.vocabularies[key][code]}" for key, code in zip(self.label_keys, row[:-1]))
                 for row in counts]
+
+
+def __getattr__(name):
+    if name == "evaluate":  # evaluation lives above the library, in exp_script
+        raise AttributeError("evaluate is exp_script.api.evaluate: from exp_script.api import evaluate")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_model(model_path, vae_path="", use_ema=True, device="auto"):
@@ -173,8 +181,8 @@ def load_model(model_path, vae_path="", use_ema=True, device="auto"):
     >>> model = load_model("checkpoint/diffusion/cfDiffusion/model003000.pt")
     >>> model.label_keys, model.vocabularies["cell_type1"][:3]
     """
-    from .cli import resolve_device
-    from .model_loading import load_diffusion_model, resolve_autoencoder
+    from guided_diffusion.core.device import resolve_device
+    from guided_diffusion.checkpoints import load_diffusion_model, resolve_autoencoder
 
     device = resolve_device(device)
     loaded = load_diffusion_model(os.fspath(model_path), use_ema=use_ema, device=device)
@@ -231,48 +239,4 @@ def generate(model, conditions=None, sample_dir=None, **options):
         request = SamplingRequest(sample_dir=sample_dir, **request_options)
         path = sample_cells(request, SamplerSettings(**settings_options))
         return anndata.read_h5ad(path if path else os.path.join(sample_dir, GENERATED))
-
-
-# ---- evaluation ----------------------------------------------------------------------------------
-def evaluate(real, generated, label_key=DEFAULT_LABEL_KEY, train=None, out_dir=None, **options):
-    """Evaluate ``generated`` against ``real`` (and ``train``, the model's training cells); returns the
-    metrics dict (``result["generated"]["overall"]["scc"]``, the controls beside it), as
-    ``exp_script/evaluate.py`` writes it to metrics.json.
-
-    Each of ``real``, ``generated``, ``train`` is an .h5ad path or an AnnData (an in-memory one is written to
-    a temporary .h5ad first: the evaluator reads files). ``options`` are ``evaluate.py``'s flags
-    (``input_is_log`` and ``layer`` for real/train, ``generated_input_is_log``, ``filter``,
-    ``condition_key``, ``seed``, ``n_hvg``, ``metrics``, ...) with its defaults; report.md and plots go to
-    ``out_dir`` if given (without it nothing is written and ``plots`` defaults to False).
-
-    >>> result = evaluate(real_adata, generate(model), label_key="cell_type1", input_is_log=True)
-    >>> result["generated"]["overall"]["scc"], result["real_vs_real"]["overall"]["scc"]
-    """
-    from exp_script.evaluation import EvaluationSettings, evaluate as run_evaluation, log_to_stderr
-
-    inputs = {"layer": "", "input_is_log": False, "generated_layer": "", "generated_input_is_log": True,
-              "filter": [], "condition_key": [], "allow_count_like_log": False, "progress": True}
-    (settings_options,) = split_options(options, EvaluationSettings, extra=tuple(inputs))
-    inputs.update({key: value for key, value in options.items() if key in inputs})
-    for name in ("filter", "condition_key"):
-        inputs[name] = as_list(inputs[name]) or []
-    settings_options.setdefault("plots", out_dir is not None)
-    if "metrics" in settings_options:
-        settings_options["metrics"] = tuple(as_list(settings_options["metrics"]))
-    settings = EvaluationSettings(**settings_options)
-    with contextlib.ExitStack() as stack:
-        real_path = stack.enter_context(h5ad_path(real, "real", inputs["layer"]))
-        generated_path = stack.enter_context(h5ad_path(generated, "generated", inputs["generated_layer"]))
-        train_path = stack.enter_context(h5ad_path(train, "train", inputs["layer"])) if train is not None else None
-        if out_dir is None:
-            out_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cfdiffusion_evaluation_"))
-        else:
-            check_writable_dir(os.fspath(out_dir), "out_dir")
-        return run_evaluation(real_path, generated_path, label_key, out_dir, layer=inputs["layer"],
-                              input_is_log=inputs["input_is_log"], filters=inputs["filter"], settings=settings,
-                              log=log_to_stderr if inputs["progress"] else None, train_path=train_path,
-                              generated_layer=inputs["generated_layer"],
-                              generated_input_is_log=inputs["generated_input_is_log"],
-                              condition_keys=inputs["condition_key"],
-                              allow_count_like_log=inputs["allow_count_like_log"])
 

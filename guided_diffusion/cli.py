@@ -8,20 +8,14 @@ The catalogue of messages is docs/errors.md.
 """
 import argparse
 import functools
-import os
-import signal
 import sys
-import tempfile
-import threading
 
 import torch
 
-
-OUT_OF_MEMORY_ERRORS = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
-
-
-class UsageError(Exception):
-    """A problem with the user's input or files, reported as one line (what is wrong, what to do)."""
+from guided_diffusion.core import distributed
+from guided_diffusion.core.device import OUT_OF_MEMORY_ERRORS
+from guided_diffusion.core.errors import UsageError, one_line
+from guided_diffusion.core.threads import apply_threads
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -33,11 +27,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """``--help`` keeps the description's layout and shows every flag's default."""
-
-
-def one_line(text):
-    """Collapse a (possibly multi-line) message into one line."""
-    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
 # ---- argument types ------------------------------------------------------------------------------
@@ -103,6 +92,27 @@ def probability(value):
     return number
 
 
+# ---- threads ---------------------------------------------------------------------------------------
+def apply_thread_flags(args):
+    """``--threads`` (and ``--deterministic`` where the parser has it); returns the thread count."""
+    if getattr(args, "deterministic", False):
+        if args.threads not in (None, 1):
+            raise UsageError(f"--deterministic True runs on one thread; drop --threads {args.threads} or set it to 1")
+        torch.use_deterministic_algorithms(True)
+        return apply_threads(1)
+    return apply_threads(args.threads)
+
+
+def add_threads_arg(parser, deterministic=False):
+    if deterministic:
+        parser.add_argument("--deterministic", type=str2bool, default=False,
+                            help="bit-identical results, also after an interrupted run is resumed: one CPU thread "
+                                 "and torch.use_deterministic_algorithms (two threads can differ in the last bit)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores this "
+                             "process may use, from its affinity mask and cgroup quota; on a shared machine give fewer, e.g. 1)")
+
+
 # ---- devices and folders -------------------------------------------------------------------------
 def add_device_arg(parser):
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -113,83 +123,7 @@ def add_debug_arg(parser):
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 
 
-def resolve_device(name):
-    """Turn ``auto|cpu|cuda`` (or ``cuda:N``) into a torch.device, refusing CUDA where there is none."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda was requested but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def check_writable_dir(path, flag):
-    """Refuse, before any work is done, an output folder that cannot be created or written.
-
-    Nothing is left behind: the folder is not created here (the writer creates it later); a probe
-    file is made and removed in the folder, or in its nearest existing parent. ``os.access`` is not
-    used because it says yes to root even where writing fails (read-only mounts, /proc).
-    """
-    path = os.path.abspath(path)
-    existing = path
-    while not os.path.exists(existing):
-        parent = os.path.dirname(existing)
-        if parent == existing:
-            break
-        existing = parent
-    if not os.path.isdir(existing):
-        where = "it is a file" if existing == path else f"{existing} is a file"
-        raise UsageError(f"cannot write to {flag} {path}: {where}, not a folder; choose a folder you can write to")
-    try:
-        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
-        os.close(handle)
-        os.remove(probe)
-    except OSError as error:
-        raise UsageError(f"cannot write to {flag} {path} ({error.strerror or error}); "
-                         f"choose a folder you can write to") from error
-
-
 # ---- interrupts ----------------------------------------------------------------------------------
-class StopAtStepBoundary:
-    """While active, Ctrl-C (SIGINT) or SIGTERM only sets :attr:`requested`; the training loop checks it
-    between steps, saves a consistent checkpoint and exits with :attr:`exit_code` (130 or 143).
-
-    A KeyboardInterrupt in the middle of a step would save weights of step N+1 with the counters of
-    step N, so the resumed run would differ. A second signal stops at once (nothing more is saved;
-    the last periodic checkpoint stays valid). Outside the main thread this is a no-op.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-        return False
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"{signal.Signals(signum).name} received: saving a checkpoint after the current step "
-              f"(send it again to stop at once)", file=sys.stderr, flush=True)
-
-    @property
-    def requested(self):
-        return self.signum is not None
-
-    @property
-    def exit_code(self):
-        return 128 + int(self.signum)
 
 
 # ---- the wrapper of every script's main ------------------------------------------------------------
@@ -207,27 +141,25 @@ def command(main):
     unexpected -> exit 1 with a hint to rerun with ``--debug``, which re-raises so the traceback is shown.
     Ctrl-C outside a training loop -> exit 130 when run as a script (``argv`` None); a Python caller
     (a notebook, a test) gets the KeyboardInterrupt itself. A script run that created a process group
-    (torchrun, mpiexec) ends in :func:`guided_diffusion.dist_util.end_process`, with the same exit status.
+    (torchrun, mpiexec) ends in :func:`guided_diffusion.core.distributed.end_process`, with the same exit status.
     """
 
     @functools.wraps(main)
     def wrapper(argv=None):
         if argv is not None:
             return guarded(argv)
-        from . import dist_util  # (it imports this module)
-
-        try:  # a script run: a process that joined a process group ends here (dist_util.end_process)
+        try:  # a script run: a process that joined a process group ends here (distributed.end_process)
             result = guarded(None)
         except SystemExit as stop:
-            if dist_util.in_process_group():
-                dist_util.end_process(_exit_status(stop.code))
+            if distributed.in_process_group():
+                distributed.end_process(_exit_status(stop.code))
             raise
         except BaseException:  # --debug re-raises: the traceback as Python prints it, then the same ending
-            if dist_util.in_process_group():
+            if distributed.in_process_group():
                 sys.excepthook(*sys.exc_info())
-                dist_util.end_process(1)
+                distributed.end_process(1)
             raise
-        dist_util.end_process(0)
+        distributed.end_process(0)
         return result
 
     def guarded(argv):

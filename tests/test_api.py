@@ -17,7 +17,8 @@ import cell_train
 from exp_script import evaluate as evaluate_cli
 from exp_script import reconstruct
 from guided_diffusion import api
-from guided_diffusion.cli import UsageError
+from exp_script import api as evaluation_api
+from guided_diffusion.core.errors import UsageError
 from synthetic import REPO_ROOT, make_counts_adata
 from VAE import VAE_train
 
@@ -130,7 +131,7 @@ def test_evaluate_anndata_equals_the_clis_metrics(trained, tmp_path):
     generated_path = tmp_path / "generated.h5ad"
     generated.write_h5ad(generated_path)
     settings = {"metrics": ["scc", "pcc", "wasserstein", "mmd"], "n_hvg": 30, "n_pcs": 5, "controls": False}
-    result = api.evaluate(trained["adata"], generated, label_key="cell_type1", progress=False, **settings)
+    result = evaluation_api.evaluate(trained["adata"], generated, label_key="cell_type1", progress=False, **settings)
     evaluate_cli.main(["--real", trained["data"], "--generated", str(generated_path), "--label_key", "cell_type1",
                        "--out", str(tmp_path / "cli"), "--plots", "False", "--progress", "False", *flags(settings)])
     written = json.loads((tmp_path / "cli" / "metrics.json").read_text())
@@ -143,7 +144,7 @@ def test_evaluate_anndata_equals_the_clis_metrics(trained, tmp_path):
 
 def test_evaluate_writes_its_files_into_a_given_out_dir(trained, tmp_path):
     generated = api.generate(trained["model"], progress=False, **SAMPLING)
-    result = api.evaluate(trained["data"], generated, out_dir=tmp_path / "eval", progress=False, metrics=["scc"],
+    result = evaluation_api.evaluate(trained["data"], generated, out_dir=tmp_path / "eval", progress=False, metrics=["scc"],
                           n_hvg=30, n_pcs=5, controls=False, plots=False)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["generated"]["overall"]["scc"] == \
         pytest.approx(result["generated"]["overall"]["scc"])
@@ -159,8 +160,8 @@ def test_evaluate_writes_its_files_into_a_given_out_dir(trained, tmp_path):
     (lambda t: api.generate(t["model"], conditions=[{"cell_type1": "a,b"}]), "cannot be given"),
     (lambda t: api.generate(t["model"], guide_weight=2), "unknown option 'guide_weight'"),
     (lambda t: api.load_model(t["root"] / "missing.pt"), "missing.pt"),
-    (lambda t: api.evaluate(t["adata"], t["adata"], label_key="nope"), "nope"),
-    (lambda t: api.evaluate(t["adata"], t["adata"], generated_layers="counts"), "unknown option 'generated_layers'"),
+    (lambda t: evaluation_api.evaluate(t["adata"], t["adata"], label_key="nope"), "nope"),
+    (lambda t: evaluation_api.evaluate(t["adata"], t["adata"], generated_layers="counts"), "unknown option 'generated_layers'"),
 ])
 def test_bad_input_is_a_one_line_usage_error(trained, call, message):
     with pytest.raises(UsageError) as error:

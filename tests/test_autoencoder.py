@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.checkpoint import load_checkpoint
+from guided_diffusion.core.container import load_checkpoint
 from guided_diffusion.data import load_dataset
 from synthetic import REPO_ROOT
 from VAE import VAE_train

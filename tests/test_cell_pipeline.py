@@ -8,8 +8,8 @@ import torch
 
 import cell_sample
 import cell_train
-from guided_diffusion.checkpoint import load_checkpoint
-from guided_diffusion.train_util import ema_warmup_rate
+from guided_diffusion.core.container import load_checkpoint
+from guided_diffusion.training.trainer import ema_warmup_rate
 from synthetic import make_counts_adata
 from VAE import VAE_train
 
@@ -215,7 +215,7 @@ def test_observation_mean_decodes_the_saved_latents(workspace, tmp_path):
 
 def test_library_sizes_follow_the_training_cells_of_the_condition(workspace):
     from guided_diffusion.data import load_dataset
-    from guided_diffusion.sampling import draw_library_sizes
+    from guided_diffusion.sampling.conditions import draw_library_sizes
 
     payload = load_checkpoint(workspace["model"])
     entries, sizes = payload["library_size_quantiles"], [3, 2]
@@ -276,7 +276,7 @@ def test_reconstruction_cli_draws_counts_at_each_cells_total(workspace, tmp_path
 
 
 def test_unseen_combinations_take_library_sizes_of_their_first_keys():
-    from guided_diffusion.sampling import draw_library_sizes
+    from guided_diffusion.sampling.conditions import draw_library_sizes
 
     # type 0 was seen only with donor 0, type 1 only with donor 1
     entries = [[0, 0, 10, [np.log(100.0)] * 3], [1, 1, 10, [np.log(5000.0)] * 3]]
@@ -300,7 +300,7 @@ def test_bf16_matmuls_stay_close_to_fp32(workspace, tmp_path):
 
 
 def test_default_settings_scale_the_recorded_cache_to_the_sampled_steps():
-    from guided_diffusion.sampling import DEFAULT_SETTINGS, SamplerSettings, resolve_settings
+    from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, SamplerSettings, resolve_settings
 
     recorded = {"cache_interval": 5, "branch": 0, "non_uniform": False}
     default = resolve_settings(DEFAULT_SETTINGS, recorded, "cpu", schedule_steps=1000)

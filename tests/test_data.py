@@ -4,7 +4,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import BatchSampler, check_genes, load_dataset, split_train_validation
 from synthetic import BUNDLED_DATA, make_counts_adata
 

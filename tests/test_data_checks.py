@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 
 import cell_train
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import format_values, load_dataset, split_train_validation
 from synthetic import make_counts_adata
 from VAE import VAE_train

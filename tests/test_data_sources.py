@@ -5,8 +5,8 @@ import h5py
 import numpy as np
 import pytest
 
-from guided_diffusion.data import (InMemoryRows, ObsColumns, StreamedRows, add_data_args, dataset_from_args,
-                                   load_dataset)
+from guided_diffusion.data import InMemoryRows, ObsColumns, StreamedRows, load_dataset
+from guided_diffusion.data.flags import add_data_args, dataset_from_args
 from guided_diffusion.data.files import FrameObs, open_backed, read_in_memory
 
 

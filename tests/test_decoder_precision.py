@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.cli import UsageError
-from guided_diffusion.precision import has_fast_bf16
-from guided_diffusion.sampler_settings import SamplerSettings, check_settings, resolve_decoder_precision
-from guided_diffusion.h5ad_writer import write_decoded_h5ad
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.core.device import has_fast_bf16
+from guided_diffusion.sampling.settings import SamplerSettings, check_settings, resolve_decoder_precision
+from guided_diffusion.sampling.writer import write_decoded_h5ad
 from synthetic import small_count_decoder
 from test_sampler_checkpoint import legacy, refused, sample  # noqa: F401
 from VAE.VAE_model import VAE, output_layer_logits

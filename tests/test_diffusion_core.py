@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.cell_model import CellUNet
-from guided_diffusion.feature_cache import FeatureCache, refresh_schedule
-from guided_diffusion.gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
-from guided_diffusion.guidance import drop_conditions, guided_eps, guided_eps_fn, null_condition
-from guided_diffusion.respace import SpacedDiffusion, create_diffusion, space_timesteps
+from guided_diffusion.diffusion.denoiser import CellUNet
+from guided_diffusion.diffusion.feature_cache import FeatureCache, refresh_schedule
+from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.diffusion.schedules import linear_beta_schedule
+from guided_diffusion.diffusion.guidance import drop_conditions, guided_eps, guided_eps_fn, null_condition
+from guided_diffusion.diffusion.respace import SpacedDiffusion, create_diffusion, space_timesteps
 
 LATENT = 8
 SIZES = (3, 2)

@@ -21,11 +21,12 @@ import torch.distributed as dist
 
 import cell_sample
 import cell_train
-from guided_diffusion.checkpoint import load_checkpoint
-from guided_diffusion.cli import UsageError, _exit_status
+from guided_diffusion.core.container import load_checkpoint
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.cli import _exit_status
 from guided_diffusion.data import load_dataset
-from guided_diffusion.dist_util import (CrossRankBatchNorm1d, DistributedContext, convert_to_cross_rank_batchnorm,
-                                        end_process, setup_distributed)
+from guided_diffusion.core.distributed import (CrossRankBatchNorm1d, DistributedContext,
+                                               convert_to_cross_rank_batchnorm, end_process, setup_distributed)
 from synthetic import REPO_ROOT, make_counts_adata
 from VAE import VAE_train
 from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
@@ -204,7 +205,7 @@ def test_sampling_two_processes_equal_one(reference, launcher):
 # thread then needs the GIL to release them) and keeps the GIL itself (switch interval of 1000 s), so the
 # releases are still pending when the script returns. Ending through interpreter finalization, the ranks
 # aborted ("terminate called without an active exception", exit -6) in 4 of 4 mpiexec and 5 of 6 torchrun
-# runs before dist_util.end_process.
+# runs before distributed.end_process.
 PENDING_RELEASES_AT_EXIT = """
 import atexit
 import sys
@@ -213,7 +214,7 @@ import torch
 import torch.distributed as dist
 
 from guided_diffusion.cli import UsageError, command
-from guided_diffusion.dist_util import setup_distributed
+from guided_diffusion.core.distributed import setup_distributed
 
 
 @command

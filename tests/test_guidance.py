@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from guided_diffusion.cell_model import CellUNet
-from guided_diffusion.feature_cache import refresh_schedule
-from guided_diffusion.guidance import (guidance_batch, guided_eps, guided_eps_fn, null_condition,
-                                       prefix_coefficients, prefix_condition)
-from guided_diffusion.respace import create_diffusion
+from guided_diffusion.diffusion.denoiser import CellUNet
+from guided_diffusion.diffusion.feature_cache import refresh_schedule
+from guided_diffusion.diffusion.guidance import (guidance_batch, guided_eps, guided_eps_fn, null_condition,
+                                                 prefix_coefficients, prefix_condition)
+from guided_diffusion.diffusion.respace import create_diffusion
 from test_sampler_checkpoint import legacy, refused, sample  # noqa: F401
 
 LATENT = 8

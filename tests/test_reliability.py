@@ -27,10 +27,11 @@ import torch
 import cell_sample
 import cell_train
 from exp_script import evaluate as evaluate_script
-from guided_diffusion import checkpoint as checkpoint_module
-from guided_diffusion.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
-from guided_diffusion.cli import StopAtStepBoundary, UsageError
-from guided_diffusion.train_util import latest_model_file
+from guided_diffusion.core import container as checkpoint_module
+from guided_diffusion.core.container import FORMAT_VERSION, load_checkpoint, save_checkpoint
+from guided_diffusion.training.loop import StopAtStepBoundary
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.checkpoints import latest_model_file
 from synthetic import REPO_ROOT, make_counts_adata
 from VAE import VAE_train
 
@@ -453,7 +454,7 @@ def test_disk_full_while_saving_leaves_no_checkpoint(workspace, tmp_path, capsys
 
 
 def test_failure_while_writing_samples_leaves_no_h5ad(workspace, tmp_path, capsys, monkeypatch):
-    import guided_diffusion.h5ad_writer as sampling
+    import guided_diffusion.sampling.writer as sampling
 
     real_write_elem = sampling.write_elem
 
@@ -471,7 +472,7 @@ def test_unexpected_error_is_one_line_with_a_debug_hint(workspace, tmp_path, cap
     def broken(*args, **kwargs):
         raise RuntimeError("something nobody foresaw\nsecond line")
 
-    monkeypatch.setattr("guided_diffusion.sampling.plan_conditions", broken)
+    monkeypatch.setattr("guided_diffusion.sampling.pipeline.plan_conditions", broken)
     line = refused(capsys, cell_sample.main, sample(workspace, tmp_path), "unexpected RuntimeError", code=1)
     assert "something nobody foresaw second line" in line and "--debug" in line
 

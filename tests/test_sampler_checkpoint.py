@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import cell_sample
-from guided_diffusion.checkpoint import load_checkpoint, save_checkpoint
-from guided_diffusion.diffusion_checkpoint import SCHEMA_VERSION, DiffusionCheckpoint
+from guided_diffusion.core.container import load_checkpoint, save_checkpoint
+from guided_diffusion.checkpoints import SCHEMA_VERSION, DiffusionCheckpoint
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_v1"
 MODEL, EMA, VAE = "model000004.pt", "ema_0.9999_000004.pt", "autoencoder.pt"

@@ -104,7 +104,7 @@ def test_a_reused_sample_dir_holds_one_run(legacy, tmp_path, capsys):
 
 
 def test_a_run_killed_while_writing_leaves_no_complete_looking_set(legacy, tmp_path, monkeypatch):
-    import guided_diffusion.sampling as sampling
+    import guided_diffusion.sampling.pipeline as sampling
 
     out = tmp_path / "out"
     sample(legacy, out, "--condition", "cell_type1=type_0,donor=donor0")
@@ -135,7 +135,7 @@ def test_latents_far_outside_the_training_range_are_warned_about(legacy, tmp_pat
 
 def test_decoded_means_above_the_log_normalized_maximum_are_warned_about():
     from guided_diffusion.data import Normalization
-    from guided_diffusion.sampling import decoded_range_warnings
+    from guided_diffusion.sampling.pipeline import decoded_range_warnings
 
     class Decoder:
         normalization = Normalization(input_is_log=False, target_sum=1e4)

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import cell_sample
-from guided_diffusion import h5ad_writer, seed_streams
+from guided_diffusion.sampling import writer as h5ad_writer
+from guided_diffusion.core import seed_streams
 from guided_diffusion.data import Normalization
-from guided_diffusion.h5ad_writer import write_decoded_h5ad
+from guided_diffusion.sampling.writer import write_decoded_h5ad
 from VAE.VAE_model import VAE, Autoencoder
 
 N_CELLS, N_GENES, LATENT, CHUNK = 230, 60, 8, 64

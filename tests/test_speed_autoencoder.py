@@ -7,7 +7,7 @@ import torch
 
 from benchmarks.bench_training import (VARIANTS, SparseInputLinear, dense_negative_binomial_nll,
                                       indexed_negative_binomial_nll, no_likelihood, to_csr, training_step)
-from guided_diffusion.optim import adamw
+from guided_diffusion.training.optim import adamw
 from VAE.VAE_model import VAE, negative_binomial_nll
 
 
@@ -103,7 +103,7 @@ def test_the_bound_rows_reach_every_layer_and_change_no_weight(bound):
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_heap_reuse_setting_is_accepted(enabled):
-    from guided_diffusion.heap_reuse import reuse_freed_memory
+    from guided_diffusion.core.memory import reuse_freed_memory
 
     try:
         import ctypes.util
@@ -116,7 +116,7 @@ def test_heap_reuse_setting_is_accepted(enabled):
 
 
 def test_training_cli_precision_flag_bf16_trains_like_fp32(tmp_path, counts_h5ad):
-    from guided_diffusion.checkpoint import load_checkpoint
+    from guided_diffusion.core.container import load_checkpoint
     from VAE import VAE_train
 
     def train(name, precision):

@@ -7,9 +7,9 @@ import torch
 
 from benchmarks.bench_diffusion_training import (ForwardBackwardOnly, OneCastForward, OneCastTrainer, TodayTrainer,
                                                 compiled_denoiser, todays_projections)
-from guided_diffusion.cell_model import CellUNet, gather_rows, unique_rows
-from guided_diffusion.respace import create_diffusion
-from guided_diffusion.train_util import DiffusionTrainer
+from guided_diffusion.diffusion.denoiser import CellUNet, gather_rows, unique_rows
+from guided_diffusion.diffusion.respace import create_diffusion
+from guided_diffusion.training.trainer import DiffusionTrainer
 
 SIZES = (3, 2)
 

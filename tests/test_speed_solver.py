@@ -3,7 +3,7 @@ probability-flow trajectory of many-step DDIM, in 10-20 network evaluations."""
 import pytest
 import torch
 
-from guided_diffusion.respace import create_diffusion
+from guided_diffusion.diffusion.respace import create_diffusion
 
 DATA_MEAN = torch.tensor([0.5, -0.3, 0.0, 0.8])
 DATA_STD = torch.tensor([0.3, 0.6, 0.1, 0.45])
@@ -85,8 +85,9 @@ def test_dpm_solver_calls_the_model_once_per_step_with_the_respaced_timesteps_an
 
 @pytest.mark.parametrize("cache_interval", [1, 3])
 def test_sampler_runs_dpm_solver_with_guidance_and_the_feature_cache(cache_interval):
-    from guided_diffusion.cell_model import CellUNet
-    from guided_diffusion.sampling import SamplerSettings, sample_latents
+    from guided_diffusion.diffusion.denoiser import CellUNet
+    from guided_diffusion.sampling.settings import SamplerSettings
+    from guided_diffusion.sampling.reverse import sample_latents
 
     torch.manual_seed(0)
     model = CellUNet(latent_dim=8, hidden_dims=[32, 16], condition_sizes=(3,)).eval()
@@ -117,7 +118,7 @@ def test_cell_sample_passes_the_solver_flag_through():
 
 def _resolved(*flags):
     import cell_sample
-    from guided_diffusion.sampling import resolve_settings
+    from guided_diffusion.sampling.settings import resolve_settings
 
     args = cell_sample.build_parser().parse_args(["--model_path", "m.pt", *flags])
     return resolve_settings(cell_sample.settings_from_args(args), {"cache_interval": 5, "branch": 0,
@@ -125,7 +126,7 @@ def _resolved(*flags):
 
 
 def test_the_default_is_sde_dpm_solver_on_log_snr_steps_and_the_original_command_lines_keep_their_sampler():
-    from guided_diffusion.sampling import FAITHFUL_FLAGS
+    from guided_diffusion.sampling.settings import FAITHFUL_FLAGS
 
     default = _resolved()
     assert (default.solver, default.timestep_respacing, default.cache_interval) == ("dpmpp2m_sde", "logsnr10", 1)
@@ -148,15 +149,16 @@ def test_the_default_is_sde_dpm_solver_on_log_snr_steps_and_the_original_command
                            "--solver ddpm is not one; drop --solver"),
 ])
 def test_log_snr_steps_without_dpm_solver_are_refused_naming_the_flag(flags, message):
-    from guided_diffusion.cli import UsageError
+    from guided_diffusion.core.errors import UsageError
 
     with pytest.raises(UsageError, match=message.replace("+", r"\+")):
         _resolved(*flags)
 
 
 def test_auto_runs_what_it_resolves_to():
-    from guided_diffusion.cell_model import CellUNet
-    from guided_diffusion.sampling import DEFAULT_SETTINGS, sample_latents
+    from guided_diffusion.diffusion.denoiser import CellUNet
+    from guided_diffusion.sampling.settings import DEFAULT_SETTINGS
+    from guided_diffusion.sampling.reverse import sample_latents
     from dataclasses import replace
 
     torch.manual_seed(0)
@@ -203,8 +205,8 @@ def test_sde_dpm_solver_draws_step_noise_from_its_generator(setup):
 
 
 def test_the_sde_solver_is_one_flag_and_runs_in_the_sampler():
-    from guided_diffusion.cell_model import CellUNet
-    from guided_diffusion.sampling import sample_latents
+    from guided_diffusion.diffusion.denoiser import CellUNet
+    from guided_diffusion.sampling.reverse import sample_latents
 
     settings = _resolved("--solver", "dpmpp2m_sde", "--timestep_respacing", "logsnr15")
     assert settings.solver == "dpmpp2m_sde" and settings.describe().startswith("SDE-DPM-Solver++(2M) logsnr15 steps")

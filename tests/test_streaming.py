@@ -6,8 +6,8 @@ import torch
 
 import cell_train
 from guided_diffusion.data import files
-from guided_diffusion.checkpoint import load_checkpoint
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.container import load_checkpoint
+from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import BatchSampler, BlockShuffledSampler, load_dataset
 from synthetic import make_counts_adata
 from VAE import VAE_train

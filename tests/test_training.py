@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import cell_train
-from guided_diffusion import threads as threads_module
-from guided_diffusion import training_loop
-from guided_diffusion.checkpoint import load_checkpoint, save_checkpoint
+from guided_diffusion.core import threads as threads_module
+from guided_diffusion.training import loop as training_loop
+from guided_diffusion.core.container import load_checkpoint, save_checkpoint
 from synthetic import REPO_ROOT, make_counts_adata
 from VAE import VAE_train
 from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
@@ -323,8 +323,8 @@ def test_threads_flag_sets_torch_threads(workspace, tmp_path, monkeypatch):
 
 
 def test_library_errors_name_parameters_and_the_cli_words_them_as_flags(workspace, tmp_path, capsys):
-    from guided_diffusion.training_config import (AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig,
-                                                  SettingError)
+    from guided_diffusion.training.config import AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig
+    from guided_diffusion.core.errors import SettingError
     from VAE.autoencoder_training import train_autoencoder
 
     with pytest.raises(SettingError, match=r"^num_genes 99 contradicts the data, which has 24 genes; omit num_genes"):

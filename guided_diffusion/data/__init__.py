@@ -5,7 +5,7 @@ whole matrix is never a dense array. The dataset records everything a checkpoint
 reproduce the input space: gene names in order, the normalization, and the label vocabularies in a
 stable sorted order.
 
-One module per concern (every name below is importable from ``guided_diffusion.data``):
+One module per concern (the names of all but ``flags`` are importable from ``guided_diffusion.data``):
 
 | module | owns |
 | --- | --- |
@@ -14,21 +14,22 @@ One module per concern (every name below is importable from ``guided_diffusion.d
 | ``labels`` | label keys and values, ``--filter``, gene checks, :func:`format_values` for messages |
 | ``dataset`` | :class:`CellDataset` over an in-memory or streamed row source; ``load_dataset`` |
 | ``batches`` | batch samplers (shuffled, block-shuffled) and the train/validation split |
-| ``flags`` | ``add_data_args`` and ``dataset_from_args`` |
+| ``flags`` | the command-line layer of the data: ``add_data_args`` and ``dataset_from_args`` (import it from
+  ``guided_diffusion.data.flags``; it is not re-exported here, so the library below the CLI never loads argparse types) |
 """
-from .batches import BatchSampler, BlockShuffledSampler, make_batch_sampler, split_train_validation
-from .dataset import (BLOCK_CACHE_SIZE, DEFAULT_BLOCK_ROWS, CellDataset, InMemoryRows, Normalization,
-                      RowWindowReader, StreamedRows, fix_mmap_threshold, load_dataset)
-from .files import BACKED_AUTO_BYTES, ObsColumns, read_h5ad, stored_matrix_nbytes, use_backed
-from .flags import add_data_args, add_input_kind_args, backed_mode, dataset_from_args
-from .labels import (DEFAULT_LABEL_KEY, RESERVED_OBS_COLUMNS, check_genes, check_num_classes, format_values)
-from .values import ALLOW_COUNT_LIKE_FLAG, TARGET_SUM, ValueScan
+from guided_diffusion.data.batches import (BatchSampler, BlockShuffledSampler, make_batch_sampler,
+                                           split_train_validation)
+from guided_diffusion.data.dataset import (BLOCK_CACHE_SIZE, DEFAULT_BLOCK_ROWS, CellDataset, InMemoryRows,
+                                           Normalization, RowWindowReader, StreamedRows, fix_mmap_threshold,
+                                           load_dataset)
+from guided_diffusion.data.files import BACKED_AUTO_BYTES, ObsColumns, read_h5ad, stored_matrix_nbytes, use_backed
+from guided_diffusion.data.labels import (DEFAULT_LABEL_KEY, RESERVED_OBS_COLUMNS, check_genes, check_num_classes,
+                                          format_values)
+from guided_diffusion.data.values import ALLOW_COUNT_LIKE_FLAG, TARGET_SUM, ValueScan
 
 __all__ = [
     "ALLOW_COUNT_LIKE_FLAG", "BACKED_AUTO_BYTES", "BLOCK_CACHE_SIZE", "DEFAULT_BLOCK_ROWS", "DEFAULT_LABEL_KEY",
     "RESERVED_OBS_COLUMNS", "TARGET_SUM", "BatchSampler", "BlockShuffledSampler", "CellDataset", "InMemoryRows",
-    "Normalization", "ObsColumns", "RowWindowReader", "StreamedRows", "ValueScan", "add_data_args",
-    "add_input_kind_args", "backed_mode", "check_genes", "check_num_classes", "dataset_from_args",
-    "fix_mmap_threshold", "format_values", "load_dataset", "make_batch_sampler", "read_h5ad",
+    "Normalization", "ObsColumns", "RowWindowReader", "StreamedRows", "ValueScan", "check_genes", "check_num_classes", "fix_mmap_threshold", "format_values", "load_dataset", "make_batch_sampler", "read_h5ad",
     "split_train_validation", "stored_matrix_nbytes", "use_backed",
 ]

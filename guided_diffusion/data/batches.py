@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from ..cli import UsageError
+from guided_diffusion.core.errors import UsageError
 
 
 class BatchSampler:

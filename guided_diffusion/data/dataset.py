@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from ..cli import UsageError
-from . import files
-from .labels import check_shape_and_genes, encode_labels, parse_filters, resolve_label_keys
-from .values import TARGET_SUM, ValueScan, size_factors
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.data import files
+from guided_diffusion.data.labels import check_shape_and_genes, encode_labels, parse_filters, resolve_label_keys
+from guided_diffusion.data.values import TARGET_SUM, ValueScan, size_factors
 
 DEFAULT_BLOCK_ROWS = 4096
 BLOCK_CACHE_SIZE = 2

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 from anndata.io import read_elem, sparse_dataset
 
-from ..cli import UsageError, one_line
+from guided_diffusion.core.errors import UsageError, one_line
 
 # --backed auto streams the matrix when it would take more than this in memory: the stored CSR arrays
 # (data + indices + indptr), e.g. 2.7e8 non-zeros of float32 counts with int32 indices

@@ -1,8 +1,8 @@
 """The loader's command-line flags (``add_data_args``) and the one call that turns them into a dataset."""
-from ..cli import positive_int, str2bool
-from .dataset import DEFAULT_BLOCK_ROWS, load_dataset
-from .files import BACKED_AUTO_BYTES
-from .labels import DEFAULT_LABEL_KEY
+from guided_diffusion.cli import positive_int, str2bool
+from guided_diffusion.data.dataset import DEFAULT_BLOCK_ROWS, load_dataset
+from guided_diffusion.data.files import BACKED_AUTO_BYTES
+from guided_diffusion.data.labels import DEFAULT_LABEL_KEY
 
 
 def backed_mode(value):

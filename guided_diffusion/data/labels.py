@@ -9,7 +9,7 @@ any message that offers a choice.
 import numpy as np
 import pandas as pd
 
-from ..cli import UsageError
+from guided_diffusion.core.errors import UsageError
 
 DEFAULT_LABEL_KEY = "cell_type1"
 # names the tools' output .h5ad (cell_sample.py, exp_script/reconstruct.py) uses in obs next to the label

@@ -6,7 +6,7 @@ or (for raw counts declared log-normalized) the evidence that the values are cou
 """
 import numpy as np
 
-from ..cli import UsageError
+from guided_diffusion.core.errors import UsageError
 
 TARGET_SUM = 1e4
 # log-normalized values are (practically) never all whole numbers; whole numbers whose cells sum to

@@ -5,18 +5,16 @@ from typing import Iterable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .gaussian_diffusion import GaussianDiffusion, linear_beta_schedule
-
-# the schedule length cell_train.py trains with; the sampler uses the length recorded in the checkpoint
-TRAINING_STEPS = 1000
+from guided_diffusion.diffusion.gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.diffusion.schedules import DIFFUSION_STEPS, get_named_beta_schedule
 
 
-def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]]) -> List[int]:
+def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]], schedule: str = "linear") -> List[int]:
     """Timesteps (sorted) to keep from a process with ``num_timesteps`` steps.
 
     ``section_counts`` is either
       * "ddimN": the evenly strided range(0, num_timesteps, stride) with exactly N steps;
-      * "logsnrN": N steps evenly spaced in log-SNR of the linear schedule (for DPM-Solver++);
+      * "logsnrN": N steps evenly spaced in log-SNR of the named ``schedule`` (for DPM-Solver++);
       * a comma-separated string or list of counts, e.g. "250" or "10,15,20": the
         process is cut into equal sections and section i keeps counts[i] evenly
         spaced steps (both ends of a section included when the count is > 1).
@@ -30,7 +28,7 @@ def space_timesteps(num_timesteps: int, section_counts: Union[str, Sequence[int]
                     return steps
             raise ValueError(f"cannot take exactly {desired} evenly strided steps from {num_timesteps}")
         if section_counts.startswith("logsnr"):
-            return GaussianDiffusion(linear_beta_schedule(num_timesteps)).log_snr_spaced_timesteps(
+            return GaussianDiffusion(get_named_beta_schedule(schedule, num_timesteps)).log_snr_spaced_timesteps(
                 int(section_counts[len("logsnr"):]))
         counts = [int(part) for part in section_counts.split(",")]
     else:
@@ -79,13 +77,15 @@ class SpacedDiffusion(GaussianDiffusion):
         return torch.from_numpy(self.timestep_map).to(t.device)[t]
 
 
-def create_diffusion(steps: int = TRAINING_STEPS, timestep_respacing: Optional[Union[str, Sequence[int]]] = "",
-                     clip_bound: float = 1.0) -> SpacedDiffusion:
-    """Linear-schedule diffusion of ``steps`` steps, optionally respaced for sampling.
+def create_diffusion(steps: int = DIFFUSION_STEPS, timestep_respacing: Optional[Union[str, Sequence[int]]] = "",
+                     clip_bound: float = 1.0, schedule: str = "linear") -> SpacedDiffusion:
+    """The one factory: the named ``schedule`` (diffusion/schedules.py) over ``steps`` steps, optionally respaced
+    for sampling.
 
     ``timestep_respacing`` "" or None keeps all steps; otherwise see ``space_timesteps``.
     ``clip_bound`` is the range of the data (``clip_denoised`` clamps predicted x0 to it).
     """
     if timestep_respacing is None or timestep_respacing == "":
         timestep_respacing = [steps]
-    return SpacedDiffusion(space_timesteps(steps, timestep_respacing), linear_beta_schedule(steps), clip_bound)
+    return SpacedDiffusion(space_timesteps(steps, timestep_respacing, schedule), get_named_beta_schedule(schedule, steps),
+                           clip_bound)

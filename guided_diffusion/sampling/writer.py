@@ -24,8 +24,8 @@ import torch
 from anndata.io import write_elem
 from tqdm.auto import tqdm
 
-from . import seed_streams
-from .atomic import atomic_output
+from guided_diffusion.core import seed_streams
+from guided_diffusion.core.atomic import atomic_output
 
 COMPRESSIONS = ("none", "gzip", "lzf")
 GZIP_LEVEL = 1

@@ -12,14 +12,16 @@ import csv
 import fcntl
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
 
 from tqdm.auto import tqdm
 
-from .cli import StopAtStepBoundary
-from .training_config import SettingError, literal
+from guided_diffusion.core.errors import SettingError, literal
 
 
 class TrainingDiverged(SettingError):
@@ -213,3 +215,48 @@ def claim_run_folder(folder, setting, checkpoint_files, resuming, overwrite, res
         for name in existing:
             os.remove(os.path.join(folder, name))
     return RunFolder(folder, descriptor)
+
+
+class StopAtStepBoundary:
+    """While active, Ctrl-C (SIGINT) or SIGTERM only sets :attr:`requested`; the training loop checks it
+    between steps, saves a consistent checkpoint and exits with :attr:`exit_code` (130 or 143).
+
+    A KeyboardInterrupt in the middle of a step would save weights of step N+1 with the counters of
+    step N, so the resumed run would differ. A second signal stops at once (nothing more is saved;
+    the last periodic checkpoint stays valid). Outside the main thread this is a no-op.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"{signal.Signals(signum).name} received: saving a checkpoint after the current step "
+              f"(send it again to stop at once)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self):
+        return self.signum is not None
+
+    @property
+    def exit_code(self):
+        return 128 + int(self.signum)
+
+

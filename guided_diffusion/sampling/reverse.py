@@ -3,13 +3,13 @@ that mix conditions and draw their step noise from their own seed stream."""
 import torch
 from tqdm.auto import tqdm
 
-from . import seed_streams
-from .cli import UsageError
-from .feature_cache import refresh_schedule
-from .guidance import guided_eps_fn
-from .precision import matmul_precision
-from .respace import TRAINING_STEPS
-from .sampler_settings import DPM_SOLVERS, build_sampling_diffusion, guide_weights, solver_of
+from guided_diffusion.core import seed_streams
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.diffusion.feature_cache import refresh_schedule
+from guided_diffusion.diffusion.guidance import guided_eps_fn
+from guided_diffusion.core.device import matmul_precision
+from guided_diffusion.diffusion.schedules import DIFFUSION_STEPS
+from guided_diffusion.sampling.settings import DPM_SOLVERS, build_sampling_diffusion, guide_weights, solver_of
 
 
 def condition_noise(seed, condition_index, n_cells, latent_dim):
@@ -20,10 +20,11 @@ def condition_noise(seed, condition_index, n_cells, latent_dim):
 
 @torch.inference_mode()
 def sample_latents(model, cond_rows, noise, settings, progress=True, batches=None, latent_scale=1.0,
-                   schedule_steps=TRAINING_STEPS):
+                   schedule_steps=DIFFUSION_STEPS, schedule="linear"):
     """Reverse diffusion for every row of ``cond_rows`` starting from ``noise``; batches mix conditions.
 
-    ``schedule_steps`` is the length of the noise schedule the model was trained on (the checkpoint's).
+    ``schedule_steps`` and ``schedule`` are the length and name of the noise schedule the model was trained on
+    (the checkpoint's).
     Batch ``b`` holds rows ``[b * batch_size, (b + 1) * batch_size)`` and draws its step noise from a
     generator seeded by (seed, b), so a batch's result does not depend on which process runs it.
     ``batches`` (a ``range`` of batch numbers, default all) runs only those and returns their rows.
@@ -31,7 +32,7 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
     returned in the autoencoder's latent space (divided by it), in float32.
     """
     device = next(model.parameters()).device
-    diffusion = build_sampling_diffusion(settings, schedule_steps, latent_scale=latent_scale)
+    diffusion = build_sampling_diffusion(settings, schedule_steps, latent_scale=latent_scale, schedule=schedule)
     try:
         refresh = refresh_schedule(diffusion.num_timesteps, settings.cache_interval, settings.non_uniform)
         model.validate_branch(settings.branch)

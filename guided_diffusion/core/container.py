@@ -19,8 +19,8 @@ import re
 import blobfile as bf
 import torch
 
-from .atomic import atomic_output
-from .cli import UsageError
+from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.core.errors import UsageError
 
 FORMAT_VERSION = 1
 

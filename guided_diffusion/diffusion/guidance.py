@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .feature_cache import FeatureCache
+from guided_diffusion.diffusion.feature_cache import FeatureCache
 
 Weights = Union[float, Sequence[float]]
 SINGLE_WEIGHT_FORMULA = "eps = (1 + w) eps(all keys) - w eps(no key)"

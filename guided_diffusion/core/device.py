@@ -1,4 +1,4 @@
-"""Matmul precision of the sampler: probing for fast bf16 and the autocast context.
+"""Devices and matmul precision: ``--device`` resolved, fast-bf16 probing and the autocast context.
 
 The denoiser's matrix multiplications run in bf16 (``--precision``), and by default with it the count
 decoder's output layer (``--decoder_precision``, :func:`VAE.VAE_model.output_layer_logits`); the diffusion
@@ -6,9 +6,10 @@ updates, the softmax, the count draws and everything written to disk stay float3
 """
 import torch
 
-from .cli import UsageError
+from guided_diffusion.core.errors import UsageError
 
 PRECISIONS = ("auto", "fp32", "bf16")
+OUT_OF_MEMORY_ERRORS = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
 
 
 def has_fast_bf16(device):
@@ -37,3 +38,14 @@ def matmul_precision(precision, device):
     elementwise math, LayerNorm, softmax and the diffusion updates stay float32)."""
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16,
                           enabled=resolve_precision(precision, device) == "bf16")
+
+
+def resolve_device(name):
+    """Turn ``auto|cpu|cuda`` (or ``cuda:N``) into a torch.device, refusing CUDA where there is none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was requested but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+

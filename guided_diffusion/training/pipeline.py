@@ -3,7 +3,7 @@
 With ``--backed`` the h5ad is streamed: cells are encoded block by block and only the N x latent_dim
 latents (plus labels) are held in memory. Under torchrun/mpiexec each rank encodes its contiguous
 share of the cells and the latents are all-gathered, then training runs data-parallel
-(:class:`~guided_diffusion.train_util.DiffusionTrainer`).
+(:class:`~guided_diffusion.training.trainer.DiffusionTrainer`).
 """
 import os
 
@@ -12,18 +12,19 @@ import torch
 
 from VAE.VAE_model import load_autoencoder
 
-from .cell_model import CellUNet
-from .checkpoint import file_sha256
-from .cli import check_writable_dir
-from .data import check_num_classes, load_dataset
-from .diffusion_checkpoint import TRAINING_FIELDS, training_metadata
-from .dist_util import DistributedContext, setup_distributed
-from .respace import create_diffusion
-from .train_util import DiffusionTrainer, checkpoint_files
-from .training_config import SettingError, literal
-from .training_loop import claim_run_folder
+from guided_diffusion.diffusion.denoiser import CellUNet
+from guided_diffusion.core.container import file_sha256
+from guided_diffusion.core.atomic import check_writable_dir
+from guided_diffusion.data import check_num_classes, load_dataset
+from guided_diffusion.checkpoints import TRAINING_FIELDS, training_metadata
+from guided_diffusion.core.distributed import DistributedContext, setup_distributed
+from guided_diffusion.diffusion.respace import create_diffusion
+from guided_diffusion.diffusion.schedules import DIFFUSION_STEPS, NOISE_SCHEDULE
+from guided_diffusion.checkpoints import checkpoint_files
+from guided_diffusion.training.trainer import DiffusionTrainer
+from guided_diffusion.core.errors import SettingError, literal
+from guided_diffusion.training.loop import claim_run_folder
 
-DIFFUSION_STEPS = 1000
 LIBRARY_SIZE_QUANTILES = 101
 
 
@@ -58,7 +59,7 @@ class CellRange:
 
 
 def prepare_latents(data, vae_path, num_classes, device, progress=True, context=None):
-    """Load the data (a :class:`~guided_diffusion.training_config.DataConfig`) and the autoencoder, check
+    """Load the data (a :class:`~guided_diffusion.training.config.DataConfig`) and the autoencoder, check
     they agree, and encode every cell (in batches).
 
     Distributed, each rank encodes its share of the cells and every rank receives all latents.
@@ -115,9 +116,9 @@ def resolve_latent_scale(value, latents):
 def train_diffusion(data, model_config, training):
     """Train (or resume) the diffusion model; returns the path of the last model file.
 
-    ``data``, ``model_config`` and ``training`` are the :class:`~guided_diffusion.training_config.DataConfig`,
-    :class:`~guided_diffusion.training_config.DiffusionModelConfig` and
-    :class:`~guided_diffusion.training_config.DiffusionTrainingConfig` of the run.
+    ``data``, ``model_config`` and ``training`` are the :class:`~guided_diffusion.training.config.DataConfig`,
+    :class:`~guided_diffusion.training.config.DiffusionModelConfig` and
+    :class:`~guided_diffusion.training.config.DiffusionTrainingConfig` of the run.
     """
     if training.seed < 0:
         raise SettingError(f"{{seed}} must be zero or positive, got {training.seed}", "seed")
@@ -145,12 +146,12 @@ def train_diffusion(data, model_config, training):
         library_size_quantiles=None if dataset.library_sizes() is None
         else library_size_quantiles(dataset.library_sizes(), dataset.label_codes),
         vae_path=config.vae_path, vae_sha256=file_sha256(config.vae_path), save_dir=save_dir,
-        diffusion_steps=DIFFUSION_STEPS, latent_scale=latent_scale, latents=latents,
+        diffusion_steps=DIFFUSION_STEPS, noise_schedule=NOISE_SCHEDULE, latent_scale=latent_scale, latents=latents,
         sampling_defaults={"branch": config.branch, "cache_interval": config.cache_interval,
                            "non_uniform": config.non_uniform},
         training={name: getattr(config, name) for name in TRAINING_FIELDS})
     trainer = DiffusionTrainer(
-        model, create_diffusion(DIFFUSION_STEPS), latents, dataset.label_codes, metadata, save_dir,
+        model, create_diffusion(DIFFUSION_STEPS, schedule=NOISE_SCHEDULE), latents, dataset.label_codes, metadata, save_dir,
         batch_size=training.batch_size, microbatch=training.microbatch, lr=training.lr,
         weight_decay=training.weight_decay, ema_rate=training.ema_rate, lr_anneal_steps=training.lr_anneal_steps,
         p_uncond=training.p_uncond, save_interval=training.save_interval, log_interval=training.log_interval,

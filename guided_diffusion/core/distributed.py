@@ -27,8 +27,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .cli import UsageError, resolve_device
-from .threads import apply_default_threads
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.core.device import resolve_device
+from guided_diffusion.core.threads import apply_default_threads
 
 MPI_WORLD_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK")
 

@@ -8,7 +8,6 @@ times slower. :func:`available_cores` honours both limits; :func:`apply_threads`
 :func:`prefer_passive_waiting` (called when the ``guided_diffusion`` package is imported, before torch
 loads its OpenMP runtime, which reads the variable once) makes idle OpenMP threads sleep instead of spinning, unless the user set ``OMP_WAIT_POLICY``.
 """
-import argparse
 import math
 import os
 
@@ -52,50 +51,6 @@ def default_threads(processes_per_node=1):
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     except (KeyError, ValueError):
         return max(1, available_cores() // max(1, processes_per_node))
-
-
-def _boolean(value):
-    """cli.str2bool's rule, repeated: this module runs before torch loads, so it cannot import cli (which imports torch)."""
-    text = str(value).strip().lower()
-    if text in ("true", "t", "yes", "y", "1"):
-        return True
-    if text in ("false", "f", "no", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
-
-
-def apply_thread_flags(args):
-    """``--threads`` (and ``--deterministic`` where the parser has it); returns the thread count."""
-    if getattr(args, "deterministic", False):
-        if args.threads not in (None, 1):
-            from .cli import UsageError
-
-            raise UsageError(f"--deterministic True runs on one thread; drop --threads {args.threads} or set it to 1")
-        import torch
-
-        torch.use_deterministic_algorithms(True)
-        return apply_threads(1)
-    return apply_threads(args.threads)
-
-
-def _thread_count(value):
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def add_threads_arg(parser, deterministic=False):
-    if deterministic:
-        parser.add_argument("--deterministic", type=_boolean, default=False,
-                            help="bit-identical results, also after an interrupted run is resumed: one CPU thread "
-                                 "and torch.use_deterministic_algorithms (two threads can differ in the last bit)")
-    parser.add_argument("--threads", type=_thread_count, default=None,
-                        help="CPU threads for torch (default: OMP_NUM_THREADS if set, else the cores this "
-                             "process may use, from its affinity mask and cgroup quota; on a shared machine give fewer, e.g. 1)")
 
 
 _explicit = {"threads": None}

@@ -10,8 +10,8 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from . import seed_streams
-from .cli import UsageError
+from guided_diffusion.core import seed_streams
+from guided_diffusion.core.errors import UsageError
 
 
 def parse_condition(spec, label_keys, vocabularies, condition_sizes):

@@ -6,10 +6,10 @@ Files under ``save_dir`` (the original project's names):
 run settings a resumed run must share).
 
 The loop itself (stop, deadline, signals, logging and saving points) is
-:func:`~guided_diffusion.training_loop.run_training`; :class:`DiffusionTrainer` supplies the step, the
+:func:`~guided_diffusion.training.loop.run_training`; :class:`DiffusionTrainer` supplies the step, the
 log row and the files.
 
-Distributed (a :class:`~guided_diffusion.dist_util.DistributedContext` with several ranks): every rank
+Distributed (a :class:`~guided_diffusion.core.distributed.DistributedContext` with several ranks): every rank
 draws the same global batch, label dropout, timesteps and noise from the shared generator and trains a
 DistributedDataParallel replica on its contiguous slice, the loss weighted so that the averaged
 gradient is the one of the whole batch; rank 0 logs and writes the files (global state only, so any
@@ -21,15 +21,16 @@ import os
 import numpy as np
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import BatchSampler
-from .dist_util import DistributedContext, gradient_sync
-from .guidance import drop_conditions
-from .heap_reuse import reuse_freed_memory
-from .optim import adamw, all_finite
-from .precision import matmul_precision, resolve_precision
-from .training_config import SettingError, literal
-from .training_loop import CsvLogger, LoopSettings, TrainingTask, run_training
+from guided_diffusion.checkpoints import ema_file, latest_model_file, model_file, optimizer_file
+from guided_diffusion.core.container import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from guided_diffusion.data import BatchSampler
+from guided_diffusion.core.distributed import DistributedContext, gradient_sync
+from guided_diffusion.diffusion.guidance import drop_conditions
+from guided_diffusion.core.memory import reuse_freed_memory
+from guided_diffusion.training.optim import adamw, all_finite
+from guided_diffusion.core.device import matmul_precision, resolve_precision
+from guided_diffusion.core.errors import SettingError, literal
+from guided_diffusion.training.loop import CsvLogger, LoopSettings, TrainingTask, run_training
 
 LOG_FIELDS = ["step", "loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "lr", "seconds"]
 # metadata entries a resumed run must share with its checkpoint, and the setting that decides each
@@ -38,37 +39,6 @@ RESUME_METADATA = (("label_keys", "label_key"), ("vocabularies", "data_dir"), ("
                    ("library_size_quantiles", "data_dir"), ("vae_sha256", "vae_path"),
                    ("latent_scale", "latent_scale"), ("p_uncond", "p_uncond"), ("seed", "seed"))
 RESUME_SETTINGS = ("batch_size", "ema_rate")  # recorded in opt*.pt
-
-
-def model_file(save_dir, step):
-    return os.path.join(save_dir, f"model{step:06d}.pt")
-
-
-def ema_file(save_dir, rate, step):
-    return os.path.join(save_dir, f"ema_{rate}_{step:06d}.pt")
-
-
-def optimizer_file(save_dir, step):
-    return os.path.join(save_dir, f"opt{step:06d}.pt")
-
-
-def latest_model_file(folder):
-    """The newest ``model{step}.pt`` in ``folder`` whose ``opt{step}.pt`` exists: a complete set, since the
-    model file is written last (a run killed mid-save leaves an older complete set as the newest)."""
-    path = latest_checkpoint(folder, r"model(\d+)\.pt", lambda step: [os.path.basename(optimizer_file(folder, step))])
-    if path is None:
-        raise SettingError(f"{{resume_checkpoint}} {literal(folder)} holds no complete checkpoint (model*.pt with its "
-                           f"opt*.pt); give a model*.pt file or start without {{resume_checkpoint}}",
-                           "resume_checkpoint")
-    return path
-
-
-def checkpoint_files(folder):
-    """Names of the diffusion checkpoint files (model, EMA, optimizer) in ``folder``."""
-    if not os.path.isdir(folder):
-        return []
-    return [name for name in os.listdir(folder) if name.endswith(".pt") and not name.startswith(".")
-            and (name.startswith("model") or name.startswith("ema_") or name.startswith("opt"))]
 
 
 def same_value(first, second, rtol=1e-6):
@@ -259,7 +229,7 @@ class DiffusionTrainer(TrainingTask):
         for ema_buffer, buffer in zip(self.ema_model.buffers(), self.model.buffers()):
             ema_buffer.copy_(buffer)
 
-    # ---- the loop (guided_diffusion.training_loop) ---------------------------------------------
+    # ---- the loop (guided_diffusion.training.loop) ---------------------------------------------
     def train_step(self):
         losses, t = self.run_step()
         quartile = np.clip(np.searchsorted(self._quartile_edges, t.numpy(), side="right") - 1, 0, 3)

@@ -6,9 +6,10 @@ import re
 from dataclasses import dataclass, replace
 from typing import Dict, Optional, Union
 
-from .cli import UsageError
-from .precision import PRECISIONS, resolve_precision
-from .respace import TRAINING_STEPS, create_diffusion
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.core.device import PRECISIONS, resolve_precision
+from guided_diffusion.diffusion.respace import create_diffusion
+from guided_diffusion.diffusion.schedules import DIFFUSION_STEPS
 
 OBSERVATIONS = ("auto", "counts", "mean")
 GUIDE_W_RANGE = (-1.0, 100.0)  # w < -1 inverts the condition; beyond 100 the guided epsilon overflows usefulness
@@ -154,10 +155,10 @@ def check_settings(settings):
                          f"add --use_ddim True, or give {match.group(2)} for DDPM")
 
 
-def build_sampling_diffusion(settings, num_timesteps=TRAINING_STEPS, latent_scale=1.0):
-    """The respaced diffusion of the checkpoint's ``num_timesteps``-step schedule that the settings ask for."""
+def build_sampling_diffusion(settings, num_timesteps=DIFFUSION_STEPS, latent_scale=1.0, schedule="linear"):
+    """The respaced diffusion of the checkpoint's ``num_timesteps``-step ``schedule`` that the settings ask for."""
     try:
-        return create_diffusion(num_timesteps, settings.timestep_respacing, clip_bound=latent_scale)
+        return create_diffusion(num_timesteps, settings.timestep_respacing, clip_bound=latent_scale, schedule=schedule)
     except ValueError as error:
         raise UsageError(f"--timestep_respacing {settings.timestep_respacing!r}: {error}; give a step count "
                          f"such as 250 or ddim50 (at most {num_timesteps})") from None
@@ -170,7 +171,7 @@ def scaled_cache_interval(recorded_interval, steps, schedule_steps):
     return max(1, int(round(recorded_interval * steps / schedule_steps)))
 
 
-def resolve_settings(settings, recorded, device, schedule_steps=TRAINING_STEPS):
+def resolve_settings(settings, recorded, device, schedule_steps=DIFFUSION_STEPS):
     """Settings with nothing left open: the cache settings the user did not give come from the checkpoint's
     ``sampling_defaults`` (``recorded``; the interval scaled to the sampled steps of its ``schedule_steps``
     schedule, which the sampler takes from the checkpoint), ``auto`` precision from the device."""

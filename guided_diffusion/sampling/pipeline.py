@@ -2,17 +2,16 @@
 
 The pipeline, one concern per module:
 
-| module                    | owns                                                                |
-| ------------------------- | ------------------------------------------------------------------- |
-| ``diffusion_checkpoint``  | the checkpoint schema: save, load, consistency checks, legacy layout |
-| ``model_loading``         | the denoiser (EMA by default) and its autoencoder, found and hashed |
-| ``sampler_settings``      | :class:`SamplerSettings`, their checks and checkpoint defaults      |
-| ``precision``             | bf16 probing and the denoiser's autocast context                   |
-| ``conditions``            | condition planning, library sizes, output labels                    |
-| ``reverse_process``       | noise streams and the batched reverse loop                          |
-| ``h5ad_writer``           | the streamed, atomic .h5ad writer (also used by reconstruct.py)     |
-| ``seed_streams``          | every random stream's seed                                          |
-| this module               | :func:`generate`, the pipeline in order, and the output set        |
+| module                            | owns                                                                |
+| --------------------------------- | ------------------------------------------------------------------- |
+| ``guided_diffusion.checkpoints``  | the checkpoint schema; the denoiser and its autoencoder, found and hashed |
+| ``sampling.settings``             | :class:`SamplerSettings`, their checks and checkpoint defaults      |
+| ``core.device``                   | bf16 probing and the denoiser's autocast context                   |
+| ``sampling.conditions``           | condition planning, library sizes, output labels                    |
+| ``sampling.reverse``              | noise streams and the batched reverse loop                          |
+| ``sampling.writer``               | the streamed, atomic .h5ad writer (also used by reconstruct.py)     |
+| ``core.seed_streams``             | every random stream's seed                                          |
+| this module                       | :func:`generate`, the pipeline in order, and the output set        |
 
 The checkpoint rebuilds its own model (config, label vocabularies, genes, normalization, autoencoder
 path and hash, noise schedule), so ``--model_path`` is all a user has to give.
@@ -29,21 +28,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .atomic import atomic_output
-from .cli import OUT_OF_MEMORY_ERRORS, UsageError
-from .dist_util import setup_distributed
-from .conditions import (describe_condition, draw_library_sizes, label_columns, latent_file_name,  # noqa: F401
-                         parse_condition, plan_conditions, unseen_conditions)
-from .heap_reuse import reuse_freed_memory
-from .h5ad_writer import (COMPRESSIONS, NonFiniteOutput, StreamedCsrMatrix, log_normalize_counts,  # noqa: F401
-                          write_decoded_h5ad)
-from .model_loading import LoadedModel, load_diffusion_model, resolve_autoencoder  # noqa: F401
-from .precision import PRECISIONS, has_fast_bf16, matmul_precision, resolve_precision  # noqa: F401
-from .guidance import guidance_formula
-from .reverse_process import condition_noise, sample_latents
-from .sampler_settings import (DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, SamplerSettings,  # noqa: F401
-                               build_sampling_diffusion, check_settings, resolve_decoder_precision,
-                               resolve_guide_w, resolve_observation, resolve_settings)
+from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.core.device import OUT_OF_MEMORY_ERRORS
+from guided_diffusion.core.errors import UsageError
+from guided_diffusion.core.distributed import setup_distributed
+from guided_diffusion.sampling.conditions import (describe_condition, draw_library_sizes, label_columns,
+                                                  latent_file_name, plan_conditions, unseen_conditions)
+from guided_diffusion.core.memory import reuse_freed_memory
+from guided_diffusion.sampling.writer import NonFiniteOutput, write_decoded_h5ad
+from guided_diffusion.checkpoints import load_diffusion_model, resolve_autoencoder
+from guided_diffusion.diffusion.guidance import guidance_formula
+from guided_diffusion.sampling.reverse import condition_noise, sample_latents
+from guided_diffusion.sampling.settings import (check_settings, resolve_decoder_precision, resolve_guide_w,
+                                                resolve_observation, resolve_settings)
 
 MANIFEST = "manifest.json"
 GENERATED = "generated.h5ad"
@@ -151,7 +148,8 @@ def starting_points(plan, seed, n_keys, latent_dim):
 # ---- 2. the reverse process ----------------------------------------------------------------------
 def run_reverse_process(loaded, cond_rows, noise, settings, progress, context):
     common = dict(latent_scale=float(loaded.checkpoint.latent_scale),
-                  schedule_steps=int(loaded.checkpoint.diffusion["steps"]))
+                  schedule_steps=int(loaded.checkpoint.diffusion["steps"]),
+                  schedule=loaded.checkpoint.diffusion["schedule"])
     if context is not None and context.is_distributed:
         n_batches = -(-len(cond_rows) // settings.batch_size)
         batches = range(n_batches)[context.shard(n_batches)]

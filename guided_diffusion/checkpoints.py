@@ -1,7 +1,7 @@
 """The diffusion checkpoint's schema: what a ``model{step}.pt`` / ``ema_*.pt`` file holds, in one place.
 
-:class:`DiffusionCheckpoint` is written by the trainer (``cell_training.py`` builds its metadata with
-:func:`training_metadata`; ``train_util.py`` adds weights, model config, step and EMA rate) and read by
+:class:`DiffusionCheckpoint` is written by the trainer (``training/pipeline.py`` builds its metadata with
+:func:`training_metadata`; ``training/trainer.py`` adds weights, model config, step and EMA rate) and read by
 the sampler with :meth:`DiffusionCheckpoint.load`, which checks the file's internal consistency
 (required fields present and typed, vocabularies sorted and without duplicates, vocabulary sizes equal
 to the condition sizes and to the weights' embedding shape) before anything is written.
@@ -16,9 +16,12 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .cli import UsageError
-from .data import RESERVED_OBS_COLUMNS
+from VAE.VAE_model import load_autoencoder
+from guided_diffusion.core.container import file_sha256, latest_checkpoint, load_checkpoint, save_checkpoint
+from guided_diffusion.core.errors import SettingError, UsageError, literal
+from guided_diffusion.data import RESERVED_OBS_COLUMNS, check_genes
+from guided_diffusion.diffusion.denoiser import CellUNet
+from guided_diffusion.diffusion.schedules import SCHEDULES
 
 SCHEMA_VERSION = 2
 KINDS = ("diffusion_model", "diffusion_ema")
@@ -163,8 +166,9 @@ class DiffusionCheckpoint:
         steps = self.diffusion.get("steps")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             fail(f"the noise schedule's steps is {steps!r}")
-        if self.diffusion.get("schedule") != "linear" or self.diffusion.get("predict") != "epsilon":
-            fail(f"the noise schedule {self.diffusion} is not one this code samples (linear, epsilon)")
+        if self.diffusion.get("schedule") not in SCHEDULES or self.diffusion.get("predict") != "epsilon":
+            fail(f"the noise schedule {self.diffusion} is not one this code samples ({', '.join(SCHEDULES)}; "
+                 f"epsilon)")
         defaults = self.sampling_defaults
         interval, branch = defaults.get("cache_interval"), defaults.get("branch")
         if type(interval) is not int or interval < 1 or type(branch) is not int or branch < 0 or \
@@ -190,7 +194,7 @@ def latent_range(latents, scale=1.0, levels=LATENT_QUANTILE_LEVELS):
 
 
 def training_metadata(*, dataset, condition_counts, library_size_quantiles, vae_path, vae_sha256, save_dir,
-                      diffusion_steps, sampling_defaults, latent_scale, latents, training):
+                      diffusion_steps, noise_schedule, sampling_defaults, latent_scale, latents, training):
     """The metadata dict the trainer stores in every model/EMA file (``latents``: the training latents,
     multiplied by ``latent_scale``)."""
     missing = [name for name in TRAINING_FIELDS if name not in training]
@@ -206,7 +210,7 @@ def training_metadata(*, dataset, condition_counts, library_size_quantiles, vae_
         "vae_path": vae_path,
         "vae_path_from_model": os.path.relpath(os.path.abspath(vae_path), os.path.abspath(save_dir)),
         "vae_sha256": vae_sha256,
-        "diffusion": {"steps": int(diffusion_steps), "schedule": "linear", "predict": "epsilon"},
+        "diffusion": {"steps": int(diffusion_steps), "schedule": noise_schedule, "predict": "epsilon"},
         "sampling_defaults": dict(sampling_defaults),
         "latent_scale": float(latent_scale),
         "latent_range": latent_range(latents, latent_scale),
@@ -215,3 +219,101 @@ def training_metadata(*, dataset, condition_counts, library_size_quantiles, vae_
         "training": {name: training[name] for name in TRAINING_FIELDS},
         "schema_version": SCHEMA_VERSION,
     }
+
+
+# ---- file names in a run folder ----
+def model_file(save_dir, step):
+    return os.path.join(save_dir, f"model{step:06d}.pt")
+
+
+def ema_file(save_dir, rate, step):
+    return os.path.join(save_dir, f"ema_{rate}_{step:06d}.pt")
+
+
+def optimizer_file(save_dir, step):
+    return os.path.join(save_dir, f"opt{step:06d}.pt")
+
+
+def latest_model_file(folder):
+    """The newest ``model{step}.pt`` in ``folder`` whose ``opt{step}.pt`` exists: a complete set, since the
+    model file is written last (a run killed mid-save leaves an older complete set as the newest)."""
+    path = latest_checkpoint(folder, r"model(\d+)\.pt", lambda step: [os.path.basename(optimizer_file(folder, step))])
+    if path is None:
+        raise SettingError(f"{{resume_checkpoint}} {literal(folder)} holds no complete checkpoint (model*.pt with its "
+                           f"opt*.pt); give a model*.pt file or start without {{resume_checkpoint}}",
+                           "resume_checkpoint")
+    return path
+
+
+def checkpoint_files(folder):
+    """Names of the diffusion checkpoint files (model, EMA, optimizer) in ``folder``."""
+    if not os.path.isdir(folder):
+        return []
+    return [name for name in os.listdir(folder) if name.endswith(".pt") and not name.startswith(".")
+            and (name.startswith("model") or name.startswith("ema_") or name.startswith("opt"))]
+
+
+# ---- the sampler's side: the denoiser rebuilt, its autoencoder found ----
+class LoadedModel:
+    """A diffusion checkpoint turned back into a model plus the record it carries."""
+
+    def __init__(self, model, checkpoint, path, weights):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.path = path
+        self.weights = weights  # "ema" or "raw"
+
+    @property
+    def label_keys(self):
+        return list(self.checkpoint.label_keys)
+
+    @property
+    def vocabularies(self):
+        return self.checkpoint.vocabularies
+
+
+def load_diffusion_model(path, use_ema=True, device="cpu"):
+    """Rebuild the denoiser from ``model{step}.pt`` (EMA sibling by default) or an ``ema_*.pt`` file."""
+    checkpoint = DiffusionCheckpoint.load(path)
+    weights = "ema" if checkpoint.kind == "diffusion_ema" else "raw"
+    if checkpoint.kind == "diffusion_model" and use_ema:
+        sibling = ema_file(os.path.dirname(path), checkpoint.ema_rate, checkpoint.step)
+        if not os.path.exists(sibling):
+            raise UsageError(f"the EMA weights {sibling} next to {path} are missing; "
+                             f"pass --use_ema False to sample the raw weights")
+        checkpoint = DiffusionCheckpoint.load(sibling, kinds=("diffusion_ema",))
+        weights = "ema"
+    try:
+        model = CellUNet(**checkpoint.model_config)
+        model.load_state_dict(checkpoint.state_dict)
+    except (TypeError, ValueError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"{path}: the weights do not fit the recorded model config ({first_line}); the file "
+                         f"was edited or is corrupt") from None
+    model.to(device).eval()
+    return LoadedModel(model, checkpoint, path, weights)
+
+
+def autoencoder_candidates(loaded):
+    """Where the autoencoder may be: the recorded path, the recorded path relative to the model, and a file
+    of the recorded name beside the model (a model folder moved together with its autoencoder)."""
+    folder = os.path.dirname(os.path.abspath(loaded.path))
+    checkpoint = loaded.checkpoint
+    paths = [checkpoint.vae_path, os.path.join(folder, checkpoint.vae_path_from_model),
+             os.path.join(folder, checkpoint.vae_file_name)]
+    return list(dict.fromkeys(p for p in paths if p))
+
+
+def resolve_autoencoder(loaded, vae_path, device):
+    """Find the autoencoder (flag, or the first recorded candidate with the recorded hash) and check it."""
+    candidates = [vae_path] if vae_path else autoencoder_candidates(loaded)
+    existing = [p for p in candidates if os.path.isfile(p)]
+    if not existing:
+        raise UsageError(f"autoencoder not found at {' or '.join(candidates)}; pass --vae_path")
+    found = next((p for p in existing if file_sha256(p) == loaded.checkpoint.vae_sha256), None)
+    if found is None:
+        raise UsageError(f"the autoencoder {existing[0]} is not the one this model was trained with "
+                         f"(sha256 differs); pass the right --vae_path")
+    autoencoder, _ = load_autoencoder(found, device=device)
+    check_genes(loaded.checkpoint.genes, autoencoder.genes, what=f"the diffusion model {loaded.path}")
+    return autoencoder

@@ -9,6 +9,8 @@ import contextlib
 import os
 import tempfile
 
+from guided_diffusion.core.errors import UsageError
+
 
 def _current_umask():
     mask = os.umask(0)
@@ -57,3 +59,29 @@ def atomic_output(path):
             os.remove(temp_path)
         raise
     _fsync(folder)  # make the rename itself durable
+
+
+def check_writable_dir(path, flag):
+    """Refuse, before any work is done, an output folder that cannot be created or written.
+
+    Nothing is left behind: the folder is not created here (the writer creates it later); a probe
+    file is made and removed in the folder, or in its nearest existing parent. ``os.access`` is not
+    used because it says yes to root even where writing fails (read-only mounts, /proc).
+    """
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            break
+        existing = parent
+    if not os.path.isdir(existing):
+        where = "it is a file" if existing == path else f"{existing} is a file"
+        raise UsageError(f"cannot write to {flag} {path}: {where}, not a folder; choose a folder you can write to")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"cannot write to {flag} {path} ({error.strerror or error}); "
+                         f"choose a folder you can write to") from error

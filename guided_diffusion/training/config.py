@@ -5,43 +5,10 @@ library refers to settings by their field names; :class:`SettingError` carries t
 words it as the flag that sets it (:func:`flag_of`), so a library caller sees ``num_genes ...`` and a
 command-line user ``--num_genes ...``.
 """
-import contextlib
 import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .cli import UsageError
-
-
-class SettingError(UsageError):
-    """A bad setting. ``template`` names settings as ``{name}`` placeholders: a library caller reads the
-    field names, :meth:`as_flag` (the CLI) the flags that set them."""
-
-    def __init__(self, template, *settings):
-        self.template, self.settings = template, settings
-        super().__init__(template.format(**{name: name for name in settings}))
-
-    def as_flag(self, flags=None):
-        return UsageError(self.template.format(**{name: flag_of(name, flags) for name in self.settings}))
-
-
-def literal(value):
-    """``value`` as text to put into a :class:`SettingError` template verbatim (braces escaped)."""
-    return str(value).replace("{", "{{").replace("}", "}}")
-
-
-def flag_of(setting, flags=None):
-    """The command-line flag of a setting: ``--name`` unless ``flags`` maps it to another."""
-    return (flags or {}).get(setting, f"--{setting}")
-
-
-@contextlib.contextmanager
-def settings_worded_as_flags(flags=None):
-    """Re-raise a :class:`SettingError` from the library with the settings worded as flags (CLI layer)."""
-    try:
-        yield
-    except SettingError as error:
-        raise error.as_flag(flags) from None
 
 
 def from_flags(cls, args, **overrides):

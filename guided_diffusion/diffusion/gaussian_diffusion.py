@@ -18,12 +18,6 @@ EpsFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
 
-def linear_beta_schedule(num_timesteps: int = 1000) -> np.ndarray:
-    """Linear betas from Ho et al., rescaled so any T spans the same noise range."""
-    scale = 1000.0 / num_timesteps
-    return np.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=np.float64)
-
-
 def _gather(values: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """values[t] as a tensor of like's dtype/device, broadcastable against ``like``."""
     out = torch.from_numpy(values).to(device=t.device)[t].to(like.dtype)

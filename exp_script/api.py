@@ -1,0 +1,57 @@
+"""Evaluation from Python (a notebook), beside the model API of :mod:`guided_diffusion.api`:
+
+    from guided_diffusion.api import generate, load_model
+    from exp_script.api import evaluate
+    metrics = evaluate(real_adata, generate(load_model(path)), label_key="cell_type1")["generated"]["overall"]
+"""
+import contextlib
+import os
+import tempfile
+
+from exp_script.evaluation import EvaluationSettings, evaluate as run_evaluation, log_to_stderr
+from guided_diffusion.api import as_list, h5ad_path, split_options
+from guided_diffusion.core.atomic import check_writable_dir
+from guided_diffusion.data import DEFAULT_LABEL_KEY
+
+__all__ = ["evaluate"]
+
+
+def evaluate(real, generated, label_key=DEFAULT_LABEL_KEY, train=None, out_dir=None, **options):
+    """Evaluate ``generated`` against ``real`` (and ``train``, the model's training cells); returns the
+    metrics dict (``result["generated"]["overall"]["scc"]``, the controls beside it), as
+    ``exp_script/evaluate.py`` writes it to metrics.json.
+
+    Each of ``real``, ``generated``, ``train`` is an .h5ad path or an AnnData (an in-memory one is written to
+    a temporary .h5ad first: the evaluator reads files). ``options`` are ``evaluate.py``'s flags
+    (``input_is_log`` and ``layer`` for real/train, ``generated_input_is_log``, ``filter``,
+    ``condition_key``, ``seed``, ``n_hvg``, ``metrics``, ...) with its defaults; report.md and plots go to
+    ``out_dir`` if given (without it nothing is written and ``plots`` defaults to False).
+
+    >>> result = evaluate(real_adata, generate(model), label_key="cell_type1", input_is_log=True)
+    >>> result["generated"]["overall"]["scc"], result["real_vs_real"]["overall"]["scc"]
+    """
+    inputs = {"layer": "", "input_is_log": False, "generated_layer": "", "generated_input_is_log": True,
+              "filter": [], "condition_key": [], "allow_count_like_log": False, "progress": True}
+    (settings_options,) = split_options(options, EvaluationSettings, extra=tuple(inputs))
+    inputs.update({key: value for key, value in options.items() if key in inputs})
+    for name in ("filter", "condition_key"):
+        inputs[name] = as_list(inputs[name]) or []
+    settings_options.setdefault("plots", out_dir is not None)
+    if "metrics" in settings_options:
+        settings_options["metrics"] = tuple(as_list(settings_options["metrics"]))
+    settings = EvaluationSettings(**settings_options)
+    with contextlib.ExitStack() as stack:
+        real_path = stack.enter_context(h5ad_path(real, "real", inputs["layer"]))
+        generated_path = stack.enter_context(h5ad_path(generated, "generated", inputs["generated_layer"]))
+        train_path = stack.enter_context(h5ad_path(train, "train", inputs["layer"])) if train is not None else None
+        if out_dir is None:
+            out_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cfdiffusion_evaluation_"))
+        else:
+            check_writable_dir(os.fspath(out_dir), "out_dir")
+        return run_evaluation(real_path, generated_path, label_key, out_dir, layer=inputs["layer"],
+                              input_is_log=inputs["input_is_log"], filters=inputs["filter"], settings=settings,
+                              log=log_to_stderr if inputs["progress"] else None, train_path=train_path,
+                              generated_layer=inputs["generated_layer"],
+                              generated_input_is_log=inputs["generated_input_is_log"],
+                              condition_keys=inputs["condition_key"],
+                              allow_count_like_log=inputs["allow_count_like_log"])
