@@ -1,4 +1,4 @@
-"""Loader refusals added for issue 15: each input here was accepted (or refused unclearly) before."""
+"""Loader refusals: inputs that are easy to get subtly wrong, each refused with one line naming the fix."""
 import numpy as np
 import pandas as pd
 import pytest

@@ -1,4 +1,4 @@
-"""The count decoder's output layer in bf16 (issue 14: the sampler's largest matmul): the logits stay within the
+"""The count decoder's output layer in bf16 (the sampler's largest matmul): the logits stay within the
 rounding bound of the fp32 ones, the draws keep their distribution, and the sampler chooses, records and
 refuses the setting as documented (``--decoder_precision``)."""
 import anndata
@@ -11,7 +11,7 @@ from guided_diffusion.core.device import has_fast_bf16
 from guided_diffusion.sampling.settings import SamplerSettings, check_settings, resolve_decoder_precision
 from guided_diffusion.sampling.writer import write_decoded_h5ad
 from synthetic import small_count_decoder
-from test_sampler_checkpoint import legacy, refused, sample  # noqa: F401
+from test_checkpoints import legacy, refused, sample  # noqa: F401
 from VAE.VAE_model import VAE, output_layer_logits
 
 UNIT_ROUNDOFF = 2.0 ** -9  # bf16 keeps 8 significant bits, rounding to nearest

@@ -11,7 +11,7 @@ from guided_diffusion.diffusion.feature_cache import refresh_schedule
 from guided_diffusion.diffusion.guidance import (guidance_batch, guided_eps, guided_eps_fn, null_condition,
                                                  prefix_coefficients, prefix_condition)
 from guided_diffusion.diffusion.respace import create_diffusion
-from test_sampler_checkpoint import legacy, refused, sample  # noqa: F401
+from test_checkpoints import legacy, refused, sample  # noqa: F401
 
 LATENT = 8
 

@@ -1,4 +1,4 @@
-"""Sampler inputs that used to give a wrong result with exit 0 (issue 15) or puzzled a new user (issue 16),
+"""Sampler inputs that would give a wrong result with exit 0 or puzzle a new user,
 each reproduced on the tiny legacy checkpoint (tests/data/legacy_v1) and now refused, marked or warned."""
 import json
 import os
@@ -10,7 +10,7 @@ import torch
 
 import cell_sample
 import cell_train
-from test_sampler_checkpoint import LEGACY, MODEL, VAE, edit_both, legacy, refused, sample  # noqa: F401
+from test_checkpoints import LEGACY, MODEL, VAE, edit_both, legacy, refused, sample  # noqa: F401
 
 
 def files(folder):

@@ -68,7 +68,7 @@ def test_a_legacy_checkpoint_loads_and_samples(legacy, tmp_path):
 
 
 def test_a_new_checkpoint_records_the_schema_and_round_trips(tmp_path):
-    from test_cell_pipeline import TINY_UNET  # noqa: F401  (the same tiny denoiser)
+    from test_pipeline_end_to_end import TINY_UNET  # noqa: F401  (the same tiny denoiser)
     import cell_train
     from synthetic import make_counts_adata
     from VAE import VAE_train

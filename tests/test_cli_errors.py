@@ -1,4 +1,4 @@
-"""Issue 8: every bad input is refused with one clear line, and no run ever loses work.
+"""The catalogue of errors (docs/errors.md): every bad input is refused with one clear line, and no run ever loses work.
 
 * The catalogue of bad inputs (docs/errors.md): one test per case, each through a script's real
   ``main(argv)``; a representative few also as real subprocesses (one stderr line, exit code, no traceback).

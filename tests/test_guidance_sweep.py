@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 
 from exp_script import guidance_sweep, unseen_combination
-from test_sampler_checkpoint import LEGACY, MODEL, VAE, refused
+from test_checkpoints import LEGACY, MODEL, VAE, refused
 
 N_GENES = 30
 
