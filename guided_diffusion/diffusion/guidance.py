@@ -12,6 +12,15 @@ the donor's effect within the cell type). The differences telescope, so equal we
 single-weight formula; as a linear combination ``eps = Σ_j c_j·eps(S_j)`` the coefficients are
 ``c_K = 1 + w_K``, ``c_j = w_j − w_{j+1}`` and ``c_0 = −w_1`` (they sum to 1), and only the prefixes with
 a non-zero coefficient are evaluated, all in one batched forward.
+
+The composed form (``form="composed"``, a product of experts as in composable diffusion models) combines
+the single-key predictions the per-key dropout also trains, and never queries the full combination::
+
+    eps = eps(∅) + Σ_k (1 + w_k)·(eps(key k only) − eps(∅))
+
+For a combination never seen in training (a cell type in a donor) the network's eps(type, donor) is an
+extrapolation; eps(type only) and eps(donor only) were trained on many cells each. With one key both
+forms are the single-weight formula.
 """
 
 from typing import List, Optional, Sequence, Tuple, Union
@@ -23,11 +32,22 @@ from guided_diffusion.diffusion.feature_cache import FeatureCache
 Weights = Union[float, Sequence[float]]
 SINGLE_WEIGHT_FORMULA = "eps = (1 + w) eps(all keys) - w eps(no key)"
 PER_KEY_FORMULA = "eps = eps(S_K) + sum_k w_k (eps(S_k) - eps(S_k-1)), S_k = the first k label keys conditioned"
+COMPOSED_FORMULA = "eps = eps(none) + sum_k (1 + w_k) (eps(key k only) - eps(none))"
+FORMS = ("nested", "composed")
 
 
-def guidance_formula(guide_w) -> str:
-    """The formula recorded in the output: per-key weights (a mapping or a sequence) use the nested form."""
+def guidance_formula(guide_w, form="nested") -> str:
+    """The formula recorded in the output: per-key weights (a mapping or a sequence) use the nested form
+    unless ``form`` is ``composed``."""
+    check_form(form)
+    if form == "composed":
+        return COMPOSED_FORMULA
     return SINGLE_WEIGHT_FORMULA if isinstance(guide_w, (int, float)) else PER_KEY_FORMULA
+
+
+def check_form(form):
+    if form not in FORMS:
+        raise ValueError(f"the guidance form must be one of {', '.join(FORMS)}, got {form!r}")
 
 
 def null_condition(cond: torch.Tensor, condition_sizes: Sequence[int]) -> torch.Tensor:
@@ -80,6 +100,28 @@ def prefix_condition(cond: torch.Tensor, condition_sizes: Sequence[int], prefix:
     return torch.cat([cond[:, :prefix], null_condition(cond, condition_sizes)[:, prefix:]], dim=1)
 
 
+def composed_coefficients(weights: Sequence[float]) -> List[Tuple[Optional[int], float]]:
+    """The (kept key, coefficient) terms of the composed form: one per key k with a non-zero ``1 + w_k``
+    (key k conditioned alone), then the unconditioned term (kept key None) with ``1 − Σ_k (1 + w_k)``."""
+    terms = [(key, 1.0 + w) for key, w in enumerate(weights) if 1.0 + w != 0]
+    return terms + [(None, 1.0 - sum(c for _, c in terms))]
+
+
+def single_key_condition(cond: torch.Tensor, condition_sizes: Sequence[int], key: Optional[int]) -> torch.Tensor:
+    """``cond`` with every key but ``key`` set to its null value (all of them when ``key`` is None)."""
+    null = null_condition(cond, condition_sizes)
+    if key is None:
+        return null
+    null[:, key] = cond[:, key]
+    return null
+
+
+def composed_batch(cond: torch.Tensor, condition_sizes: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+    """The condition rows of one composed forward: one copy per term of :func:`composed_coefficients`."""
+    return torch.cat([single_key_condition(cond, condition_sizes, key)
+                      for key, _ in composed_coefficients(weights)])
+
+
 def guidance_batch(cond: torch.Tensor, condition_sizes: Sequence[int], guide_w: Weights = 1.0) -> torch.Tensor:
     """The condition rows of one guided forward: one copy of ``cond`` per evaluated prefix, longest first
     (for a single weight: the conditional rows, then their null copies)."""
@@ -95,13 +137,18 @@ def guided_eps(
     guide_w: Weights,
     cache: Optional[FeatureCache] = None,
     cond_scales=None,
+    form: str = "nested",
 ) -> torch.Tensor:
     """Classifier-free guided noise prediction: ``(1 + w)·eps_cond − w·eps_uncond`` for one weight, the
-    nested per-key form (module docstring) for one weight per key.
+    nested per-key form (module docstring) for one weight per key, or the composed form (``form``).
 
     Every evaluated conditioning runs in one stacked batch, so a cache used here holds features for the
-    stacked batch. With all weights 0 only the conditional pass runs and is returned unchanged.
+    stacked batch. With all weights 0 only the conditional pass of the nested form runs and is returned
+    unchanged.
     """
+    check_form(form)
+    if form == "composed" and len(model.condition_sizes) > 1:
+        return composed_eps(model, x, t, cond, key_weights(guide_w, len(model.condition_sizes)), cache, cond_scales)
     terms = prefix_coefficients(key_weights(guide_w, len(model.condition_sizes)))
     if len(terms) == 1:
         return model(x, t, cond, cache=cache, cond_scales=cond_scales)
@@ -117,16 +164,30 @@ def guided_eps(
     return guided
 
 
+def composed_eps(model, x, t, cond, weights, cache=None, cond_scales=None):
+    """The composed form's prediction: every term in one stacked forward, combined with its coefficient."""
+    terms = composed_coefficients(weights)
+    copies = len(terms)
+    eps = model(torch.cat([x] * copies), torch.cat([t] * copies), composed_batch(cond, model.condition_sizes, weights),
+                cache=cache, cond_scales=cond_scales).chunk(copies)
+    guided = terms[0][1] * eps[0]
+    for (_, coefficient), part in zip(terms[1:], eps[1:]):
+        guided = guided + coefficient * part
+    return guided
+
+
 def guided_eps_fn(
     model,
     cond: torch.Tensor,
     guide_w: Weights,
     cache: Optional[FeatureCache] = None,
     refresh: Optional[Sequence[bool]] = None,
+    form: str = "nested",
 ):
     """An ``eps_fn(x, t, step_index)`` for the diffusion samplers.
 
-    ``guide_w`` is one weight or one per label key (the model's key order). With a cache,
+    ``guide_w`` is one weight or one per label key (the model's key order); ``form`` the guidance form
+    (``nested`` or ``composed``, module docstring). With a cache,
     ``refresh[step_index]`` (e.g. from ``refresh_schedule``) decides whether the step runs a full pass;
     the cache branch is checked against the model here, before sampling starts.
     """
@@ -136,16 +197,20 @@ def guided_eps_fn(
         model.validate_branch(cache.branch)
         if not refresh[0]:
             raise ValueError("the refresh schedule must refresh at step 0 to fill the cache")
+    check_form(form)
     weights = key_weights(guide_w, len(model.condition_sizes))
     terms = prefix_coefficients(weights)
 
     # the condition projections do not depend on the step: compute them once for the whole loop
-    cond_scales = model.condition_scales(cond if len(terms) == 1 else guidance_batch(cond, model.condition_sizes,
-                                                                                       weights))
+    if form == "composed" and len(weights) > 1:
+        rows = composed_batch(cond, model.condition_sizes, weights)
+    else:
+        rows = cond if len(terms) == 1 else guidance_batch(cond, model.condition_sizes, weights)
+    cond_scales = model.condition_scales(rows)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor, step_index: int) -> torch.Tensor:
         if cache is not None:
             cache.refresh = bool(refresh[step_index])
-        return guided_eps(model, x, t, cond, weights, cache=cache, cond_scales=cond_scales)
+        return guided_eps(model, x, t, cond, weights, cache=cache, cond_scales=cond_scales, form=form)
 
     return eps_fn

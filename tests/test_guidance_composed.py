@@ -1,0 +1,126 @@
+"""The composed (product-of-experts) guidance form: it is the formula it claims, it never evaluates a row
+with two keys conditioned, it equals the single-weight guidance for one key, it works with the cache in
+one batched forward, and on an additive model it recovers the combination it never queried."""
+import pytest
+import torch
+
+from guided_diffusion.diffusion.denoiser import CellUNet
+from guided_diffusion.diffusion.feature_cache import refresh_schedule
+from guided_diffusion.diffusion.guidance import (COMPOSED_FORMULA, composed_coefficients, guidance_formula,
+                                                 guided_eps, guided_eps_fn, null_condition, single_key_condition)
+from guided_diffusion.diffusion.respace import create_diffusion
+
+LATENT = 8
+
+
+def tiny_model(sizes=(3, 2), seed=0):
+    torch.manual_seed(seed)
+    return CellUNet(latent_dim=LATENT, hidden_dims=(32, 32, 16), condition_sizes=sizes, time_embed_dim=16,
+                    cond_embed_dim=16).eval()
+
+
+def inputs(sizes=(3, 2), batch=10, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, LATENT, generator=generator)
+    t = torch.full((batch,), 600)
+    cond = torch.stack([torch.randint(0, size, (batch,), generator=generator) for size in sizes], dim=1)
+    return x, t, cond
+
+
+def test_the_composed_form_is_its_formula():
+    model, (x, t, cond) = tiny_model(), inputs()
+    w_type, w_donor = 0.5, 3.0
+    with torch.no_grad():
+        none = model(x, t, null_condition(cond, model.condition_sizes))
+        type_only = model(x, t, single_key_condition(cond, model.condition_sizes, 0))
+        donor_only = model(x, t, single_key_condition(cond, model.condition_sizes, 1))
+        by_hand = none + (1 + w_type) * (type_only - none) + (1 + w_donor) * (donor_only - none)
+        torch.testing.assert_close(guided_eps(model, x, t, cond, [w_type, w_donor], form="composed"), by_hand,
+                                   atol=1e-5, rtol=0)
+
+
+def test_no_row_conditions_two_keys():
+    model, (x, t, cond) = tiny_model(sizes=(3, 2, 4), seed=2), inputs(sizes=(3, 2, 4))
+    seen = []
+    forward = model.forward
+
+    def recording(x, t, rows, **kwargs):
+        seen.append(rows.clone())
+        return forward(x, t, rows, **kwargs)
+
+    model.forward = recording
+    with torch.no_grad():
+        guided_eps(model, x, t, cond, [1.0, 2.0, 0.5], form="composed")
+    rows = torch.cat(seen)
+    conditioned = (rows != torch.tensor(model.condition_sizes)).sum(dim=1)
+    assert int(conditioned.max()) == 1 and len(seen) == 1  # one batched forward, at most one key per row
+
+
+def test_one_key_composed_is_the_single_weight_guidance():
+    model, (x, t, cond) = tiny_model(sizes=(4,)), inputs(sizes=(4,))
+    with torch.no_grad():
+        assert torch.equal(guided_eps(model, x, t, cond, 1.5, form="composed"), guided_eps(model, x, t, cond, 1.5))
+
+
+def test_coefficients_sum_to_one_and_skip_zero_terms():
+    terms = composed_coefficients([0.5, -1.0, 2.0])
+    assert [key for key, _ in terms] == [0, 2, None]  # key 1 has 1 + w = 0: not evaluated
+    assert sum(c for _, c in terms) == pytest.approx(1.0)
+
+
+class AdditiveModel(torch.nn.Module):
+    """eps(x, cond) = base + a[type] + b[donor], each key's null value adding 0: the exact model of two
+    independent effects, for which the composed form at w = 0 gives eps(type, donor) without querying it."""
+
+    condition_sizes = (3, 2)
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.base = torch.randn(LATENT, generator=generator)
+        self.a = torch.cat([torch.randn(3, LATENT, generator=generator), torch.zeros(1, LATENT)])
+        self.b = torch.cat([torch.randn(2, LATENT, generator=generator), torch.zeros(1, LATENT)])
+        self.queried = []
+
+    def forward(self, x, t, cond, cache=None, cond_scales=None):
+        self.queried.append(cond.clone())
+        return self.base + self.a[cond[:, 0]] + self.b[cond[:, 1]] + 0 * x
+
+    def condition_scales(self, rows):
+        return None
+
+
+def test_the_composed_form_recovers_an_additive_combination_it_never_queried():
+    model, (x, t, cond) = AdditiveModel(), inputs()
+    truth = model(x, t, cond)
+    model.queried.clear()
+    composed = guided_eps(model, x, t, cond, [0.0, 0.0], form="composed")
+    torch.testing.assert_close(composed, truth)
+    rows = torch.cat(model.queried)
+    assert not ((rows[:, 0] < 3) & (rows[:, 1] < 2)).any()
+
+
+@pytest.mark.parametrize("interval", [1, 3])
+def test_composed_guidance_with_the_feature_cache(interval):
+    model, (_, _, cond) = tiny_model(), inputs()
+    diffusion = create_diffusion(1000, "12")
+    noise = torch.randn(cond.shape[0], LATENT, generator=torch.Generator().manual_seed(3))
+
+    def sample(cache, refresh):
+        eps_fn = guided_eps_fn(model, cond, [0.5, 2.0], cache, refresh, form="composed")
+        with torch.no_grad():
+            return diffusion.p_sample_loop(eps_fn, noise.shape, noise=noise,
+                                           generator=torch.Generator().manual_seed(4))
+
+    plain = sample(None, None)
+    cached = sample(model.make_cache(0), refresh_schedule(diffusion.num_timesteps, interval))
+    assert torch.isfinite(cached).all()
+    if interval == 1:  # a cache refreshed at every step is no cache
+        torch.testing.assert_close(cached, plain, atol=1e-5, rtol=0)
+
+
+def test_unknown_form_is_refused_and_the_formula_is_recorded():
+    model, (x, t, cond) = tiny_model(), inputs()
+    with pytest.raises(ValueError, match="guidance form"):
+        guided_eps(model, x, t, cond, 1.0, form="sum")
+    assert guidance_formula({"a": 1.0, "b": 2.0}, "composed") == COMPOSED_FORMULA
