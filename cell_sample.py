@@ -24,7 +24,7 @@ import argparse
 from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, non_negative_float,
                                   non_negative_int, positive_int, str2bool)
 from guided_diffusion.core.atomic import check_writable_dir
-from guided_diffusion.sampling.settings import SOLVERS, parse_guide_w
+from guided_diffusion.sampling.settings import GUIDANCE_FORMS, SOLVERS, parse_guide_w
 from guided_diffusion.sampling.writer import COMPRESSIONS
 from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, SamplerSettings
 from guided_diffusion.core.device import PRECISIONS
@@ -97,6 +97,11 @@ def build_parser():
                              "bf16 (its logits move by ~2^-9 of their size, far below the count draws' noise; "
                              "measured in the README, Speed); auto: bf16 when --precision resolves to bf16 and "
                              "counts are drawn, else fp32 (decoded means are always fp32)")
+    parser.add_argument("--guidance_form", default=DEFAULT_SETTINGS.guidance_form, choices=list(GUIDANCE_FORMS),
+                        help="how guidance combines several label keys (docs/sampling.md): nested (each key's term "
+                             "given the keys before it; queries the full combination), composed (a product of the "
+                             "single-key predictions; never queries the full combination), auto: composed for "
+                             "conditions never seen in training, nested for the others")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of every random stream (noise, count draws, library sizes)")
     parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
@@ -113,7 +118,8 @@ def settings_from_args(args):
                            eta=args.eta, cache_interval=args.cache_interval, branch=args.branch,
                            non_uniform=args.non_uniform, clip_denoised=args.clip_denoised,
                            batch_size=args.batch_size, seed=args.seed, observation=args.observation,
-                           precision=args.precision, solver=args.solver, decoder_precision=args.decoder_precision)
+                           precision=args.precision, solver=args.solver, decoder_precision=args.decoder_precision,
+                           guidance_form=args.guidance_form)
 
 
 def request_from_args(args):

@@ -124,3 +124,32 @@ def test_unknown_form_is_refused_and_the_formula_is_recorded():
     with pytest.raises(ValueError, match="guidance form"):
         guided_eps(model, x, t, cond, 1.0, form="sum")
     assert guidance_formula({"a": 1.0, "b": 2.0}, "composed") == COMPOSED_FORMULA
+
+
+def test_mixed_rows_take_each_their_own_form_in_one_forward():
+    model, (x, t, cond) = tiny_model(), inputs()
+    composed_rows = torch.tensor([True, False] * 5)
+    calls = []
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    with torch.no_grad():
+        mixed = guided_eps(model, x, t, cond, [0.5, 2.0], composed_rows=composed_rows)
+        assert len(calls) == 1
+        nested = guided_eps(model, x, t, cond, [0.5, 2.0])
+        composed = guided_eps(model, x, t, cond, [0.5, 2.0], form="composed")
+    torch.testing.assert_close(mixed[composed_rows], composed[composed_rows], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[~composed_rows], nested[~composed_rows], atol=1e-5, rtol=0)
+
+
+def test_the_sampler_guides_unseen_conditions_with_the_composed_form_by_default():
+    from guided_diffusion.sampling.pipeline import guidance_forms
+    from guided_diffusion.sampling.settings import SamplerSettings
+
+    counts = [[0, 0, 30], [1, 1, 20]]  # seen: (0, 0) and (1, 1); (0, 1) was never seen
+    plan = [([0, 0], 2), ([0, 1], 3), ([1, 1], 1)]
+    rows, forms = guidance_forms(plan, counts, [2, 2], SamplerSettings())
+    assert rows.tolist() == [False, False, True, True, True, False] and forms == {"composed": 1, "nested": 2}
+    assert guidance_forms(plan, counts, [2, 2], SamplerSettings(guidance_form="nested")) == (None, {"nested": 3})
+    rows, forms = guidance_forms(plan, counts, [2, 2], SamplerSettings(guidance_form="composed"))
+    assert bool(rows.all()) and forms == {"composed": 3, "nested": 0}
+    assert guidance_forms(plan[:1], counts, [2, 2], SamplerSettings()) == (None, {"nested": 1})  # all seen

@@ -138,15 +138,25 @@ def guided_eps(
     cache: Optional[FeatureCache] = None,
     cond_scales=None,
     form: str = "nested",
+    composed_rows: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Classifier-free guided noise prediction: ``(1 + w)·eps_cond − w·eps_uncond`` for one weight, the
     nested per-key form (module docstring) for one weight per key, or the composed form (``form``).
 
     Every evaluated conditioning runs in one stacked batch, so a cache used here holds features for the
     stacked batch. With all weights 0 only the conditional pass of the nested form runs and is returned
-    unchanged.
+    unchanged. ``composed_rows`` (a boolean (B,) tensor) takes the composed form for those rows and the
+    nested one for the others, in one stacked forward (``form`` is then ignored).
     """
     check_form(form)
+    if composed_rows is not None and len(model.condition_sizes) > 1:
+        if bool(composed_rows.all()):
+            form = "composed"
+        elif not bool(composed_rows.any()):
+            form = "nested"
+        else:
+            return mixed_eps(model, x, t, cond, key_weights(guide_w, len(model.condition_sizes)), composed_rows,
+                             cache, cond_scales)
     if form == "composed" and len(model.condition_sizes) > 1:
         return composed_eps(model, x, t, cond, key_weights(guide_w, len(model.condition_sizes)), cache, cond_scales)
     terms = prefix_coefficients(key_weights(guide_w, len(model.condition_sizes)))
@@ -170,10 +180,31 @@ def composed_eps(model, x, t, cond, weights, cache=None, cond_scales=None):
     copies = len(terms)
     eps = model(torch.cat([x] * copies), torch.cat([t] * copies), composed_batch(cond, model.condition_sizes, weights),
                 cache=cache, cond_scales=cond_scales).chunk(copies)
+    return combine(terms, eps)
+
+
+def combine(terms, eps):
     guided = terms[0][1] * eps[0]
     for (_, coefficient), part in zip(terms[1:], eps[1:]):
         guided = guided + coefficient * part
     return guided
+
+
+def mixed_rows(cond, condition_sizes, weights):
+    """The condition rows of a batch where some rows take the nested form and others the composed one:
+    the nested form's copies, then the composed form's, stacked for one forward."""
+    return torch.cat([guidance_batch(cond, condition_sizes, weights), composed_batch(cond, condition_sizes, weights)])
+
+
+def mixed_eps(model, x, t, cond, weights, composed_rows, cache=None, cond_scales=None):
+    """Per row, the composed form where ``composed_rows`` and the nested form elsewhere, from one forward."""
+    nested_terms, composed_terms = prefix_coefficients(weights), composed_coefficients(weights)
+    copies = len(nested_terms) + len(composed_terms)
+    eps = model(torch.cat([x] * copies), torch.cat([t] * copies), mixed_rows(cond, model.condition_sizes, weights),
+                cache=cache, cond_scales=cond_scales).chunk(copies)
+    nested = combine(nested_terms, eps[:len(nested_terms)])
+    composed = combine(composed_terms, eps[len(nested_terms):])
+    return torch.where(composed_rows.to(nested.device).reshape(-1, *([1] * (nested.dim() - 1))), composed, nested)
 
 
 def guided_eps_fn(
@@ -183,11 +214,13 @@ def guided_eps_fn(
     cache: Optional[FeatureCache] = None,
     refresh: Optional[Sequence[bool]] = None,
     form: str = "nested",
+    composed_rows: Optional[torch.Tensor] = None,
 ):
     """An ``eps_fn(x, t, step_index)`` for the diffusion samplers.
 
     ``guide_w`` is one weight or one per label key (the model's key order); ``form`` the guidance form
-    (``nested`` or ``composed``, module docstring). With a cache,
+    (``nested`` or ``composed``, module docstring); ``composed_rows`` a boolean (B,) tensor of the rows that take
+    the composed form (the others the nested one), overriding ``form``. With a cache,
     ``refresh[step_index]`` (e.g. from ``refresh_schedule``) decides whether the step runs a full pass;
     the cache branch is checked against the model here, before sampling starts.
     """
@@ -202,7 +235,14 @@ def guided_eps_fn(
     terms = prefix_coefficients(weights)
 
     # the condition projections do not depend on the step: compute them once for the whole loop
-    if form == "composed" and len(weights) > 1:
+    if composed_rows is not None and len(weights) > 1:
+        if bool(composed_rows.all()):
+            form, composed_rows = "composed", None
+        elif not bool(composed_rows.any()):
+            form, composed_rows = "nested", None
+    if composed_rows is not None and len(weights) > 1:
+        rows = mixed_rows(cond, model.condition_sizes, weights)
+    elif form == "composed" and len(weights) > 1:
         rows = composed_batch(cond, model.condition_sizes, weights)
     else:
         rows = cond if len(terms) == 1 else guidance_batch(cond, model.condition_sizes, weights)
@@ -211,6 +251,7 @@ def guided_eps_fn(
     def eps_fn(x: torch.Tensor, t: torch.Tensor, step_index: int) -> torch.Tensor:
         if cache is not None:
             cache.refresh = bool(refresh[step_index])
-        return guided_eps(model, x, t, cond, weights, cache=cache, cond_scales=cond_scales, form=form)
+        return guided_eps(model, x, t, cond, weights, cache=cache, cond_scales=cond_scales, form=form,
+                          composed_rows=composed_rows)
 
     return eps_fn

@@ -69,9 +69,10 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
     check_memory(sum(count for _, count in plan), loaded.model.latent_dim)
     library_sizes = plan_library_sizes(loaded, plan, settings) if observation == "counts" else None
     cond_rows, noise = starting_points(plan, settings.seed, len(sizes), loaded.model.latent_dim)
+    composed_rows, forms = guidance_forms(plan, checkpoint.condition_counts, sizes, settings)
     # 2. the reverse process, from the recorded noise schedule
     started = time.perf_counter()
-    latents = run_reverse_process(loaded, cond_rows, noise, settings, progress, context)
+    latents = run_reverse_process(loaded, cond_rows, noise, settings, progress, context, composed_rows)
     if timings is not None:
         timings["reverse diffusion"] = timings.get("reverse diffusion", 0.0) + time.perf_counter() - started
     # 3. refuse non-finite latents (every rank), warn about latents far outside the training range
@@ -89,7 +90,7 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
         # 4. the output set: the old manifest goes first, so a killed run never looks complete
         start_output_set(sample_dir)
         obs = label_table(cond_rows, loaded)
-        uns = provenance(loaded, autoencoder, settings, observation, len(latents), warnings)
+        uns = provenance(loaded, autoencoder, settings, observation, len(latents), warnings, forms)
         # 5. decode (fp32) into generated.h5ad, then the per-condition latents, then the manifest
         value_range = decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings, progress,
                                      compression, timings)
@@ -146,8 +147,24 @@ def starting_points(plan, seed, n_keys, latent_dim):
 
 
 # ---- 2. the reverse process ----------------------------------------------------------------------
-def run_reverse_process(loaded, cond_rows, noise, settings, progress, context):
-    common = dict(latent_scale=float(loaded.checkpoint.latent_scale),
+def guidance_forms(plan, condition_counts, condition_sizes, settings):
+    """Which guidance form each planned cell takes: (a boolean tensor over the cells, True for the composed
+    form, or None when every cell takes the nested one; {"composed": n conditions, "nested": n conditions})."""
+    if settings.guidance_form == "nested" or len(condition_sizes) < 2:
+        return None, {"nested": len(plan)}
+    if settings.guidance_form == "composed":
+        composed = [True] * len(plan)
+    else:  # auto: the composed form for the conditions never seen in training
+        unseen = {tuple(row) for row in unseen_conditions(plan, condition_counts, condition_sizes)}
+        composed = [tuple(row) in unseen for row, _ in plan]
+    if not any(composed):
+        return None, {"nested": len(plan)}
+    rows = torch.cat([torch.full((count,), flag) for (_, count), flag in zip(plan, composed)])
+    return rows, {"composed": sum(composed), "nested": len(plan) - sum(composed)}
+
+
+def run_reverse_process(loaded, cond_rows, noise, settings, progress, context, composed_rows=None):
+    common = dict(latent_scale=float(loaded.checkpoint.latent_scale), composed_rows=composed_rows,
                   schedule_steps=int(loaded.checkpoint.diffusion["steps"]),
                   schedule=loaded.checkpoint.diffusion["schedule"])
     if context is not None and context.is_distributed:
@@ -214,7 +231,7 @@ def label_table(cond_rows, loaded):
     return pd.DataFrame(columns, index=pd.Index([f"generated_{i}" for i in range(len(cond_rows))], name="cell"))
 
 
-def provenance(loaded, autoencoder, settings, observation, n_cells, warnings):
+def provenance(loaded, autoencoder, settings, observation, n_cells, warnings, forms=None):
     return {"cfdiffusion": {
         "checkpoint": os.path.basename(loaded.path), "step": int(loaded.checkpoint.step), "weights": loaded.weights,
         "vae_path": os.path.basename(autoencoder.path), "normalization": "log1p(normalize_total 1e4)"
@@ -222,6 +239,9 @@ def provenance(loaded, autoencoder, settings, observation, n_cells, warnings):
         "label_keys": loaded.label_keys, "n_cells": int(n_cells), **asdict(settings),
         "sampler": "ddim" if settings.use_ddim else "ddpm", "observation": observation,
         "guidance": guidance_formula(settings.guide_w),
+        # conditions per guidance form (the composed one for unseen conditions with --guidance_form auto)
+        "guidance_forms": dict(forms or {"nested": 0}),
+        "guidance_composed": guidance_formula(settings.guide_w, "composed"),
         "schedule_steps": int(loaded.checkpoint.diffusion["steps"]),
         "unconditioned": "a label key left unconditioned is a missing value (NaN) in obs",
         "warnings": list(warnings),

@@ -20,7 +20,7 @@ def condition_noise(seed, condition_index, n_cells, latent_dim):
 
 @torch.inference_mode()
 def sample_latents(model, cond_rows, noise, settings, progress=True, batches=None, latent_scale=1.0,
-                   schedule_steps=DIFFUSION_STEPS, schedule="linear"):
+                   schedule_steps=DIFFUSION_STEPS, schedule="linear", composed_rows=None):
     """Reverse diffusion for every row of ``cond_rows`` starting from ``noise``; batches mix conditions.
 
     ``schedule_steps`` and ``schedule`` are the length and name of the noise schedule the model was trained on
@@ -29,7 +29,8 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
     generator seeded by (seed, b), so a batch's result does not depend on which process runs it.
     ``batches`` (a ``range`` of batch numbers, default all) runs only those and returns their rows.
     The model works on latents multiplied by ``latent_scale`` (recorded at training); the result is
-    returned in the autoencoder's latent space (divided by it), in float32.
+    returned in the autoencoder's latent space (divided by it), in float32. ``composed_rows`` (a boolean tensor,
+    one entry per row) marks the rows guided with the composed form (diffusion/guidance.py), the others nested.
     """
     device = next(model.parameters()).device
     diffusion = build_sampling_diffusion(settings, schedule_steps, latent_scale=latent_scale, schedule=schedule)
@@ -48,7 +49,8 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
         part = slice(start, start + settings.batch_size)
         cache = model.make_cache(settings.branch) if settings.cache_interval > 1 else None
         eps_fn = guided_eps_fn(model, cond_rows[part].to(device), guide_weights(settings.guide_w), cache,
-                               refresh if cache is not None else None)
+                               refresh if cache is not None else None,
+                               composed_rows=None if composed_rows is None else composed_rows[part])
         generator = seed_streams.torch_generator(settings.seed, seed_streams.STEP_NOISE, batch_index, device)
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,
                       on_step=lambda *_: bar.update(1))

@@ -20,6 +20,7 @@ _RESPACING = re.compile(r"(ddim|logsnr)?([0-9]+)")
 # form (SDE-DPM-Solver++(2M), fresh noise at every step)
 SOLVERS = ("auto", "ddpm", "dpmpp2m", "dpmpp2m_sde", "")
 DPM_SOLVERS = ("dpmpp2m", "dpmpp2m_sde")
+GUIDANCE_FORMS = ("auto", "nested", "composed")
 
 
 @dataclass
@@ -42,6 +43,9 @@ class SamplerSettings:
     # the count decoder's output layer; auto: bf16 when the denoiser's matmuls are and counts are drawn
     # (resolve_decoder_precision), decoded means always fp32
     decoder_precision: str = "auto"
+    # auto: the composed form for conditions never seen in training, the nested one for seen conditions;
+    # nested or composed: that form for every condition (diffusion/guidance.py)
+    guidance_form: str = "auto"
 
     def describe(self):
         methods = {"dpmpp2m": "DPM-Solver++(2M)", "dpmpp2m_sde": "SDE-DPM-Solver++(2M)"}
@@ -140,6 +144,8 @@ def check_settings(settings):
     if settings.decoder_precision not in PRECISIONS:
         raise UsageError(f"--decoder_precision must be one of {', '.join(PRECISIONS)}, got "
                          f"{settings.decoder_precision!r}")
+    if settings.guidance_form not in GUIDANCE_FORMS:
+        raise UsageError(f"--guidance_form must be one of {', '.join(GUIDANCE_FORMS)}, got {settings.guidance_form!r}")
     if settings.solver not in SOLVERS:
         raise UsageError(f"--solver {settings.solver!r}: choose one of {', '.join(repr(s) for s in SOLVERS)}")
     solver = solver_of(settings)

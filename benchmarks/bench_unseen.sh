@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Unseen condition combinations on the bundled data: for each held-out (cell type, donor) combination and
+# training seed, train a two-key model (cell_type1 x donor) without that combination (the demo's CPU recipe
+# at a smaller budget), generate the held-out combination and the type's seen ones with the sampler's
+# default settings and with the given extra settings, and score each with exp_script/unseen_combination.py.
+#
+#   bash benchmarks/bench_unseen.sh                      # both combinations, seeds 0 1
+#   COMBOS="beta:human4" SEEDS="0" bash benchmarks/bench_unseen.sh
+#   STAGE=sample bash benchmarks/bench_unseen.sh         # reuse the trained models, sample and score again
+#
+# Results: $ROOT/<type>_<donor>/seed<S>/<setting>/score/unseen_combination.json; the summary table
+# (mean +- sd over seeds) is printed by benchmarks/unseen_summary.py at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-dataset/baron_human.h5ad}
+ROOT=${ROOT:-checkpoint/bench_unseen}
+COMBOS=${COMBOS:-"beta:human4 alpha:human2"}
+SEEDS=${SEEDS:-"0 1"}
+AE_STEPS=${AE_STEPS:-300}
+DIFFUSION_STEPS=${DIFFUSION_STEPS:-3000}
+THREADS=${THREADS:-1}
+STAGE=${STAGE:-all}
+NUM=${NUM:-100}
+# name=flags; "default" is the sampler with no guidance flags
+SETTINGS=${SETTINGS:-"default=|nested_w0.5=--guidance_form nested"}
+
+for combo in $COMBOS; do
+  type=${combo%%:*}; donor=${combo##*:}
+  dir="$ROOT/${type}_${donor}"
+  mkdir -p "$dir"
+  [ -f "$dir/train.h5ad" ] || "$PY" exp_script/unseen_combination.py exclude --data "$DATA" --cell_type "$type" \
+    --donor "$donor" --out "$dir/train.h5ad"
+  donors=$("$PY" -c "import anndata as a,sys; d=a.read_h5ad(sys.argv[1],backed='r').obs; print(' '.join(sorted(set(d.loc[d['cell_type1'].astype(str)==sys.argv[2],'donor'].astype(str)))))" "$DATA" "$type")
+  for seed in $SEEDS; do
+    run="$dir/seed$seed"
+    if [ "$STAGE" = all ] && [ ! -f "$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt" ]; then
+      "$PY" VAE/VAE_train.py --data_dir "$dir/train.h5ad" --num_genes 20125 --save_dir "$run/autoencoder" \
+        --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --seed "$seed" --threads "$THREADS"
+      "$PY" cell_train.py --data_dir "$dir/train.h5ad" --vae_path "$run/autoencoder/model_seed=${seed}_step=$AE_STEPS.pt" \
+        --label_key cell_type1 --label_key donor --model_name unseen --save_dir "$run/diffusion" \
+        --lr_anneal_steps "$DIFFUSION_STEPS" --save_interval "$DIFFUSION_STEPS" --lr 1e-3 --seed "$seed" \
+        --threads "$THREADS"
+    fi
+    model="$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt"
+    conditions=()
+    for d in $donors; do conditions+=(--condition "cell_type1=$type,donor=$d"); done
+    IFS='|' read -ra settings <<< "$SETTINGS"
+    for setting in "${settings[@]}"; do
+      name=${setting%%=*}; flags=${setting#*=}
+      out="$run/$name"
+      # shellcheck disable=SC2086
+      "$PY" cell_sample.py --model_path "$model" --sample_dir "$out/samples" --num_samples "$NUM" \
+        "${conditions[@]}" --seed "$seed" --threads "$THREADS" $flags
+      "$PY" exp_script/unseen_combination.py score --real "$DATA" --generated "$out/samples/generated.h5ad" \
+        --cell_type "$type" --donor "$donor" --out "$out/score"
+    done
+  done
+done
+"$PY" benchmarks/unseen_summary.py "$ROOT"
