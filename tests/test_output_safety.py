@@ -174,10 +174,11 @@ def test_split_and_evaluation_on_a_full_disk_are_one_line(workspace, tmp_path):
              "--out", str(disk / "split")]
     evaluate = ["exp_script/evaluate.py", "--real", workspace["data"], "--generated", workspace["data"],
                 "--label_key", "cell_type1", "--out", str(disk / "evaluation"), "--progress", "False",
+                "--generated_input_is_log", "False",
                 "--plots", "False"]
     _, (split_result, _, evaluate_result) = on_small_disk(
         tmp_path, "128k", [{"run": split}, {"fill_leaving": 0}, {"run": evaluate}])
-    assert_one_line_error(split_result, 1, f"No space left on device: {disk / 'split'}", "needs about")
+    assert_one_line_error(split_result, 1, f"No space left on device: {disk / 'split'}", "needs")
     assert_one_line_error(evaluate_result, 1, f"No space left on device: {disk / 'evaluation'}", "needs")
     assert not [name for name in {**split_result.files, **evaluate_result.files} if ".tmp" in name]
 
