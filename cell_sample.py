@@ -10,7 +10,9 @@ them natively (measured on held-out cells within the fidelity limits of the orig
 and the original sampler
 is --use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32. Output: counts drawn from
 the count autoencoder (X log-normalized, layers['counts']), or the decoded mean (--observation mean), and
-manifest.json, written last: a folder without it holds no complete run.
+manifest.json, written last: a folder without it holds no complete run. The new set is written whole into a
+staging folder inside --sample_dir and swapped in only when complete: a full disk, an error, Ctrl-C or a kill
+keeps the folder's earlier set. The folder is locked while a run writes into it: a second run is refused.
 
 Conditions: by default every class (one label key) or every combination seen in training (several keys).
 --condition cell_type1=beta,donor=human1 generates one condition (repeat the flag for more); a key left
@@ -22,7 +24,7 @@ and --batch_size.
 import argparse
 
 from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, non_negative_float,
-                                  non_negative_int, positive_int, str2bool)
+                                  non_negative_int, positive_int, str2bool, terminate_as_exception)
 from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.sampling.settings import GUIDANCE_FORMS, SOLVERS, parse_guide_w
 from guided_diffusion.sampling.writer import COMPRESSIONS
@@ -40,7 +42,7 @@ def build_parser():
     parser.add_argument("--model_path", required=True, help="model{step}.pt (or ema_*.pt) from cell_train.py")
     parser.add_argument("--sample_dir", default="output",
                         help="folder for the latents, generated.h5ad and manifest.json (an earlier run's outputs "
-                             "there are replaced)")
+                             "there are replaced once the new set is complete; one run at a time)")
     parser.add_argument("--vae_path", default="",
                         help="autoencoder (empty: the one recorded in the checkpoint, or a file of its name "
                              "beside the model)")
@@ -134,7 +136,8 @@ def request_from_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_writable_dir(args.sample_dir, "--sample_dir")
-    return sample_cells(request_from_args(args), settings_from_args(args))
+    with terminate_as_exception():  # SIGTERM removes this run's temporaries, as Ctrl-C does
+        return sample_cells(request_from_args(args), settings_from_args(args))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 ``model_seed={seed}_step={step}.pt`` (kind ``autoencoder``): weights, model config, genes, normalization,
 step, seed, validation fraction and the run's settings (``train_config``); everything needed to use the
 model. ``opt_seed={seed}_step={step}.pt`` beside it (kind ``autoencoder_optimizer``): what only resuming
-needs (AdamW moments, data order, RNG states); it is written first, so a model file marks a complete set.
+needs (AdamW moments, data order, RNG states); both are written to temporaries and renamed
+only when both were written (the model file last), so a model file marks a complete set and a failed save
+(a full disk) leaves neither.
 Files written before the split (format_version 1 with the optimizer inside the model file) still load
 and resume exactly: :meth:`AutoencoderCheckpoint.load` reads that layout too.
 """
@@ -12,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from guided_diffusion.core.container import latest_checkpoint, load_checkpoint, save_checkpoint
+from guided_diffusion.core.container import latest_checkpoint, load_checkpoint, save_checkpoint_set
 
 MODEL_PATTERN = r"model_seed=(-?\d+)_step=(\d+)\.pt"
 OPTIMIZER_PATTERN = r"opt_seed=(-?\d+)_step=(\d+)\.pt"
@@ -69,15 +71,16 @@ class AutoencoderCheckpoint:
     def save(self, path):
         """Write the optimizer file (when there is training state), then the model file; returns ``path``."""
         optimizer_path = optimizer_path_for(path)
+        files = []
         if self.training_state is not None and optimizer_path:
-            save_checkpoint({**self.training_state, "step": self.step},
-                            optimizer_path, kind="autoencoder_optimizer")
+            files.append(({**self.training_state, "step": self.step}, optimizer_path, "autoencoder_optimizer"))
         payload = {"model_config": self.model_config, "state_dict": self.state_dict, "step": self.step,
                    "genes": self.genes, "normalization": self.normalization,
                    "train_config": self.train_config, "val_fraction": self.val_fraction, "seed": self.seed}
         if self.selection is not None:
             payload["selection"] = self.selection
-        save_checkpoint(payload, path, kind="autoencoder")
+        # one set: both written to temporaries, then renamed (the model file last); a failure leaves neither
+        save_checkpoint_set(files + [(payload, path, "autoencoder")])
         self.path = path
         return path
 

@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from guided_diffusion.core.atomic import atomic_output
-from guided_diffusion.cli import ArgumentParser, add_debug_arg, command, fraction
+from guided_diffusion.sampling.writer import write_h5ad
+from guided_diffusion.cli import ArgumentParser, UsageError, add_debug_arg, command, fraction
 from guided_diffusion.core.atomic import check_writable_dir
-from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import DEFAULT_LABEL_KEY, read_h5ad
 
 SIDES = ("train", "heldout")
@@ -74,8 +74,7 @@ def split_file(data_dir, out, label_key=DEFAULT_LABEL_KEY, heldout_fraction=0.2,
     paths["split"] = os.path.join(out, "split.csv")
     os.makedirs(out, exist_ok=True)
     for side, rows in (("train", ~heldout), ("heldout", heldout)):
-        with atomic_output(paths[side]) as temporary:
-            adata[rows].copy().write_h5ad(temporary)
+        write_h5ad(paths[side], adata[rows].copy())  # a full disk: one line, no h5py errors
     table = pd.DataFrame({"cell": adata.obs_names.astype(str), "label": labels,
                           "side": np.where(heldout, "heldout", "train")})
     with atomic_output(paths["split"]) as temporary:

@@ -7,8 +7,13 @@ errors (a junk boolean, an integer that must be positive, a missing flag) are on
 The catalogue of messages is docs/errors.md.
 """
 import argparse
+import contextlib
 import functools
+import os
+import re
+import signal
 import sys
+import threading
 
 import torch
 
@@ -126,8 +131,65 @@ def add_debug_arg(parser):
 # ---- interrupts ----------------------------------------------------------------------------------
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by :func:`terminate_as_exception` so that cleanups run (a script
+    exits with 143, as the default action would)."""
+
+    exit_code = 128 + int(signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def terminate_as_exception():
+    """While active (main thread only), SIGTERM raises :class:`Terminated` where the program is, so that
+    ``finally`` blocks and context managers remove temporaries as they do for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ---- the wrapper of every script's main ------------------------------------------------------------
+_FILENAME_IN_TEXT = re.compile(r"filename = '([^']+)'")
+_TEMPORARY_NAME = re.compile(r"\.(.+)\.tmp-[^/]+")
+
+
+def _path_in(error):
+    """The file an OSError (or h5py's message, ``filename = '…'``) names, a temporary as its final name."""
+    path = getattr(error, "filename", None)
+    if path is None:
+        match = _FILENAME_IN_TEXT.search(str(error))
+        path = match.group(1) if match else None
+    if path is None:
+        return None
+    folder, name = os.path.split(os.fsdecode(path))
+    match = _TEMPORARY_NAME.fullmatch(name)
+    return os.path.join(folder, match.group(1)) if match else os.fsdecode(path)
+
+
+def _disk_full(error):
+    """``error`` as one :class:`~guided_diffusion.atomic.DiskFull` line when it is a full disk, else None."""
+    from guided_diffusion.core.atomic import DiskFull, as_disk_full
+
+    if isinstance(error, DiskFull):
+        return str(error)
+    full = as_disk_full(error, _path_in(error))
+    if full is None:
+        return None
+    return str(full) if full.filename else f"{full.strerror} (free some space or choose another folder)"
+
+
 def _describe_os_error(error):
+    full = _disk_full(error)
+    if full is not None:
+        return full
     reason = error.strerror or str(error) or type(error).__name__
     if error.filename is not None:
         return f"{reason}: {error.filename} (check the path, its permissions and free disk space)"
@@ -182,9 +244,16 @@ def command(main):
             if debug:
                 raise
             _fail(one_line(_describe_os_error(error)), 1)
+        except Terminated as stop:
+            if debug or argv is not None:
+                raise
+            _fail("terminated (SIGTERM)", stop.exit_code)
         except Exception as error:  # a bug or an input nobody foresaw: still one line, traceback on --debug
             if debug:
                 raise
+            full = _disk_full(error)  # torch.save's and h5py's RuntimeErrors of a full disk
+            if full is not None:
+                _fail(one_line(full), 1)
             _fail(one_line(f"unexpected {type(error).__name__}: {error}; rerun with --debug for the traceback "
                            f"and please report it"), 1)
 

@@ -115,8 +115,8 @@ def test_a_run_killed_while_writing_leaves_no_complete_looking_set(legacy, tmp_p
     monkeypatch.setattr(sampling, "write_latent_files", killed)
     with pytest.raises(KeyboardInterrupt):
         sample(legacy, out, "--condition", "cell_type1=type_1,donor=donor1")
-    assert "manifest.json" not in files(out)  # the old manifest went first; the new one is written last
-    assert "cell0_0_cache1_uniform.npy" not in files(out)  # the earlier run's latents are gone
+    # issue 25: the new set is staged and swapped in only when complete, so the earlier set is kept whole
+    assert files(out) == ["cell0_0_cache1_uniform.npy", "generated.h5ad", "manifest.json"]
 
 
 def test_latents_far_outside_the_training_range_are_warned_about(legacy, tmp_path, capsys):

@@ -6,8 +6,10 @@ clear message instead of failing deep inside the model.
 
 Writes go to a hidden temporary file in the same folder (``.NAME.tmp-XXXX``), are fsynced and then
 renamed, so a file with the final name is always complete, even if the process is killed mid-write;
-a killed write leaves only the temporary file, which is safe to delete (the next write of the same
-name removes it). Reads use
+a killed write leaves only the temporary file, which is safe to delete (a trainer removes those of its
+folder when it claims it). Files that form one set (a model and its optimizer state) are written with
+:func:`save_checkpoint_set`: every file to its temporary first, renamed only when all were written, so a
+full disk never leaves one without the other. Reads use
 ``torch.load(weights_only=True)``, so a file holding arbitrary Python objects is refused, never executed.
 """
 import collections
@@ -19,7 +21,7 @@ import re
 import blobfile as bf
 import torch
 
-from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.core.atomic import GuardedStream, as_disk_full, discard, publish, temporary_path, _fsync
 from guided_diffusion.core.errors import UsageError
 
 FORMAT_VERSION = 1
@@ -59,13 +61,69 @@ def check_plain(value, where="payload"):
 
 def save_checkpoint(payload, path, kind):
     """Write ``payload`` (a dict) to ``path`` atomically: temp file in the same folder, fsync, rename."""
-    if kind not in KIND_DESCRIPTIONS:
-        raise ValueError(f"unknown checkpoint kind {kind!r}")
-    payload = dict(payload, format_version=FORMAT_VERSION, kind=kind)
-    check_plain(payload)
-    with atomic_output(path) as temp_path, open(temp_path, "wb") as stream:
-        torch.save(payload, stream)
+    save_checkpoint_set([(payload, path, kind)])
     return path
+
+
+def estimated_size(payload):
+    """About the bytes torch.save writes for ``payload``: its tensors' storage plus a margin."""
+    storages, total = set(), 64 * 1024
+    stack = [payload]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes())
+            if key not in storages:
+                storages.add(key)
+                total += storage.nbytes() + 512
+        elif isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend(value)
+    return total
+
+
+def save_checkpoint_set(entries):
+    """Write ``entries`` ((payload, path, kind), ...) as one set: each to a temporary beside its path, then,
+    once all were written, renamed in order (the last one marks the set complete). A failure (a full disk:
+    :class:`DiskFull` naming the file and the space the whole set needs) removes every temporary and leaves
+    the files of earlier sets as they were."""
+    prepared = []
+    for payload, path, kind in entries:
+        if kind not in KIND_DESCRIPTIONS:
+            raise ValueError(f"unknown checkpoint kind {kind!r}")
+        payload = dict(payload, format_version=FORMAT_VERSION, kind=kind)
+        check_plain(payload)
+        prepared.append((payload, path))
+    temporaries, current = [], None
+    try:
+        for payload, path in prepared:
+            current = path
+            temporaries.append(temporary_path(path))
+            stream = GuardedStream(temporaries[-1])
+            try:
+                torch.save(payload, stream)
+                stream.check()
+            finally:
+                stream.close()
+        for temp_path, (_, path) in zip(temporaries, prepared):
+            current = path
+            publish(temp_path, path)
+    except Exception as error:
+        written = sum(os.path.getsize(t) for t in temporaries if os.path.exists(t))
+        for temp_path in temporaries:
+            discard(temp_path)
+        full = as_disk_full(error, current, needed=sum(estimated_size(p) for p, _ in prepared), written=written)
+        if full is not None:
+            raise full from None
+        raise
+    except BaseException:
+        for temp_path in temporaries:
+            discard(temp_path)
+        raise
+    for folder in {os.path.dirname(os.path.abspath(path)) for _, path in prepared}:
+        _fsync(folder)
 
 
 def load_checkpoint(path, kinds=None):

@@ -16,19 +16,27 @@ The pipeline, one concern per module:
 The checkpoint rebuilds its own model (config, label vocabularies, genes, normalization, autoencoder
 path and hash, noise schedule), so ``--model_path`` is all a user has to give.
 """
+import contextlib
+import errno
 import json
 import os
 import re
+import signal
+import socket
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
+import h5py
 import numpy as np
 import pandas as pd
 import torch
 
-from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.core.atomic import (DiskFull, _fsync as fsync_folder, atomic_output, disk_error, lock_folder,
+                                          remove_quietly, remove_stale_temporaries)
 from guided_diffusion.core.device import OUT_OF_MEMORY_ERRORS
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.core.distributed import setup_distributed
@@ -51,9 +59,14 @@ FAR_OUT_CELL_FRACTION = 0.01
 
 
 def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, context=None, compression="none",
-             timings=None):
+             timings=None, claim=None):
     """Sample every planned condition, save one decoded, labelled h5ad, per-condition latents and, last, a
     manifest naming the set (a folder without ``manifest.json`` holds no complete run).
+
+    The set is written into a staging folder of this run inside ``sample_dir`` and swapped in only when it
+    is complete (:func:`commit_output_set`): a failure, a full disk or a kill leaves the folder's earlier set
+    as it was. ``claim`` (:func:`claim_sample_dir`, taken by :func:`sample_cells` before any work) locks the
+    folder; without it, one is taken here.
 
     With a distributed ``context`` each rank samples a contiguous range of whole batches, the latents
     are gathered and rank 0 writes the outputs (identical to one process with the same seed and
@@ -86,22 +99,33 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
         warnings.append(f"{len(unseen)} of {len(plan)} conditions were never seen in training (e.g. "
                         f"{describe_condition(unseen[0], loaded.label_keys, loaded.vocabularies)}): their cells "
                         f"are extrapolated")
+    own_claim = claim is None
     try:
-        # 4. the output set: the old manifest goes first, so a killed run never looks complete
-        start_output_set(sample_dir)
+        # 4. the output set is written whole into this run's staging folder; the earlier set stays until
+        # the new one is complete and verified, then it is swapped in (manifest last)
+        if own_claim:
+            claim = claim_sample_dir(sample_dir)
+        staging = claim.staging
         obs = label_table(cond_rows, loaded)
         uns = provenance(loaded, autoencoder, settings, observation, len(latents), warnings, forms)
         # 5. decode (fp32) into generated.h5ad, then the per-condition latents, then the manifest
-        value_range = decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings, progress,
-                                     compression, timings)
-        warnings += decoded_range_warnings(value_range, autoencoder, observation)
-        started = time.perf_counter()
-        latent_files = write_latent_files(sample_dir, plan, sizes, settings, latents)
-        write_manifest(sample_dir, [GENERATED] + latent_files, uns["cfdiffusion"])
+        try:
+            value_range = decode_to_h5ad(os.path.join(staging, GENERATED), autoencoder, latents, obs, uns,
+                                         library_sizes, settings, progress, compression, timings)
+            warnings += decoded_range_warnings(value_range, autoencoder, observation)
+            started = time.perf_counter()
+            latent_files = write_latent_files(staging, plan, sizes, settings, latents)
+            write_manifest(staging, [GENERATED] + latent_files, uns["cfdiffusion"])
+        except Exception as error:
+            raise _naming_the_sample_dir(error, sample_dir, staging, len(latents), loaded.model.latent_dim,
+                                         len(autoencoder.genes), observation) from None
+        commit_output_set(sample_dir, staging)
         if timings is not None:
             timings["latent files and manifest"] = (timings.get("latent files and manifest", 0.0)
                                                     + time.perf_counter() - started)
     finally:
+        if own_claim and claim is not None:
+            claim.release()
         if context is not None and context.is_distributed:
             context.barrier()
     for warning in warnings:
@@ -213,17 +237,127 @@ def decoded_range_warnings(value_range, autoencoder, observation):
 
 
 # ---- 4./5. the output set ------------------------------------------------------------------------
-def start_output_set(sample_dir):
-    """Remove an earlier run's manifest (first), its generated.h5ad and its latent files."""
-    os.makedirs(sample_dir, exist_ok=True)
-    manifest = os.path.join(sample_dir, MANIFEST)
-    if os.path.exists(manifest):
-        os.remove(manifest)
-    stale = [name for name in os.listdir(sample_dir) if name == GENERATED or _LATENT_FILE.fullmatch(name)]
-    for name in stale:
-        os.remove(os.path.join(sample_dir, name))
-    if stale:
-        print(f"removed {len(stale)} output files of an earlier run in {sample_dir}", file=sys.stderr, flush=True)
+STAGING_PREFIX = ".cell_sample-"
+RUN_RECORD = "run.json"
+
+
+class SampleDirClaim:
+    """``--sample_dir`` locked by this run (``flock`` on the folder, as the trainers lock theirs) and this
+    run's staging folder in it (``.cell_sample-PID-XXXX``, with ``run.json`` naming the run)."""
+
+    def __init__(self, sample_dir, descriptor, staging, created=False):
+        self.sample_dir, self._descriptor, self.staging, self.created = sample_dir, descriptor, staging, created
+
+    def release(self):
+        """Remove this run's staging folder (nothing else) and unlock the folder."""
+        if self.staging is not None:
+            remove_quietly(self.staging)
+            self.staging = None
+        if self._descriptor is not None:
+            if self.created:  # a run refused or failed before writing leaves no folder it made
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.sample_dir)
+            os.close(self._descriptor)
+            self._descriptor = None
+
+
+def claim_sample_dir(sample_dir, flag="--sample_dir"):
+    """Lock ``sample_dir`` for this run and make its staging folder; refuse a folder another run holds,
+    naming that run. With the lock held, the staging folders and temporaries of killed runs are removed
+    (no other run can be writing them)."""
+    created = not os.path.exists(sample_dir)
+    descriptor = lock_folder(sample_dir)
+    if descriptor is None:
+        raise UsageError(f"{flag} {sample_dir} is in use by another {_holder(sample_dir)}; wait for it to finish "
+                         f"or choose another folder")
+    try:
+        for name in os.listdir(sample_dir):
+            if name.startswith(STAGING_PREFIX):
+                remove_quietly(os.path.join(sample_dir, name))
+        remove_stale_temporaries(sample_dir)
+        staging = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=sample_dir)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        with open(os.path.join(staging, RUN_RECORD), "w") as stream:
+            json.dump(record, stream)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return SampleDirClaim(sample_dir, descriptor, staging, created)
+
+
+def _holder(sample_dir):
+    """The run that holds ``sample_dir``, in words (from its staging folder's run.json)."""
+    for name in sorted(os.listdir(sample_dir)):
+        try:
+            with open(os.path.join(sample_dir, name, RUN_RECORD)) as stream:
+                record = json.load(stream)
+            return (f"cell_sample.py run (pid {record['pid']} on {record['host']}, started {record['started']}: "
+                    f"{record['command']})")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return "run (a sampler or a trainer)"
+
+
+def _naming_the_sample_dir(error, sample_dir, staging, n_cells, latent_dim, n_genes, observation):
+    """A full disk while staging, reported for the final file and the space the whole set needs."""
+    code = disk_error(error)
+    if code is None:
+        return error
+    name = os.path.basename(getattr(error, "filename", "") or GENERATED)
+    written = sum(os.path.getsize(os.path.join(base, file)) for base, _, files in os.walk(staging) for file in files)
+    needed = n_cells * latent_dim * 4 + (n_cells * n_genes * 4 if observation == "mean" else 0) + (1 << 20)
+    return DiskFull(os.path.join(sample_dir, name), code, needed=needed if observation == "mean" else None,
+                    written=written)
+
+
+def commit_output_set(sample_dir, staging):
+    """Verify the staged set against its manifest, then swap it in: the earlier manifest goes first (a folder
+    never looks complete with a mixed set), the new files replace the old ones, the earlier run's other
+    output files are removed and the new manifest is renamed last. SIGINT/SIGTERM wait until it is done."""
+    with open(os.path.join(staging, MANIFEST)) as stream:
+        files = json.load(stream)["files"]
+    for name, size in files.items():
+        if os.path.getsize(os.path.join(staging, name)) != size:
+            raise OSError(errno.EIO, f"{name} is {os.path.getsize(os.path.join(staging, name))} bytes, its "
+                                     f"manifest says {size}", os.path.join(sample_dir, name))
+    with h5py.File(os.path.join(staging, GENERATED), "r") as store:
+        if "X" not in store or "obs" not in store:
+            raise OSError(errno.EIO, "the written file is not a complete h5ad", os.path.join(sample_dir, GENERATED))
+    with _signals_deferred():
+        old = [name for name in os.listdir(sample_dir)
+               if name in (MANIFEST, GENERATED) or _LATENT_FILE.fullmatch(name)]
+        if MANIFEST in old:
+            os.remove(os.path.join(sample_dir, MANIFEST))
+        for name in files:
+            os.replace(os.path.join(staging, name), os.path.join(sample_dir, name))
+        for name in old:
+            if name not in files and name != MANIFEST:
+                os.remove(os.path.join(sample_dir, name))
+        os.replace(os.path.join(staging, MANIFEST), os.path.join(sample_dir, MANIFEST))
+        fsync_folder(sample_dir)
+    replaced = [name for name in old if name != MANIFEST]
+    if replaced:
+        print(f"removed {len(replaced)} output files of an earlier run in {sample_dir}", file=sys.stderr,
+              flush=True)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM arriving inside the block take effect when it ends (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = {signum: signal.signal(signum, lambda number, frame: pending.append(number))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in pending[:1]:
+            signal.raise_signal(signum)
 
 
 def label_table(cond_rows, loaded):
@@ -304,6 +438,16 @@ def sample_cells(request, settings):
     # 128 cells, which glibc would otherwise map afresh (page faults; measured 1.2x the output stages' rate)
     reuse_freed_memory()
     context = setup_distributed(request.device)
+    # the folder is locked before any work (a second run is refused at once); rank 0 writes the outputs
+    claim = claim_sample_dir(request.sample_dir) if context.is_main else None
+    try:
+        return _sample_cells(request, settings, context, claim)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _sample_cells(request, settings, context, claim):
     torch.manual_seed(settings.seed)
     loaded = load_diffusion_model(request.model_path, use_ema=request.use_ema, device=context.device)
     sizes = list(loaded.model.condition_sizes)
@@ -319,7 +463,7 @@ def sample_cells(request, settings):
     if context.is_main:
         print(f"generating {sum(n for _, n in plan)} cells in {len(plan)} conditions with {settings.describe()}")
     path, _ = generate(loaded, autoencoder, plan, settings, request.sample_dir, progress=request.progress,
-                       context=context, compression=request.compression)
+                       context=context, compression=request.compression, claim=claim)
     if context.is_main:
         for row, count in plan[:20]:
             print(f"  {describe_condition(row, loaded.label_keys, loaded.vocabularies)}: {count}")

@@ -1,7 +1,9 @@
 """Decoded latents straight into an .h5ad, chunk by chunk (anndata's on-disk layout, written with h5py so
 that no N x genes matrix is ever held in memory), under a temporary name renamed when complete.
 
-Used by the sampler and by ``exp_script/reconstruct.py``. Everything written is computed and stored in
+Used by the sampler and by ``exp_script/reconstruct.py``. HDF5 writes through a
+:class:`~guided_diffusion.atomic.GuardedStream`, so a full disk is one OSError (no h5py errors at close or
+dealloc, no crash at exit) and the temporary is removed. Everything written is computed and stored in
 float32, except that with ``decoder_precision`` bf16 the count decoder's output layer multiplies in
 bfloat16 (:func:`VAE.VAE_model.output_layer_logits`); decoded means are always float32.
 
@@ -25,7 +27,7 @@ from anndata.io import write_elem
 from tqdm.auto import tqdm
 
 from guided_diffusion.core import seed_streams
-from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.core.atomic import GuardedStream, atomic_output
 
 COMPRESSIONS = ("none", "gzip", "lzf")
 GZIP_LEVEL = 1
@@ -132,15 +134,18 @@ class StageTimer:
 
 class OrderedWriter:
     """Runs write jobs in submission order on one background thread (``background`` False: inline), at
-    most ``WRITE_QUEUE`` waiting; a job's error is raised in the caller by a later submit or finish."""
+    most ``WRITE_QUEUE`` waiting; a job's error is raised in the caller by a later submit or finish.
+    ``check`` (called after each job) raises the error of a file write that failed during it."""
 
-    def __init__(self, background, timer):
+    def __init__(self, background, timer, check=None):
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="h5ad-writer") if background else None
-        self.pending, self.timer = deque(), timer
+        self.pending, self.timer, self.check = deque(), timer, check
 
     def _timed(self, job, *args):
         with self.timer("write"):
             job(*args)
+            if self.check is not None:  # a failed file write (a full disk) stops the run at this job
+                self.check()
 
     def submit(self, job, *args):
         if self.executor is None:
@@ -201,10 +206,11 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     obs = obs.copy()
     timer = StageTimer(timings)
     value_range = [np.inf, -np.inf]
-    with atomic_output(path) as temp_path:
-        with h5py.File(temp_path, "w") as store:
+    needed = None if library_sizes is not None else len(latents) * len(autoencoder.genes) * 4 + (1 << 20)
+    with atomic_output(path, needed=needed) as temp_path:
+        with _guarded_hdf5(temp_path) as (store, check_writes):
             _write_header(store)
-            writer = OrderedWriter(background_writes, timer)
+            writer = OrderedWriter(background_writes, timer, check=check_writes)
             try:
                 if library_sizes is None:
                     _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range,
@@ -224,6 +230,33 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     if timings is not None:
         timings["sync and rename"] = timings.get("sync and rename", 0.0) + time.perf_counter() - sync_started
     return tuple(value_range)
+
+
+def write_h5ad(path, adata):
+    """``adata.write_h5ad(path)``, atomically and through a guarded stream: a full disk is one
+    :class:`~guided_diffusion.atomic.DiskFull` error naming ``path``, no h5py errors at close or dealloc."""
+    with atomic_output(path) as temp_path:
+        with _guarded_hdf5(temp_path) as (store, _):
+            write_elem(store, "/", adata)
+
+
+@contextmanager
+def _guarded_hdf5(temp_path):
+    """An h5py file written through a :class:`~guided_diffusion.atomic.GuardedStream`: a failed write (a full
+    disk) raises its own OSError, and HDF5 closes the file cleanly afterwards (its later writes are dropped;
+    the caller removes the file), so no error is left for h5py to raise at close, dealloc or exit."""
+    stream = GuardedStream(temp_path, raise_errors=False)
+    try:
+        try:
+            with h5py.File(stream, "w") as store:
+                yield store, stream.check
+            stream.check()
+        except Exception:
+            if stream.error is not None:
+                raise stream.error from None
+            raise
+    finally:
+        stream.close()
 
 
 def _chunks(n_cells, chunk_size, progress):

@@ -9,7 +9,6 @@ weights become non-finite (the last good checkpoint is kept). A trainer supplies
 its step, its log row, its save, its finiteness check and, optionally, a reason to stop early.
 """
 import csv
-import fcntl
 import math
 import os
 import signal
@@ -21,6 +20,7 @@ from typing import Optional
 
 from tqdm.auto import tqdm
 
+from guided_diffusion.core.atomic import lock_folder, remove_stale_temporaries
 from guided_diffusion.core.errors import SettingError, literal
 
 
@@ -192,17 +192,14 @@ class RunFolder:
 
 
 def claim_run_folder(folder, setting, checkpoint_files, resuming, overwrite, resume_setting, is_main=True):
-    """Create and lock ``folder``; refuse it when another run holds it, or when it already holds
+    """Create and lock ``folder`` (removing the temporaries of killed runs in it); refuse it when another run
+    holds it, or when it already holds
     checkpoints (``checkpoint_files(folder)``: their names) and this run neither resumes nor overwrites.
     With ``overwrite`` the old checkpoints are removed. Ranks other than the main one do nothing."""
     if not is_main:
         return RunFolder(folder, None)
-    os.makedirs(folder, exist_ok=True)
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(descriptor)
+    descriptor = lock_folder(folder)
+    if descriptor is None:
         raise SettingError(f"{{{setting}}} {literal(folder)} is in use by another training run; wait for it to "
                            f"finish or choose another folder", setting) from None
     existing = sorted(checkpoint_files(folder))
@@ -214,6 +211,7 @@ def claim_run_folder(folder, setting, checkpoint_files, resuming, overwrite, res
                                f"or pass {{overwrite}} True to replace them", setting, resume_setting, "overwrite")
         for name in existing:
             os.remove(os.path.join(folder, name))
+    remove_stale_temporaries(folder)  # of killed runs: with the lock held no other run is writing them
     return RunFolder(folder, descriptor)
 
 

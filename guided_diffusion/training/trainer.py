@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from guided_diffusion.checkpoints import ema_file, latest_model_file, model_file, optimizer_file
-from guided_diffusion.core.container import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from guided_diffusion.core.container import load_checkpoint, rng_state, save_checkpoint_set, set_rng_state
 from guided_diffusion.data import BatchSampler
 from guided_diffusion.core.distributed import DistributedContext, gradient_sync
 from guided_diffusion.diffusion.guidance import drop_conditions
@@ -119,15 +119,15 @@ class DiffusionTrainer(TrainingTask):
         """Rank 0 writes the three files; with ``wait`` the other ranks wait for it at a barrier."""
         step = self.step
         if self.context.is_main:
-            save_checkpoint(self._model_payload(self.ema_model.state_dict()),
-                            ema_file(self.save_dir, self.ema_rate, step), kind="diffusion_ema")
-            save_checkpoint({"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
-                             "generator": self.generator.get_state(), "rng": rng_state(), "step": step,
-                             "run_settings": self.run_settings()},
-                            optimizer_file(self.save_dir, step), kind="diffusion_optimizer")
-            # the model file is written last: its presence marks a complete set for resuming
-            save_checkpoint(self._model_payload(self.model.state_dict()), model_file(self.save_dir, step),
-                            kind="diffusion_model")
+            # one set: all three written to temporaries, then renamed with the model file last (its presence
+            # marks a complete set for resuming); a failure (a full disk) leaves none of them
+            save_checkpoint_set([
+                (self._model_payload(self.ema_model.state_dict()), ema_file(self.save_dir, self.ema_rate, step),
+                 "diffusion_ema"),
+                ({"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(),
+                  "generator": self.generator.get_state(), "rng": rng_state(), "step": step,
+                  "run_settings": self.run_settings()}, optimizer_file(self.save_dir, step), "diffusion_optimizer"),
+                (self._model_payload(self.model.state_dict()), model_file(self.save_dir, step), "diffusion_model")])
         if wait:
             self.context.barrier()
         self.last_saved_step = step
