@@ -13,12 +13,14 @@ One module per concern (every name below is importable from ``guided_diffusion.d
 | ``values`` | the stored values: finite, non-negative, counts vs log-normalized, size factors |
 | ``labels`` | label keys and values, ``--filter``, gene checks, :func:`format_values` for messages |
 | ``dataset`` | :class:`CellDataset` over an in-memory or streamed row source; ``load_dataset`` |
+| ``fingerprint`` | the training data's fingerprint (genes, cell names, values) and what differs between two |
 | ``batches`` | batch samplers (shuffled, block-shuffled) and the train/validation split |
 | ``flags`` | ``add_data_args`` and ``dataset_from_args`` |
 """
 from .batches import BatchSampler, BlockShuffledSampler, make_batch_sampler, split_train_validation
 from .dataset import (BLOCK_CACHE_SIZE, DEFAULT_BLOCK_ROWS, CellDataset, InMemoryRows, Normalization,
                       RowWindowReader, StreamedRows, fix_mmap_threshold, load_dataset)
+from .fingerprint import MatrixDigest, data_fingerprint, describe_change, fingerprint_differences
 from .files import BACKED_AUTO_BYTES, ObsColumns, read_h5ad, stored_matrix_nbytes, use_backed
 from .flags import add_data_args, add_input_kind_args, backed_mode, dataset_from_args
 from .labels import (DEFAULT_LABEL_KEY, RESERVED_OBS_COLUMNS, check_genes, check_num_classes, format_values)
@@ -27,8 +29,8 @@ from .values import ALLOW_COUNT_LIKE_FLAG, TARGET_SUM, ValueScan
 __all__ = [
     "ALLOW_COUNT_LIKE_FLAG", "BACKED_AUTO_BYTES", "BLOCK_CACHE_SIZE", "DEFAULT_BLOCK_ROWS", "DEFAULT_LABEL_KEY",
     "RESERVED_OBS_COLUMNS", "TARGET_SUM", "BatchSampler", "BlockShuffledSampler", "CellDataset", "InMemoryRows",
-    "Normalization", "ObsColumns", "RowWindowReader", "StreamedRows", "ValueScan", "add_data_args",
-    "add_input_kind_args", "backed_mode", "check_genes", "check_num_classes", "dataset_from_args",
-    "fix_mmap_threshold", "format_values", "load_dataset", "make_batch_sampler", "read_h5ad",
+    "MatrixDigest", "Normalization", "ObsColumns", "RowWindowReader", "StreamedRows", "ValueScan", "add_data_args",
+    "add_input_kind_args", "backed_mode", "check_genes", "check_num_classes", "data_fingerprint", "dataset_from_args",
+    "describe_change", "fingerprint_differences", "fix_mmap_threshold", "format_values", "load_dataset", "make_batch_sampler", "read_h5ad",
     "split_train_validation", "stored_matrix_nbytes", "use_backed",
 ]

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from ..cli import UsageError
 from . import files
+from .fingerprint import MatrixDigest, data_fingerprint
 from .labels import check_shape_and_genes, encode_labels, parse_filters, resolve_label_keys
 from .values import TARGET_SUM, ValueScan, size_factors
 
@@ -204,8 +205,9 @@ class StreamedRows:
 class CellDataset:
     """Cells x genes expression from a row source, with integer label codes per label key.
 
-    Construction scans the source once: every value is validated (:class:`ValueScan`) and, for raw
-    counts, the per-cell totals become size factors.
+    Construction scans the source once: every value is validated (:class:`ValueScan`), for raw
+    counts the per-cell totals become size factors, and the blocks are hashed into ``fingerprint``
+    (genes, cell names and values: what a checkpoint records to recognize its training data).
     """
 
     def __init__(self, source, genes, label_keys, label_codes, vocabularies, normalization, obs=None,
@@ -218,9 +220,12 @@ class CellDataset:
         self.normalization = normalization
         self._obs = obs
         scan = ValueScan(self.n_cells, normalization.input_is_log, where=self._where)
+        digest = MatrixDigest()
         for start, block in source.blocks():
             scan.add(start, block)
+            digest.add(block)
         scan.finish(allow_count_like_log)
+        self.fingerprint = data_fingerprint(self.genes, self.obs_names, digest, normalization.layer)
         if normalization.input_is_log:
             self.size_factors, self.totals = None, None
         else:
