@@ -70,6 +70,12 @@ def fix_mmap_threshold():
         pass
 
 
+def dense_readable(values):
+    """A dense matrix as an array scipy.sparse can hold: float16 (which it cannot) becomes float32."""
+    values = np.asarray(values)
+    return values.astype(np.float32) if values.dtype == np.float16 else values
+
+
 class InMemoryRows:
     """Rows of a CSR matrix held in memory."""
 
@@ -77,7 +83,7 @@ class InMemoryRows:
     block_rows = None
 
     def __init__(self, matrix):
-        self.matrix = matrix.tocsr() if sp.issparse(matrix) else sp.csr_matrix(np.asarray(matrix))
+        self.matrix = matrix.tocsr() if sp.issparse(matrix) else sp.csr_matrix(dense_readable(matrix))
 
     @property
     def shape(self):
@@ -120,13 +126,14 @@ class RowWindowReader:
             end = int(np.searchsorted(file_rows, first + self.window, side="left"))
             stop = int(file_rows[end - 1]) + 1
             chunk = self.matrix[first:stop]
-            chunk = chunk.tocsr() if sp.issparse(chunk) else sp.csr_matrix(np.asarray(chunk))
+            chunk = chunk.tocsr() if sp.issparse(chunk) else sp.csr_matrix(dense_readable(chunk))
             if end - position != stop - first:
                 chunk = chunk[file_rows[position:end] - first]
             pieces.append(chunk)
             position = end
         if not pieces:
-            return sp.csr_matrix((0, self.matrix.shape[1]), dtype=self.matrix.dtype)
+            dtype = np.float32 if self.matrix.dtype == np.float16 else self.matrix.dtype
+            return sp.csr_matrix((0, self.matrix.shape[1]), dtype=dtype)
         return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
 
 
