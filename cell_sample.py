@@ -52,7 +52,7 @@ def build_parser():
     parser.add_argument("--match_counts", type=str2bool, nargs="?", const=True, default=False,
                         help="as many cells per condition as the training data had (not with --num_samples)")
     parser.add_argument("--num_samples", type=positive_int, default=argparse.SUPPRESS,
-                        help="cells per condition (default: 1000; not with --match_counts)")
+                        help="cells per condition; not with --match_counts (default: 1000)")
     parser.add_argument("--batch_size", type=positive_int, default=DEFAULT_SETTINGS.batch_size,
                         help="cells per reverse-process batch (memory per step; results depend on it)")
     parser.add_argument("--guide_w", type=parse_guide_w, default=DEFAULT_SETTINGS.guide_w, metavar="W|KEY=W[,KEY=W]",
