@@ -52,10 +52,12 @@ def build_parser():
                         help="one condition to generate (repeat for more; each condition and key once); "
                              "default: every condition seen in training")
     parser.add_argument("--all_combinations", type=str2bool, default=False,
-                        help="every combination of label values, also ones unseen in training (a notice names them)")
+                        help="every combination of label values, also ones unseen in training (a notice names them; "
+                             "not with --condition)")
     parser.add_argument("--match_counts", type=str2bool, nargs="?", const=True, default=False,
-                        help="as many cells per condition as the training data had")
-    parser.add_argument("--num_samples", type=positive_int, default=1000, help="cells per condition")
+                        help="as many cells per condition as the training data had (not with --num_samples)")
+    parser.add_argument("--num_samples", type=positive_int, default=argparse.SUPPRESS,
+                        help="cells per condition; not with --match_counts (default: 1000)")
     parser.add_argument("--batch_size", type=positive_int, default=DEFAULT_SETTINGS.batch_size,
                         help="cells per reverse-process batch (memory per step; results depend on it)")
     parser.add_argument("--guide_w", type=parse_guide_w, default=DEFAULT_SETTINGS.guide_w, metavar="W|KEY=W[,KEY=W]",
@@ -128,7 +130,7 @@ def request_from_args(args):
     return SamplingRequest(model_path=args.model_path, sample_dir=args.sample_dir, vae_path=args.vae_path,
                            use_ema=args.use_ema, num_classes=args.num_classes, conditions=args.condition,
                            all_combinations=args.all_combinations, match_counts=args.match_counts,
-                           num_samples=args.num_samples, device=args.device, progress=args.progress,
+                           num_samples=getattr(args, "num_samples", None), device=args.device, progress=args.progress,
                            compression=args.compression)
 
 

@@ -47,6 +47,10 @@ def build_parser():
     parser.add_argument("--log_interval", type=positive_int, default=100, help="steps between rows of train_log.csv")
     parser.add_argument("--resume_checkpoint", default="",
                         help="model{step}.pt to resume from, or its folder (the newest complete checkpoint)")
+    parser.add_argument("--resume_on_new_data", type=str2bool, default=False,
+                        help="resume although --data_dir differs from the data the checkpoint was trained on (other "
+                             "cells, order or values; recorded in the checkpoint, which keeps its latent scale); "
+                             "refused otherwise")
     parser.add_argument("--overwrite", type=str2bool, default=False,
                         help="start afresh in a save_dir/model_name that holds checkpoints, deleting them")
     parser.add_argument("--max_minutes", type=positive_float, default=None, help="stop (and save) after this many minutes")

@@ -44,6 +44,9 @@ def build_parser():
                              "opt_*.pt is present), or a --save_dir (its newest checkpoint of this --seed); "
                              "alias --resume_checkpoint")
     add_alias(parser, "--resume_checkpoint", "state_dict")
+    parser.add_argument("--resume_on_new_data", type=str2bool, default=False,
+                        help="resume although --data_dir differs from the data the checkpoint was trained on (other "
+                             "cells, order or values; recorded in the checkpoint); refused otherwise")
     parser.add_argument("--start_step", type=non_negative_int, default=None, help="override the starting step")
     parser.add_argument("--overwrite", type=str2bool, default=False,
                         help="start afresh in a --save_dir that holds checkpoints, deleting them")

@@ -1,7 +1,8 @@
 """The autoencoder's checkpoint files, saved and loaded here only.
 
 ``model_seed={seed}_step={step}.pt`` (kind ``autoencoder``): weights, model config, genes, normalization,
-step, seed, validation fraction and the run's settings (``train_config``); everything needed to use the
+step, seed, validation fraction, the run's settings (``train_config``) and the fingerprint of the training
+data (``data_fingerprint``, with ``data_changes`` listing resumes on new data); everything needed to use the
 model. ``opt_seed={seed}_step={step}.pt`` beside it (kind ``autoencoder_optimizer``): what only resuming
 needs (AdamW moments, data order, RNG states); both are written to temporaries and renamed
 only when both were written (the model file last), so a model file marks a complete set and a failed save
@@ -66,6 +67,8 @@ class AutoencoderCheckpoint:
     train_config: dict = field(default_factory=dict)
     training_state: Optional[dict] = None
     selection: Optional[dict] = None
+    data_fingerprint: Optional[dict] = None  # the training data's (guided_diffusion.data.fingerprint); None before
+    data_changes: list = field(default_factory=list)  # resumes on new data (--resume_on_new_data True)
     path: str = ""
 
     def save(self, path):
@@ -76,7 +79,10 @@ class AutoencoderCheckpoint:
             files.append(({**self.training_state, "step": self.step}, optimizer_path, "autoencoder_optimizer"))
         payload = {"model_config": self.model_config, "state_dict": self.state_dict, "step": self.step,
                    "genes": self.genes, "normalization": self.normalization,
-                   "train_config": self.train_config, "val_fraction": self.val_fraction, "seed": self.seed}
+                   "train_config": self.train_config, "val_fraction": self.val_fraction, "seed": self.seed,
+                   "data_changes": list(self.data_changes)}
+        if self.data_fingerprint is not None:
+            payload["data_fingerprint"] = self.data_fingerprint
         if self.selection is not None:
             payload["selection"] = self.selection
         # one set: both written to temporaries, then renamed (the model file last); a failure leaves neither
@@ -103,4 +109,5 @@ class AutoencoderCheckpoint:
                    step=int(payload["step"]), seed=int(payload.get("seed", 0)),
                    val_fraction=float(payload.get("val_fraction", 0.1)),
                    train_config=dict(payload.get("train_config", {})), training_state=state,
-                   selection=payload.get("selection"), path=path)
+                   selection=payload.get("selection"), data_fingerprint=payload.get("data_fingerprint"),
+                   data_changes=list(payload.get("data_changes") or []), path=path)

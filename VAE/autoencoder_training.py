@@ -2,6 +2,7 @@
 one process, or several on torch.distributed (torchrun / mpiexec)."""
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from guided_diffusion.core.container import rng_state, set_rng_state
 from guided_diffusion.core.atomic import check_writable_dir
-from guided_diffusion.data import check_genes, load_dataset, make_batch_sampler, split_train_validation
+from guided_diffusion.data import (check_genes, describe_change, fingerprint_differences, load_dataset,
+                                   make_batch_sampler, split_train_validation)
 from guided_diffusion.core.distributed import setup_distributed
 from guided_diffusion.training.optim import adamw, all_finite
 from guided_diffusion.core.errors import SettingError, literal
@@ -188,6 +190,34 @@ def check_resumable(checkpoint, model, training, path):
                                f"(or start a new run in another {{save_dir}})", "state_dict", name, "save_dir")
 
 
+def check_resume_data(checkpoint, fingerprint, training, data_dir, path, is_main=True):
+    """Refuse to resume ``checkpoint`` on data other than its own (naming what differs) unless
+    ``resume_on_new_data``; returns the data changes the next checkpoints record (the checkpoint's, plus
+    this one when the run continues on new data). A checkpoint without a fingerprint resumes with a warning."""
+    changes = list(checkpoint.data_changes)
+    recorded = checkpoint.data_fingerprint
+    if recorded is None:
+        if is_main:
+            print(f"warning: {path} records no fingerprint of its training data (written before cfDiffusion "
+                  f"recorded one); the data cannot be checked against --data_dir {data_dir}", file=sys.stderr,
+                  flush=True)
+        if training.resume_on_new_data:
+            changes.append(describe_change(None, fingerprint, checkpoint.step, data_dir))
+        return changes
+    differences = fingerprint_differences(recorded, fingerprint)
+    if not differences:
+        return changes
+    if not training.resume_on_new_data:
+        raise SettingError(f"{{state_dict}} {literal(path)} was trained on other data than {{data_dir}} "
+                           f"{literal(data_dir)}: {literal('; '.join(differences))}; resume with the data it was "
+                           f"trained on, or pass {{resume_on_new_data}} True to continue training on this data "
+                           f"(recorded in the checkpoint)", "state_dict", "data_dir", "resume_on_new_data")
+    if is_main:
+        print(f"continuing {path} on new data ({'; '.join(differences)}); recorded in the checkpoints", flush=True)
+    changes.append(describe_change(recorded, fingerprint, checkpoint.step, data_dir))
+    return changes
+
+
 class EarlyStopping:
     """The lowest validation loss so far, its step and (until written) its weights; the reason to stop.
 
@@ -247,6 +277,7 @@ class AutoencoderTask(TrainingTask):
             self.early_stopping = EarlyStopping(best_model_path(training.save_dir, training.seed),
                                                 training.early_stopping_patience)
         self.train_config = plain_dict(data, model_config, training)
+        self.data_changes = []  # resumes on new data, carried from checkpoint to checkpoint
         resume_path = resolve_resume_path(training)
         self.step = self._start_from(resume_path) if resume_path else self._start_fresh()
         if training.start_step is not None:
@@ -269,6 +300,9 @@ class AutoencoderTask(TrainingTask):
         checkpoint = AutoencoderCheckpoint.load(path, with_training_state=True)
         check_genes(checkpoint.genes, self.dataset.genes, what=f"checkpoint {path}")
         check_resumable(checkpoint, self.model, self.training, path)
+        if checkpoint.training_state is not None:  # a weights-only file starts a new run: any data will do
+            self.data_changes = check_resume_data(checkpoint, self.dataset.fingerprint, self.training,
+                                                  self.data.data_dir, path, self.context.is_main)
         self.model.load_state_dict(checkpoint.state_dict)
         if checkpoint.training_state is not None:
             self.optimizer.load_state_dict(checkpoint.training_state["optimizer"])
@@ -361,4 +395,5 @@ class AutoencoderTask(TrainingTask):
             model_config=self.model.config(), state_dict=state_dict, genes=self.dataset.genes,
             normalization=self.dataset.normalization.to_dict(), step=step, seed=self.training.seed,
             val_fraction=self.training.val_fraction, train_config=self.train_config,
-            training_state=training_state, selection=selection)
+            training_state=training_state, selection=selection, data_fingerprint=self.dataset.fingerprint,
+            data_changes=self.data_changes)

@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from guided_diffusion.core.errors import UsageError
-from guided_diffusion.data import load_dataset, read_h5ad
+from guided_diffusion.cli import UsageError
+from guided_diffusion.data import format_values, load_dataset, read_h5ad
 
 GENERATED_MAX_VALUE = 20.0  # log1p of normalize_total(1e4) cannot exceed ~9.2; far above means counts
 MIN_SHARED_GENES = 50  # fewer shared genes (unless the real file has fewer genes in all) is refused
@@ -160,6 +160,27 @@ def _check_label_case(real_labels, generated_labels, label_key):
                              f"only in case ({label_key}); make the spellings agree")
 
 
+def _check_label_overlap(real_labels, generated_labels, label_key, warn):
+    """Refuse generated labels none of which is a real label (e.g. codes for names, a prefix); warn when
+    fewer than half of the generated cells carry a label the real data has (figures then compare mostly
+    cells of no known label)."""
+    real_vocabulary = {str(label) for label in real_labels}
+    generated = pd.Series([str(label) for label in generated_labels])
+    known = generated.isin(real_vocabulary)
+    if not known.any():
+        raise UsageError(f"none of the generated labels ({label_key}: {format_values(sorted(set(generated)))}) is a "
+                         f"label of the real data ({format_values(sorted(real_vocabulary))}); the generated cells "
+                         f"must carry the real data's label names (not codes, prefixes or another key)")
+    unknown = int((~known).sum())
+    if unknown > len(generated) / 2:
+        counts = generated[~known].value_counts()
+        listed = ", ".join(f"{label!r}: {count}" for label, count in counts.head(5).items())
+        more = f", … ({len(counts)} labels)" if len(counts) > 5 else ""
+        warn(f"{unknown} of the {len(generated)} generated cells carry a {label_key} label the real data lacks "
+             f"({listed}{more}); only {len(generated) - unknown} can be matched to real cells of their label, "
+             f"so per-label figures leave most cells out; check the label names")
+
+
 def _check_generated_range(values, source):
     if source.input_is_log and values.size and values.max() > GENERATED_MAX_VALUE:
         raise UsageError(f"{source.path} has values up to {values.max():.0f}, too large for log-normalized "
@@ -200,6 +221,7 @@ def load_evaluation_data(real_path, generated_path, label_key, layer="", input_i
     real_labels = _label_array(real_set, label_key)[real_rows]
     generated_labels = _label_array(generated_set, label_key)[generated_rows]
     _check_label_case(real_labels, generated_labels, label_key)
+    _check_label_overlap(_label_array(real_set, label_key), _label_array(generated_set, label_key), label_key, record)
 
     data = EvaluationData(label_key, genes, real, real_labels, generated, generated_labels,
                           warnings=found_warnings)

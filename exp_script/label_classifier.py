@@ -9,14 +9,14 @@ import numpy as np
 import pandas as pd
 import scanpy as sc
 import scipy.sparse as sp
-from anndata import read_h5ad
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from guided_diffusion.core.errors import UsageError
+from guided_diffusion.cli import UsageError
+from guided_diffusion.data import read_h5ad
 
 TARGET_SUM = 1e4
 

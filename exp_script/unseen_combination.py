@@ -23,15 +23,15 @@ import argparse
 import json
 import os
 
+import anndata
 import numpy as np
-from anndata import read_h5ad
 
 from exp_script.guidance_sweep import knn_auc
 from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,
                                          out_of_fold_labels, read_cells)
 from guided_diffusion.core.atomic import atomic_output
-from guided_diffusion.cli import ArgumentParser, add_debug_arg, command
-from guided_diffusion.core.errors import UsageError
+from guided_diffusion.cli import ArgumentParser, UsageError, add_debug_arg, command
+from guided_diffusion.data import read_h5ad
 
 RESULT_JSON = "unseen_combination.json"
 RESULT_MD = "unseen_combination.md"
@@ -170,7 +170,7 @@ def score(real, generated, out, type_key, donor_key, cell_type, donor, blind=Non
 
 
 def _provenance(path):
-    uns = read_h5ad(str(path), backed="r").uns
+    uns = anndata.read_h5ad(str(path), backed="r").uns
     record = uns.get("cfdiffusion", {})
     return {key: record[key] for key in ("checkpoint", "step", "guide_w", "guidance") if key in record}
 

@@ -56,6 +56,8 @@ class DiffusionCheckpoint:
     library_size_quantiles: Optional[list] = None  # None: trained on log-normalized input
     latent_range: Optional[dict] = None  # {"levels", "quantiles" (per level, per dim)}; None before schema 2
     training: Optional[dict] = None  # the run's training config; None before schema 2
+    data_fingerprint: Optional[dict] = None  # the training data's (guided_diffusion.data.fingerprint); None before
+    data_changes: Optional[list] = None  # resumes on new data (--resume_on_new_data True), oldest first
     kind: str = "diffusion_model"
     schema_version: int = SCHEMA_VERSION
 
@@ -217,6 +219,8 @@ def training_metadata(*, dataset, condition_counts, library_size_quantiles, vae_
         "p_uncond": float(training["p_uncond"]),
         "seed": int(training["seed"]),
         "training": {name: training[name] for name in TRAINING_FIELDS},
+        "data_fingerprint": dataset.fingerprint,
+        "data_changes": [],
         "schema_version": SCHEMA_VERSION,
     }
 

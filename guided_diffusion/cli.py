@@ -175,7 +175,7 @@ def _path_in(error):
 
 
 def _disk_full(error):
-    """``error`` as one :class:`~guided_diffusion.atomic.DiskFull` line when it is a full disk, else None."""
+    """``error`` as one :class:`~guided_diffusion.core.atomic.DiskFull` line when it is a full disk, else None."""
     from guided_diffusion.core.atomic import DiskFull, as_disk_full
 
     if isinstance(error, DiskFull):

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import files
+from guided_diffusion.data.fingerprint import MatrixDigest, data_fingerprint
 from guided_diffusion.data.labels import check_shape_and_genes, encode_labels, parse_filters, resolve_label_keys
 from guided_diffusion.data.values import TARGET_SUM, ValueScan, size_factors
 
@@ -69,6 +70,12 @@ def fix_mmap_threshold():
         pass
 
 
+def dense_readable(values):
+    """A dense matrix as an array scipy.sparse can hold: float16 (which it cannot) becomes float32."""
+    values = np.asarray(values)
+    return values.astype(np.float32) if values.dtype == np.float16 else values
+
+
 class InMemoryRows:
     """Rows of a CSR matrix held in memory."""
 
@@ -76,7 +83,7 @@ class InMemoryRows:
     block_rows = None
 
     def __init__(self, matrix):
-        self.matrix = matrix.tocsr() if sp.issparse(matrix) else sp.csr_matrix(np.asarray(matrix))
+        self.matrix = matrix.tocsr() if sp.issparse(matrix) else sp.csr_matrix(dense_readable(matrix))
 
     @property
     def shape(self):
@@ -119,13 +126,14 @@ class RowWindowReader:
             end = int(np.searchsorted(file_rows, first + self.window, side="left"))
             stop = int(file_rows[end - 1]) + 1
             chunk = self.matrix[first:stop]
-            chunk = chunk.tocsr() if sp.issparse(chunk) else sp.csr_matrix(np.asarray(chunk))
+            chunk = chunk.tocsr() if sp.issparse(chunk) else sp.csr_matrix(dense_readable(chunk))
             if end - position != stop - first:
                 chunk = chunk[file_rows[position:end] - first]
             pieces.append(chunk)
             position = end
         if not pieces:
-            return sp.csr_matrix((0, self.matrix.shape[1]), dtype=self.matrix.dtype)
+            dtype = np.float32 if self.matrix.dtype == np.float16 else self.matrix.dtype
+            return sp.csr_matrix((0, self.matrix.shape[1]), dtype=dtype)
         return pieces[0] if len(pieces) == 1 else sp.vstack(pieces, format="csr")
 
 
@@ -204,8 +212,9 @@ class StreamedRows:
 class CellDataset:
     """Cells x genes expression from a row source, with integer label codes per label key.
 
-    Construction scans the source once: every value is validated (:class:`ValueScan`) and, for raw
-    counts, the per-cell totals become size factors.
+    Construction scans the source once: every value is validated (:class:`ValueScan`), for raw
+    counts the per-cell totals become size factors, and the blocks are hashed into ``fingerprint``
+    (genes, cell names and values: what a checkpoint records to recognize its training data).
     """
 
     def __init__(self, source, genes, label_keys, label_codes, vocabularies, normalization, obs=None,
@@ -218,9 +227,12 @@ class CellDataset:
         self.normalization = normalization
         self._obs = obs
         scan = ValueScan(self.n_cells, normalization.input_is_log, where=self._where)
+        digest = MatrixDigest()
         for start, block in source.blocks():
             scan.add(start, block)
+            digest.add(block)
         scan.finish(allow_count_like_log)
+        self.fingerprint = data_fingerprint(self.genes, self.obs_names, digest, normalization.layer)
         if normalization.input_is_log:
             self.size_factors, self.totals = None, None
         else:

@@ -3,6 +3,9 @@
 Both ways give the same three things — an obs table (:class:`FrameObs` or :class:`ObsColumns`),
 the selected matrix and its gene names — so the one load pipeline in :mod:`.dataset` does not care
 which it got.
+
+Matrices stored as float16 (dense, or sparse, which scipy cannot hold and anndata cannot read) are
+read as float32, in memory (:func:`read_h5ad`) and streamed (:class:`Float16SparseRows`) alike.
 """
 import os
 
@@ -10,6 +13,8 @@ import anndata
 import h5py
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+from anndata.experimental import read_dispatched
 from anndata.io import read_elem, sparse_dataset
 
 from guided_diffusion.core.errors import UsageError, one_line
@@ -43,10 +48,42 @@ def check_h5ad_path(path):
                          f"save it with anndata's write_h5ad")
 
 
+def _is_float16(element):
+    """Whether an h5ad matrix element (a dense dataset, or a sparse group's ``data``) holds float16 values."""
+    if isinstance(element, h5py.Group):
+        element = element.get("data")
+    return isinstance(element, h5py.Dataset) and element.dtype == np.float16
+
+
+def has_float16_matrix(path):
+    """Whether X, raw/X or a layer of the file is stored as float16."""
+    with h5py.File(path, "r") as file:
+        matrices = [file[name] for name in ("X", "raw/X") if name in file]
+        if isinstance(file.get("layers"), h5py.Group):
+            matrices += list(file["layers"].values())
+        return any(_is_float16(element) for element in matrices)
+
+
+def _as_float32(func, elem_name, elem, iospec):
+    """A :func:`read_dispatched` callback (anndata passes these keywords): float16 arrays and sparse
+    matrices are read as float32."""
+    if iospec.encoding_type in ("csr_matrix", "csc_matrix") and _is_float16(elem):
+        kind = sp.csr_matrix if iospec.encoding_type == "csr_matrix" else sp.csc_matrix
+        return kind((elem["data"][...].astype(np.float32), elem["indices"][...], elem["indptr"][...]),
+                    shape=tuple(int(n) for n in elem.attrs["shape"]))
+    if iospec.encoding_type == "array" and _is_float16(elem):
+        return elem[...].astype(np.float32)
+    return func(elem)
+
+
 def read_h5ad(path):
-    """Read an .h5ad file, turning a missing or malformed file into a one-line UsageError."""
+    """Read an .h5ad file, turning a missing or malformed file into a one-line UsageError; float16
+    matrices are read as float32."""
     check_h5ad_path(path)
     try:
+        if has_float16_matrix(path):
+            with h5py.File(path, "r") as file:
+                return read_dispatched(file, _as_float32)
         return anndata.read_h5ad(path)
     except Exception as error:  # anndata raises many types for malformed files
         raise UsageError(f"cannot read {path} as AnnData ({type(error).__name__}: {one_line(error)}); "
@@ -157,6 +194,27 @@ def read_in_memory(path, layer):
     return FrameObs(adata.obs), matrix, list(map(str, genes))
 
 
+class Float16SparseRows:
+    """A CSR matrix stored with float16 values (which scipy cannot hold), read as float32 row slices."""
+
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, group):
+        self.group = group
+        self.shape = tuple(int(n) for n in group.attrs["shape"])
+
+    def __getitem__(self, rows):
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("Float16SparseRows reads contiguous row slices only")
+        start, stop, _ = rows.indices(self.shape[0])
+        stop = max(start, stop)
+        indptr = self.group["indptr"][start:stop + 1].astype(np.int64)
+        first, last = int(indptr[0]), int(indptr[-1])
+        data = self.group["data"][first:last].astype(np.float32)
+        return sp.csr_matrix((data, self.group["indices"][first:last], indptr - first),
+                             shape=(stop - start, self.shape[1]))
+
+
 def _open_backed_matrix(file, path, layer):
     """The selected matrix as a lazily read object (anndata backed CSR or h5py dataset) and its genes."""
     location, var_location = matrix_location(layer)
@@ -170,7 +228,7 @@ def _open_backed_matrix(file, path, layer):
         if encoding == "csc_matrix":
             raise UsageError(f"{path}: {location} is stored column-wise (CSC), which cannot be read in row blocks; "
                              f"rewrite it as CSR (adata.X = adata.X.tocsr()) or pass --backed False")
-        matrix = sparse_dataset(element)
+        matrix = Float16SparseRows(element) if _is_float16(element) else sparse_dataset(element)
     elif element.ndim == 2:
         matrix = element
     else:

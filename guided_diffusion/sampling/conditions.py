@@ -45,8 +45,24 @@ def training_cell_count(row, condition_counts, condition_sizes):
     return sum(entry[-1] for entry in condition_counts if condition_matches(row, entry[:-1], condition_sizes))
 
 
-def plan_conditions(loaded, specs=(), all_combinations=False, match_counts=False, num_samples=1000):
-    """The conditions to generate and the number of cells of each: [(code_row, n_cells), ...]."""
+DEFAULT_NUM_SAMPLES = 1000  # cells per condition when --num_samples is not given
+
+
+def check_condition_flags(specs=(), all_combinations=False, match_counts=False, num_samples=None):
+    """Refuse flags that contradict each other (``num_samples`` None: not given)."""
+    if specs and all_combinations:
+        raise UsageError("--all_combinations True and --condition contradict each other: --condition names the "
+                         "conditions to generate, --all_combinations every combination of label values; give one")
+    if match_counts and num_samples is not None:
+        raise UsageError(f"--match_counts and --num_samples {num_samples} contradict each other: --match_counts "
+                         f"generates as many cells per condition as training had; give one")
+
+
+def plan_conditions(loaded, specs=(), all_combinations=False, match_counts=False, num_samples=None):
+    """The conditions to generate and the number of cells of each: [(code_row, n_cells), ...].
+    ``num_samples`` None: not given (``DEFAULT_NUM_SAMPLES`` per condition, or the training counts)."""
+    check_condition_flags(specs, all_combinations, match_counts, num_samples)
+    num_samples = DEFAULT_NUM_SAMPLES if num_samples is None else num_samples
     keys, vocabularies = loaded.label_keys, loaded.vocabularies
     sizes = list(loaded.model.condition_sizes)
     counts = loaded.checkpoint.condition_counts

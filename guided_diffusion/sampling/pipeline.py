@@ -424,7 +424,7 @@ class SamplingRequest:
     conditions: list = field(default_factory=list)  # KEY=VALUE[,KEY=VALUE] specs
     all_combinations: bool = False
     match_counts: bool = False
-    num_samples: int = 1000
+    num_samples: Optional[int] = None  # cells per condition; None: not given (1000, or --match_counts)
     device: str = "auto"
     progress: bool = True
     compression: str = "none"  # of generated.h5ad's matrices: none, gzip or lzf

@@ -2,7 +2,7 @@
 that no N x genes matrix is ever held in memory), under a temporary name renamed when complete.
 
 Used by the sampler and by ``exp_script/reconstruct.py``. HDF5 writes through a
-:class:`~guided_diffusion.atomic.GuardedStream`, so a full disk is one OSError (no h5py errors at close or
+:class:`~guided_diffusion.core.atomic.GuardedStream`, so a full disk is one OSError (no h5py errors at close or
 dealloc, no crash at exit) and the temporary is removed. Everything written is computed and stored in
 float32, except that with ``decoder_precision`` bf16 the count decoder's output layer multiplies in
 bfloat16 (:func:`VAE.VAE_model.output_layer_logits`); decoded means are always float32.
@@ -234,7 +234,7 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
 
 def write_h5ad(path, adata):
     """``adata.write_h5ad(path)``, atomically and through a guarded stream: a full disk is one
-    :class:`~guided_diffusion.atomic.DiskFull` error naming ``path``, no h5py errors at close or dealloc."""
+    :class:`~guided_diffusion.core.atomic.DiskFull` error naming ``path``, no h5py errors at close or dealloc."""
     with atomic_output(path) as temp_path:
         with _guarded_hdf5(temp_path) as (store, _):
             write_elem(store, "/", adata)
@@ -242,7 +242,7 @@ def write_h5ad(path, adata):
 
 @contextmanager
 def _guarded_hdf5(temp_path):
-    """An h5py file written through a :class:`~guided_diffusion.atomic.GuardedStream`: a failed write (a full
+    """An h5py file written through a :class:`~guided_diffusion.core.atomic.GuardedStream`: a failed write (a full
     disk) raises its own OSError, and HDF5 closes the file cleanly afterwards (its later writes are dropped;
     the caller removes the file), so no error is left for h5py to raise at close, dealloc or exit."""
     stream = GuardedStream(temp_path, raise_errors=False)

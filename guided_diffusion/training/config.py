@@ -65,6 +65,7 @@ class AutoencoderTrainingConfig:
     checkpoint_freq: int = 50000
     log_interval: int = 100
     state_dict: str = ""
+    resume_on_new_data: bool = False  # resume although the data's fingerprint differs (recorded in the checkpoint)
     start_step: Optional[int] = None
     val_fraction: float = 0.1
     early_stopping_patience: int = 0  # 0: off; else stop when the validation loss has not improved for this many steps
@@ -100,6 +101,7 @@ class DiffusionTrainingConfig:
     save_interval: int = 200000
     log_interval: int = 100
     resume_checkpoint: str = ""
+    resume_on_new_data: bool = False  # resume although the data's fingerprint differs (recorded in the checkpoint)
     max_minutes: Optional[float] = None
     seed: int = 0
     overwrite: bool = False

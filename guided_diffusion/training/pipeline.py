@@ -13,14 +13,14 @@ import torch
 from VAE.VAE_model import load_autoencoder
 
 from guided_diffusion.diffusion.denoiser import CellUNet
-from guided_diffusion.core.container import file_sha256
+from guided_diffusion.core.container import file_sha256, load_checkpoint
 from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.data import check_num_classes, load_dataset
 from guided_diffusion.checkpoints import TRAINING_FIELDS, training_metadata
 from guided_diffusion.core.distributed import DistributedContext, setup_distributed
 from guided_diffusion.diffusion.respace import create_diffusion
 from guided_diffusion.diffusion.schedules import DIFFUSION_STEPS, NOISE_SCHEDULE
-from guided_diffusion.checkpoints import checkpoint_files
+from guided_diffusion.checkpoints import checkpoint_files, latest_model_file
 from guided_diffusion.training.trainer import DiffusionTrainer
 from guided_diffusion.core.errors import SettingError, literal
 from guided_diffusion.training.loop import claim_run_folder
@@ -132,6 +132,8 @@ def train_diffusion(data, model_config, training):
                                                     training.progress, context)
 
     latent_scale = resolve_latent_scale(model_config.latent_scale, latents)
+    if training.resume_checkpoint and training.resume_on_new_data and str(model_config.latent_scale).lower() == "auto":
+        latent_scale = recorded_latent_scale(training.resume_checkpoint, latent_scale)  # the model's scale
     np.multiply(latents, latent_scale, out=latents)  # in place: the N x latent_dim latents exist once
     torch.manual_seed(training.seed)
     model = CellUNet(latent_dim=latents.shape[1], hidden_dims=model_config.hidden_dims,
@@ -156,7 +158,7 @@ def train_diffusion(data, model_config, training):
         weight_decay=training.weight_decay, ema_rate=training.ema_rate, lr_anneal_steps=training.lr_anneal_steps,
         p_uncond=training.p_uncond, save_interval=training.save_interval, log_interval=training.log_interval,
         seed=training.seed, device=device, max_minutes=training.max_minutes, context=context,
-        precision=training.precision)
+        precision=training.precision, resume_on_new_data=training.resume_on_new_data, data_dir=data.data_dir)
     if training.resume_checkpoint:
         trainer.resume(training.resume_checkpoint)
     folder = claim_run_folder(save_dir, "save_dir", checkpoint_files, resuming=bool(training.resume_checkpoint),
@@ -166,6 +168,14 @@ def train_diffusion(data, model_config, training):
         return trainer.run_loop(progress=training.progress)
     finally:
         folder.release()
+
+
+def recorded_latent_scale(resume_checkpoint, default):
+    """The latent scale the checkpoint to resume was trained with (``default`` if it records none): a run
+    continued on new data keeps the scale its model learned, not one recomputed from the new cells."""
+    path = latest_model_file(resume_checkpoint) if os.path.isdir(resume_checkpoint) else resume_checkpoint
+    scale = load_checkpoint(path, kinds=("diffusion_model",)).get("latent_scale")
+    return float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else default
 
 
 class _RecordedSettings:

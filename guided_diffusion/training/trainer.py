@@ -17,13 +17,14 @@ world size resumes them) while the others wait at a barrier.
 """
 import copy
 import os
+import sys
 
 import numpy as np
 import torch
 
 from guided_diffusion.checkpoints import ema_file, latest_model_file, model_file, optimizer_file
 from guided_diffusion.core.container import load_checkpoint, rng_state, save_checkpoint_set, set_rng_state
-from guided_diffusion.data import BatchSampler
+from guided_diffusion.data import BatchSampler, describe_change, fingerprint_differences
 from guided_diffusion.core.distributed import DistributedContext, gradient_sync
 from guided_diffusion.diffusion.guidance import drop_conditions
 from guided_diffusion.core.memory import reuse_freed_memory
@@ -39,6 +40,8 @@ RESUME_METADATA = (("label_keys", "label_key"), ("vocabularies", "data_dir"), ("
                    ("library_size_quantiles", "data_dir"), ("vae_sha256", "vae_path"),
                    ("latent_scale", "latent_scale"), ("p_uncond", "p_uncond"), ("seed", "seed"))
 RESUME_SETTINGS = ("batch_size", "ema_rate")  # recorded in opt*.pt
+# metadata derived from the cells themselves: a run continued on new data (--resume_on_new_data) records its own
+DATA_RECORD = ("condition_counts", "library_size_quantiles")
 
 
 def same_value(first, second, rtol=1e-6):
@@ -75,7 +78,7 @@ class DiffusionTrainer(TrainingTask):
     def __init__(self, model, diffusion, latents, labels, metadata, save_dir, batch_size=128, microbatch=-1,
                  lr=1e-4, weight_decay=1e-4, ema_rate=0.9999, lr_anneal_steps=0, p_uncond=0.1,
                  save_interval=10000, log_interval=100, seed=0, device="cpu", max_minutes=None, context=None,
-                 precision="fp32"):
+                 precision="fp32", resume_on_new_data=False, data_dir=""):
         self.context = context or DistributedContext(device=torch.device(device))
         self.context.check_batch_size(batch_size)
         self.model = model.to(device)
@@ -86,6 +89,8 @@ class DiffusionTrainer(TrainingTask):
         self.latents = torch.as_tensor(latents, dtype=torch.float32)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.metadata = metadata
+        self.resume_on_new_data = resume_on_new_data
+        self.data_dir = data_dir
         self.save_dir = save_dir
         self.batch_size = batch_size
         self.microbatch = microbatch if microbatch and microbatch > 0 else batch_size
@@ -167,7 +172,45 @@ class DiffusionTrainer(TrainingTask):
             raise SettingError(f"{{resume_checkpoint}} {literal(path)} has model config "
                                f"{literal(payload['model_config'])}, this run builds {literal(self.model.config())}",
                                "resume_checkpoint")
-        for key, setting in RESUME_METADATA:
+        first_data_key = min(i for i, (key, _) in enumerate(RESUME_METADATA) if key in DATA_RECORD)
+        self._check_record(path, payload, RESUME_METADATA[:first_data_key])  # labels, genes, normalization
+        new_data = self._check_data(path, payload)
+        self._check_record(path, payload, [(key, setting) for key, setting in RESUME_METADATA[first_data_key:]
+                                           if not (new_data and key in DATA_RECORD)])
+
+    def _check_data(self, path, payload):
+        """Refuse data other than the checkpoint's (naming what differs) unless ``resume_on_new_data``; sets the
+        data changes this run records. Returns whether the run continues on new data."""
+        recorded, current = payload.get("data_fingerprint"), self.metadata.get("data_fingerprint")
+        changes = list(payload.get("data_changes") or [])
+        self.metadata["data_changes"] = changes
+        if current is None:
+            return False
+        if recorded is None:
+            if self.context.is_main:
+                print(f"warning: {path} records no fingerprint of its training data (written before cfDiffusion "
+                      f"recorded one); the data cannot be checked against --data_dir {self.data_dir}",
+                      file=sys.stderr, flush=True)
+            if self.resume_on_new_data:
+                changes.append(describe_change(None, current, payload["step"], self.data_dir))
+            return self.resume_on_new_data
+        differences = fingerprint_differences(recorded, current)
+        if not differences:
+            return False
+        if not self.resume_on_new_data:
+            raise SettingError(f"{{resume_checkpoint}} {literal(path)} was trained on other data than {{data_dir}} "
+                               f"{literal(self.data_dir)}: {literal('; '.join(differences))}; resume with the data "
+                               f"it was trained on, or pass {{resume_on_new_data}} True to continue training on "
+                               f"this data (recorded in the checkpoint)", "resume_checkpoint", "data_dir",
+                               "resume_on_new_data")
+        if self.context.is_main:
+            print(f"continuing {path} on new data ({'; '.join(differences)}); recorded in the checkpoints",
+                  flush=True)
+        changes.append(describe_change(recorded, current, payload["step"], self.data_dir))
+        return True
+
+    def _check_record(self, path, payload, entries):
+        for key, setting in entries:
             if key not in payload or key not in self.metadata or same_value(payload[key], self.metadata[key]):
                 continue
             raise SettingError(f"{{resume_checkpoint}} {literal(path)} records {key.replace('_', ' ')} "
