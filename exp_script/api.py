@@ -8,7 +8,7 @@ import contextlib
 import os
 import tempfile
 
-from exp_script.evaluation import EvaluationSettings, evaluate as run_evaluation, log_to_stderr
+from exp_script.evaluation.pipeline import EvaluationSettings, evaluate as run_evaluation, log_to_stderr
 from guided_diffusion.api import as_list, h5ad_path, split_options
 from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.data import DEFAULT_LABEL_KEY

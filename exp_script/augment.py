@@ -14,11 +14,11 @@ import argparse
 import json
 import os
 
-from exp_script.comparison import usefulness_check
-from exp_script.eval_inputs import json_ready, load_evaluation_data
-from exp_script.eval_settings import EvaluationSettings
-from exp_script.evaluation import write_atomic
-from exp_script.report import usefulness_lines
+from exp_script.evaluation.comparison import usefulness_check
+from exp_script.evaluation.inputs import json_ready, load_evaluation_data
+from exp_script.evaluation.pipeline import write_atomic
+from exp_script.evaluation.report import usefulness_lines
+from exp_script.evaluation.settings import EvaluationSettings
 from guided_diffusion.cli import ArgumentParser, add_debug_arg, command, positive_int, str2bool
 from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.data import DEFAULT_LABEL_KEY

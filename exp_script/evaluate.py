@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from exp_script.evaluation import METRICS, EvaluationSettings, evaluate, metrics_table
+from exp_script.evaluation.pipeline import METRICS, EvaluationSettings, evaluate, metrics_table
 from guided_diffusion.cli import ArgumentParser, add_debug_arg, command, non_negative_int, positive_int, str2bool
 from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.data import DEFAULT_LABEL_KEY

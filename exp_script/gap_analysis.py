@@ -27,11 +27,10 @@ import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
-from exp_script import gap_metrics as gm
-from exp_script import reconstruct as rc
-from exp_script.controls import log_normalize
-from exp_script.eval_inputs import json_ready
-from exp_script.gap_report import markdown_report
+from exp_script.evaluation import metrics, reconstruction
+from exp_script.evaluation.controls import log_normalize
+from exp_script.evaluation.gap_analysis_report import markdown_report
+from exp_script.evaluation.inputs import json_ready
 from guided_diffusion.core.atomic import atomic_output
 from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, command, str2bool
 from guided_diffusion.core.atomic import check_writable_dir
@@ -103,18 +102,21 @@ def generated_latents(samples_dir, n_cells):
 
 
 def reconstructions(settings, progress):
-    """Reconstruct the held-out cells (counts and means) and the training cells (counts) with
-    exp_script/reconstruct.py's library call; returns {name: path}."""
+    """Reconstruct the held-out cells (counts and means) and the training cells (counts) as
+    exp_script/reconstruct.py does; returns {name: path}."""
+    from VAE.VAE_model import load_autoencoder
+
     folder = os.path.join(settings.out, "reconstructions")
     os.makedirs(folder, exist_ok=True)
     jobs = {"heldout_counts": (settings.heldout, "counts"), "heldout_means": (settings.heldout, "mean"),
             "train_counts": (settings.train, "counts")}
     paths = {}
     for name, (source, observation) in tqdm(jobs.items(), desc="reconstruct", disable=not progress):
-        argv = ["--vae_path", settings.vae_path, "--data_dir", source, "--label_key", settings.label_key,
-                "--out", os.path.join(folder, f"{name}.h5ad"), "--observation", observation,
-                "--seed", str(settings.seed), "--progress", "False", "--device", settings.device]
-        paths[name] = rc.reconstruct(rc.build_parser().parse_args(argv))
+        autoencoder, _ = load_autoencoder(settings.vae_path, device=resolve_device(settings.device))
+        dataset = load_dataset(source, label_keys=[settings.label_key], backed="auto")
+        paths[name] = reconstruction.reconstruct(autoencoder, dataset, os.path.join(folder, f"{name}.h5ad"),
+                                                 observation=observation, seed=settings.seed, progress=False,
+                                                 data_path=source, vae_path=settings.vae_path)
     return paths
 
 
@@ -195,14 +197,14 @@ def latent_section(settings, sets, latents, progress):
     section = {}
     for name in tqdm(("train", "generated", "generated_on_sphere"), desc="latent space", disable=not progress):
         labels = sets["generated" if name.startswith("generated") else name].labels
-        section[name] = gm.two_sample(reference, sets["heldout"].labels, latents[name], labels,
-                                      seed=settings.seed, use_rf=settings.random_forest)
-        section[name]["moments"] = gm.latent_moments(reference, latents[name])
-    section["generated_vs_train"] = gm.two_sample(latents["train"], sets["train"].labels, latents["generated"],
-                                                  sets["generated"].labels, seed=settings.seed,
-                                                  use_rf=settings.random_forest)
-    section["generated_vs_train"]["moments"] = gm.latent_moments(latents["train"], latents["generated"])
-    section["heldout_norm"] = gm.quantiles(np.linalg.norm(reference, axis=1))
+        section[name] = metrics.two_sample(reference, sets["heldout"].labels, latents[name], labels,
+                                           seed=settings.seed, use_rf=settings.random_forest)
+        section[name]["moments"] = metrics.latent_moments(reference, latents[name])
+    section["generated_vs_train"] = metrics.two_sample(latents["train"], sets["train"].labels, latents["generated"],
+                                                       sets["generated"].labels, seed=settings.seed,
+                                                       use_rf=settings.random_forest)
+    section["generated_vs_train"]["moments"] = metrics.latent_moments(latents["train"], latents["generated"])
+    section["heldout_norm"] = metrics.quantiles(np.linalg.norm(reference, axis=1))
     return section
 
 
@@ -254,10 +256,12 @@ def gap_analysis(settings):
     sets["reconstructed_heldout_poisson"] = CellSet(x=log_normalize(poisson), counts=poisson, labels=heldout.labels)
     expression = {}
     for name in tqdm(EXPRESSION_SETS, desc="expression space", disable=not progress):
-        expression[name] = gm.expression_two_sample(heldout.x, heldout.labels, sets[name].x, sets[name].labels,
-                                                    genes, seed=settings.seed, use_rf=settings.random_forest)
+        expression[name] = metrics.expression_two_sample(heldout.x, heldout.labels, sets[name].x,
+                                                         sets[name].labels, genes, seed=settings.seed,
+                                                         use_rf=settings.random_forest)
     latent = latent_section(settings, sets, latents, progress)
-    observation = {name: gm.observation_comparison(heldout.counts, sets[name].counts) for name in OBSERVATION_SETS}
+    observation = {name: metrics.observation_comparison(heldout.counts, sets[name].counts)
+                   for name in OBSERVATION_SETS}
     results = json_ready({"settings": asdict(settings), "expression": expression, "latent": latent,
                           "observation": observation, "per_label": per_label_table(sets, expression, latent),
                           "expression_sets": EXPRESSION_SETS})

@@ -7,11 +7,11 @@ real cells for fidelity, label accuracy and diversity.
 Each setting is sampled with every --seeds seed; per condition of the validation cells (their label
 combinations the model knows) as many cells as the validation has, at most --max_per_condition. Scores:
 
-- fidelity: kNN real-vs-generated AUC (exp_script.metrics, 5-fold, on a PCA of the validation cells' most
-  variable genes); 0.5 = indistinguishable.
+- fidelity: kNN real-vs-generated AUC (exp_script.evaluation.metrics, 5-fold, on a PCA of the validation
+  cells' most variable genes); 0.5 = indistinguishable.
 - label accuracy: a classifier fitted on the validation cells (logistic regression on PCA,
-  exp_script.label_classifier) predicts the generated cells' --label_key; beside it, the validation cells'
-  own out-of-fold accuracy.
+  exp_script.evaluation.label_classifier) predicts the generated cells' --label_key; beside it, the
+  validation cells' own out-of-fold accuracy.
 - diversity: mean within-label distance between generated cells divided by the same for the validation
   cells (PCA space); below 1 = less varied than real cells.
 
@@ -32,9 +32,9 @@ import pandas as pd
 from sklearn.decomposition import PCA
 from sklearn.metrics import pairwise_distances
 
-from exp_script import metrics
-from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,
-                                         out_of_fold_labels, read_cells, variable_genes)
+from exp_script.evaluation.guidance_inputs import align_to, generated_cells, read_cells
+from exp_script.evaluation.label_classifier import fit_label_classifier, out_of_fold_labels, variable_genes
+from exp_script.evaluation.metrics import knn_auc
 from guided_diffusion.core.atomic import atomic_output
 from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, command, positive_int, str2bool
 from guided_diffusion.core.errors import UsageError
@@ -89,13 +89,6 @@ def within_label_distance(features, labels):
         total += distances.sum() / (len(rows) * (len(rows) - 1)) * len(rows)
         weight += len(rows)
     return total / weight if weight else float("nan")
-
-
-def knn_auc(reference, compared, seed):
-    features = np.vstack([reference, compared])
-    is_compared = np.r_[np.zeros(len(reference), bool), np.ones(len(compared), bool)]
-    probabilities = metrics.out_of_fold_probabilities(features, is_compared, metrics.knn_classifier(), seed=seed)
-    return metrics.two_sample_scores(probabilities, is_compared)["auc"]
 
 
 class Reference:

@@ -11,14 +11,12 @@ Writes an h5ad in the sampler's format (labels in obs). With a count autoencoder
 import argparse
 import os
 
-import pandas as pd
-
+from exp_script.evaluation import reconstruction
 from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, command, str2bool
 from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.core.device import resolve_device
 from guided_diffusion.data.flags import add_data_args, dataset_from_args
-from guided_diffusion.sampling.settings import OBSERVATIONS, resolve_observation
-from guided_diffusion.sampling.writer import write_decoded_h5ad
+from guided_diffusion.sampling.settings import OBSERVATIONS
 from VAE.VAE_model import load_autoencoder
 
 
@@ -41,24 +39,8 @@ def reconstruct(args):
     device = resolve_device(args.device)
     autoencoder, _ = load_autoencoder(args.vae_path, device=device)
     dataset = dataset_from_args(args)
-    try:
-        autoencoder.check_dataset(dataset)
-        observation = resolve_observation(args.observation, autoencoder)
-        latents = autoencoder.encode_dataset(dataset, progress=args.progress)
-        labels = {key: pd.Categorical(dataset.label_strings(key, dataset.label_codes[:, column]))
-                  for column, key in enumerate(dataset.label_keys)}
-        library_sizes = dataset.library_sizes() if observation == "counts" else None
-        if library_sizes is not None:
-            labels["library_size"] = library_sizes
-    finally:
-        dataset.close()
-    obs = pd.DataFrame(labels, index=pd.Index([f"reconstructed_{i}" for i in range(len(latents))], name="cell"))
-    uns = {"cfdiffusion": {"reconstruction_of": os.path.basename(args.data_dir),
-                           "vae_path": os.path.basename(args.vae_path), "observation": observation,
-                           "seed": args.seed}}
-    write_decoded_h5ad(args.out, autoencoder, latents, obs, uns, progress=args.progress,
-                       library_sizes=library_sizes, seed=args.seed)
-    return args.out
+    return reconstruction.reconstruct(autoencoder, dataset, args.out, observation=args.observation, seed=args.seed,
+                                      progress=args.progress, data_path=args.data_dir, vae_path=args.vae_path)
 
 
 @command

@@ -26,9 +26,9 @@ import os
 import anndata
 import numpy as np
 
-from exp_script.guidance_sweep import knn_auc
-from exp_script.label_classifier import (align_to, fit_label_classifier, generated_cells,
-                                         out_of_fold_labels, read_cells)
+from exp_script.evaluation.guidance_inputs import align_to, generated_cells, read_cells
+from exp_script.evaluation.label_classifier import fit_label_classifier, out_of_fold_labels
+from exp_script.evaluation.metrics import knn_auc
 from guided_diffusion.core.atomic import atomic_output
 from guided_diffusion.cli import ArgumentParser, UsageError, add_debug_arg, command
 from guided_diffusion.data import read_h5ad

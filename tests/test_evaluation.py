@@ -12,9 +12,9 @@ import pytest
 import scipy.sparse as sp
 from scipy import stats
 
-from exp_script import evaluation
-from exp_script import metrics as m
-from exp_script.eval_settings import CONDITION_METRICS
+from exp_script.evaluation import metrics as m
+from exp_script.evaluation import pipeline as evaluation
+from exp_script.evaluation.settings import CONDITION_METRICS
 from exp_script.evaluate import main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from exp_script import de_fidelity as de
 from exp_script import split as split_script
 from exp_script.augment import main as augment_main
-from exp_script.controls import collapsed, log_normalize, memorizer
 from exp_script.evaluate import main as evaluate_main
-from exp_script.novelty import novelty
-from exp_script.usefulness import UsefulnessSettings, augmentation
+from exp_script.evaluation import de_fidelity as de
+from exp_script.evaluation.controls import collapsed, log_normalize, memorizer
+from exp_script.evaluation.novelty import novelty
+from exp_script.evaluation.usefulness import UsefulnessSettings, augmentation
 from synthetic import REPO_ROOT
 
 N_GENES = 120
@@ -300,7 +300,8 @@ def test_integer_log_override_is_accepted(study, tmp_path):
 
 
 def test_celltypist_leaves_the_home_folder_alone(tmp_path):
-    code = "from exp_script import evaluation, metrics\nwith metrics._quiet_celltypist(): import celltypist"
+    code = ("from exp_script.evaluation import metrics, pipeline\n"
+            "with metrics._quiet_celltypist(): import celltypist")
     env = {key: value for key, value in os.environ.items() if key != "CELLTYPIST_FOLDER"}
     env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO_ROOT))
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, check=True, capture_output=True,

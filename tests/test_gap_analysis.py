@@ -8,7 +8,7 @@ import pytest
 import cell_sample
 import cell_train
 from exp_script import gap_analysis
-from exp_script import gap_metrics as gm
+from exp_script.evaluation import features, metrics
 from exp_script import split
 from synthetic import make_counts_adata
 from VAE import VAE_train
@@ -25,14 +25,14 @@ def gaussian_sets(shift_label=None, shift=0.0, n=200, seed=0):
 
 
 def test_two_sample_is_chance_for_one_distribution_and_high_for_a_shift():
-    same = gm.two_sample(*gaussian_sets(), use_rf=False)["overall"]
-    shifted = gm.two_sample(*gaussian_sets("a", 3.0), use_rf=True)["overall"]
+    same = metrics.two_sample(*gaussian_sets(), use_rf=False)["overall"]
+    shifted = metrics.two_sample(*gaussian_sets("a", 3.0), use_rf=True)["overall"]
     assert 0.35 < same["knn_auc"] < 0.65
     assert shifted["knn_auc"] > 0.7 and shifted["rf_auc"] > 0.7
 
 
 def test_per_label_auc_finds_the_one_shifted_label():
-    result = gm.two_sample(*gaussian_sets("b", 4.0), use_rf=False)["per_label"]
+    result = metrics.two_sample(*gaussian_sets("b", 4.0), use_rf=False)["per_label"]
     assert result["b"]["knn_auc"] > 0.95
     assert 0.3 < result["a"]["knn_auc"] < 0.7
     assert result["a"]["n_reference"] == result["a"]["n_compared"] == 100
@@ -41,7 +41,7 @@ def test_per_label_auc_finds_the_one_shifted_label():
 def test_balanced_rows_cut_the_larger_side_keeping_label_shares():
     reference_labels = np.array(["a"] * 30 + ["b"] * 10)
     compared_labels = np.array(["a"] * 300 + ["b"] * 100)
-    reference_rows, compared_rows = gm.balanced_rows(reference_labels, compared_labels, np.random.default_rng(0))
+    reference_rows, compared_rows = features.balanced_rows(reference_labels, compared_labels, np.random.default_rng(0))
     assert len(reference_rows) == len(compared_rows) == 40
     assert (compared_labels[compared_rows] == "b").sum() == 10
 
@@ -49,10 +49,10 @@ def test_balanced_rows_cut_the_larger_side_keeping_label_shares():
 def test_latent_moments_measure_spread_and_shift_in_reference_units():
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(4000, 8)) * 2.0
-    narrow = gm.latent_moments(reference, rng.normal(size=(4000, 8)))  # half the sd: a quarter of the variance
+    narrow = metrics.latent_moments(reference, rng.normal(size=(4000, 8)))  # half the sd: a quarter of the variance
     assert narrow["log2_var_ratio_median"] == pytest.approx(-2.0, abs=0.15)
     assert narrow["narrow_dims"] == 1.0 and narrow["mean_shift"] < 0.1
-    moved = gm.latent_moments(reference, rng.normal(size=(4000, 8)) * 2.0 + 2.0)  # shifted by one sd
+    moved = metrics.latent_moments(reference, rng.normal(size=(4000, 8)) * 2.0 + 2.0)  # shifted by one sd
     assert moved["mean_shift"] == pytest.approx(1.0, abs=0.1)
     assert moved["log2_var_ratio_median"] == pytest.approx(0.0, abs=0.15) and moved["narrow_dims"] == 0.0
     assert moved["norm"]["q50"] > narrow["norm"]["q50"]
@@ -62,9 +62,9 @@ def test_observation_comparison_sees_overdispersion_zeros_and_library_sizes():
     rng = np.random.default_rng(0)
     rates = rng.gamma(2.0, 1.0, size=60)
     reference = rng.poisson(rates, size=(3000, 60))
-    same = gm.observation_comparison(reference, rng.poisson(rates, size=(3000, 60)))
-    overdispersed = gm.observation_comparison(reference, rng.poisson(rates * rng.gamma(0.5, 2.0, size=(3000, 60))))
-    deeper = gm.observation_comparison(reference, rng.poisson(2.0 * rates, size=(3000, 60)))
+    same = metrics.observation_comparison(reference, rng.poisson(rates, size=(3000, 60)))
+    overdispersed = metrics.observation_comparison(reference, rng.poisson(rates * rng.gamma(0.5, 2.0, size=(3000, 60))))
+    deeper = metrics.observation_comparison(reference, rng.poisson(2.0 * rates, size=(3000, 60)))
     assert abs(same["dispersion_log2_ratio_median"]) < 0.1 and same["gene_zero_fraction_pearson"] > 0.99
     assert overdispersed["dispersion_log2_ratio_median"] > 0.5
     assert overdispersed["gene_zero_fraction_mean_diff"] > 0.05

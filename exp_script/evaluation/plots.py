@@ -8,7 +8,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from guided_diffusion.core.atomic import atomic_output
 
-from .eval_settings import METRIC_INFO, PER_LABEL_PLOT_METRICS, SECTION_TITLES
+from .settings import METRIC_INFO, PER_LABEL_PLOT_METRICS, SECTION_TITLES
 from .features import FeatureSpace, subsample_rows
 
 SECTION_COLORS = {"generated": "#d62728", "real_vs_real": "#1f77b4", "train_vs_heldout": "#17becf",

@@ -41,6 +41,12 @@ def stratified_subsample(labels, count, rng):
     return np.sort(np.concatenate(chosen))
 
 
+def balanced_rows(reference_labels, compared_labels, rng):
+    """Row indices of both sides cut to the smaller side's size, each keeping its label proportions."""
+    size = min(len(reference_labels), len(compared_labels))
+    return (stratified_subsample(reference_labels, size, rng), stratified_subsample(compared_labels, size, rng))
+
+
 def rank_variable_genes(expression, genes):
     """Gene indices ordered from most to least variable (scanpy's Seurat-flavour normalized
     dispersion on log-normalized data); genes without a dispersion come last."""
@@ -77,5 +83,3 @@ class FeatureSpace:
 
     def embed(self, expression):
         return self.pca.transform(self._standardize(expression[:, self.genes])).astype(np.float32)
-
-

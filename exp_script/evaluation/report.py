@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from .de_fidelity import PRECISION_GENES, TOP_GENES
-from .eval_settings import CLASSIFIER_METRICS, METRIC_INFO, METRICS, NEGATIVE_CONTROLS, SECTION_TITLES
+from .settings import CLASSIFIER_METRICS, METRIC_INFO, METRICS, NEGATIVE_CONTROLS, SECTION_TITLES
 from .novelty import PASS_FRACTION, PERCENTILE
 
 PLOT_CAPTIONS = {

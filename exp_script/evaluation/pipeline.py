@@ -21,7 +21,7 @@ Design (written into every report):
 * With training cells: novelty (nearest-training-cell distances, novelty.py) and usefulness
   (classifiers trained on generated cells, rare-type augmentation, usefulness.py).
 
-The code is split by concern: eval_inputs (load and check the files), preparation (split, compared
+The code is split by concern: inputs (load and check the files), preparation (split, compared
 sets, shared models), comparison (metrics per section), de_fidelity, novelty, usefulness, plots,
 report. This module runs them in order and writes the outputs; it re-exports the notebooks' API.
 """
@@ -34,9 +34,9 @@ from guided_diffusion.core.atomic import atomic_output
 from guided_diffusion.core.errors import UsageError
 
 from .comparison import compare, run_comparisons  # noqa: F401  (public API)
-from .eval_inputs import EvaluationData, json_ready, load_evaluation_data  # noqa: F401
-from .eval_settings import (METRIC_INFO, METRICS, RESULT_FORMAT, SECTION_TITLES, EvaluationSettings,  # noqa: F401
-                            Progress, log_to_stderr)
+from .inputs import EvaluationData, json_ready, load_evaluation_data  # noqa: F401
+from .settings import (METRIC_INFO, METRICS, RESULT_FORMAT, SECTION_TITLES, EvaluationSettings,  # noqa: F401
+                       Progress, log_to_stderr)
 from .features import FeatureSpace, rank_variable_genes  # noqa: F401
 from .plots import (plot_de_per_label, plot_de_scatter, plot_mean_scatter, plot_per_label, plot_umap,  # noqa: F401
                     save_figure, umap_embedding)

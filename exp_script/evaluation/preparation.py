@@ -9,8 +9,8 @@ from guided_diffusion.core.errors import UsageError
 
 from . import controls
 from . import metrics as m
-from .eval_settings import EvaluationSettings
-from .eval_inputs import EvaluationData
+from .settings import EvaluationSettings
+from .inputs import EvaluationData
 from .features import rank_variable_genes, split_real, stratified_subsample
 
 

@@ -6,10 +6,10 @@ import numpy as np
 
 from . import de_fidelity as de
 from . import metrics as m
-from .eval_inputs import json_ready
-from .eval_settings import (CELL_METRICS, CLASSIFIER_METRICS, CONDITION_METRICS, DE_METRICS, GENE_METRICS,
-                            METRIC_INFO, METRICS, NEGATIVE_CONTROLS, RESULT_FORMAT, SECTION_INFO, SECTION_TITLES,
-                            EvaluationSettings, Progress, blind_to, log_to_stderr)
+from .inputs import json_ready
+from .settings import (CELL_METRICS, CLASSIFIER_METRICS, CONDITION_METRICS, DE_METRICS, GENE_METRICS,
+                       METRIC_INFO, METRICS, NEGATIVE_CONTROLS, RESULT_FORMAT, SECTION_INFO, SECTION_TITLES,
+                       EvaluationSettings, Progress, blind_to, log_to_stderr)
 from .features import FeatureSpace, subsample_rows
 from .novelty import novelty
 from .preparation import CellSet, control_source, markers, negative_controls, positive_control, prepare, sections_of

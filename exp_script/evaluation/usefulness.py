@@ -1,9 +1,9 @@
 """Usefulness of generated cells for a downstream task: cell-type classification of held-out real cells.
 
-The classifier is scikit-learn's logistic regression on the evaluation's features: the first principal
-components of the training cells' most variable genes (z-scored, clipped at 10; the same
-:class:`~exp_script.comparison.FeatureSpace` as the cell-level metrics, fitted on the real training
-cells only), scored on held-out real cells.
+The classifier is the logistic regression of label_classifier.py on the evaluation's features: the first
+principal components of the training cells' most variable genes (z-scored, clipped at 10; the same
+:class:`~exp_script.evaluation.features.FeatureSpace` as the cell-level metrics, fitted on the real
+training cells only), standardized, scored on held-out real cells.
 
 * **Train on synthetic, test on real (TSTR)**: trained on the generated cells only, beside the same
   classifier trained on the real training cells (the ceiling) and on the two negative controls.
@@ -12,14 +12,13 @@ cells only), scored on held-out real cells.
   on the held-out cells, with and without the added cells. Each seed draws a bootstrap of the training
   cells (stratified by label) and of the added cells; figures are mean and standard deviation over seeds.
 """
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, recall_score
 from sklearn.preprocessing import StandardScaler
+
+from .label_classifier import fit_quietly, logistic_regression
 
 
 @dataclass
@@ -32,11 +31,8 @@ class UsefulnessSettings:
 
 
 def fit_classifier(features, labels, seed):
-    scaler = StandardScaler().fit(features)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model = LogisticRegression(max_iter=1000, random_state=seed).fit(scaler.transform(features), labels)
-    return lambda x: model.predict(scaler.transform(x))
+    """The label classifier's logistic regression on the standardized features; returns its predict."""
+    return fit_quietly(logistic_regression(StandardScaler(), seed=seed, max_iter=1000), features, labels).predict
 
 
 def scores(predicted, truth, labels):

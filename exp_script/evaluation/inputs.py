@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from guided_diffusion.cli import UsageError
+from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import format_values, load_dataset, read_h5ad
 
 GENERATED_MAX_VALUE = 20.0  # log1p of normalize_total(1e4) cannot exceed ~9.2; far above means counts
