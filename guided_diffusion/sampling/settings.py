@@ -94,8 +94,8 @@ def alias_conflict(settings):
                 f"({'ddim' if settings.use_ddim else 'not ddim'}); give --sampler alone")
     solver = settings.solver
     if solver in DPM_SOLVERS and solver != sampler or solver in ("ddpm", "") and sampler in DPM_SOLVERS:
-        return (f"--sampler {sampler} contradicts --solver {solver or repr('')} "
-                f"({solver if solver else 'ddpm or ddim'}); give --sampler alone")
+        chooses = "" if solver in DPM_SOLVERS else " (ddpm or ddim)"
+        return f"--sampler {sampler} contradicts --solver {solver or repr('')}{chooses}; give --sampler alone"
     return None
 
 
