@@ -161,8 +161,10 @@ def test_a_contradiction_on_the_command_line_is_one_line_and_writes_nothing(lega
 def test_cache_flags_without_feature_reuse_are_warned_about(capsys):
     settings = resolved("--branch", "1", "--non_uniform", "True")  # logsnr10: the recorded 5 of 1000 -> 1
     assert settings.cache_interval == 1
-    assert ("warning: --branch and --non_uniform choose how deep features are reused, but the cache interval is 1 "
-            "(no reuse) on 10 steps: --branch and --non_uniform have no effect") in capsys.readouterr().err
+    assert ("warning: --branch and --non_uniform set how deep features are reused, but the cache interval is 1 "
+            "(no reuse) on 10 steps: they have no effect") in capsys.readouterr().err
+    resolved("--non_uniform", "False")
+    assert "warning: --non_uniform sets how deep features are reused" in capsys.readouterr().err
     resolved("--branch", "1", "--cache_interval", "2")
     resolved("--sampler", "ddpm", "--timestep_respacing", "1000", "--non_uniform", "True")
     assert capsys.readouterr().err == ""

@@ -37,7 +37,8 @@ class SamplerSettings:
     # the algorithm (SAMPLERS); None: chosen by the aliases use_ddim and solver and the steps (sampler_of), which
     # without them is dpmpp2m_sde on the default logsnr10 steps
     sampler: Optional[str] = None
-    use_ddim: Optional[bool] = None  # alias: True = sampler ddim; None: not given
+    # the original flags, aliases of sampler (None: not given); resolve_settings sets them to agree with it
+    use_ddim: Optional[bool] = None  # True: ddim
     timestep_respacing: str = "logsnr10"  # the steps and their spacing: N (uniform), ddimN (strided), logsnrN
     eta: float = 0.0  # ddim only
     cache_interval: Optional[int] = None  # None: the checkpoint's, scaled to the sampled steps
@@ -48,7 +49,7 @@ class SamplerSettings:
     seed: int = 0
     observation: str = "auto"
     precision: str = "auto"
-    solver: Optional[str] = None  # alias (SOLVERS); None: not given (auto)
+    solver: Optional[str] = None  # see SOLVERS
     # the count decoder's output layer; auto: bf16 when the denoiser's matmuls are and counts are drawn
     # (resolve_decoder_precision), decoded means always fp32
     decoder_precision: str = "auto"
@@ -153,6 +154,7 @@ def guide_weights(guide_w):
 # output layer too). Chosen by measurement on held-out cells against the faithful configuration (ddpm on all
 # 1000 steps, cache 5, fp32; benchmarks/bench_fidelity.sh): docs/sampling.md.
 DEFAULT_SETTINGS = SamplerSettings()
+# the original sampler in the original flags; the same as --sampler ddpm --timestep_respacing 1000 ...
 FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32"
 
 
@@ -245,8 +247,10 @@ def resolve_settings(settings, recorded, device, schedule_steps=DIFFUSION_STEPS)
     unused = [flag for flag, value in (("--branch", settings.branch), ("--non_uniform", settings.non_uniform))
               if value is not None]
     if unused and resolved.cache_interval == 1:
-        print(f"warning: {' and '.join(unused)} choose how deep features are reused, but the cache interval is 1 "
-              f"(no reuse) on {steps} steps: {' and '.join(unused)} have no effect", file=sys.stderr, flush=True)
+        flags, several = " and ".join(unused), len(unused) > 1
+        print(f"warning: {flags} {'set' if several else 'sets'} how deep features are reused, but the cache interval "
+              f"is 1 (no reuse) on {steps} steps: {'they have' if several else 'it has'} no effect",
+              file=sys.stderr, flush=True)
     return resolved
 
 
