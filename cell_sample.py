@@ -3,16 +3,17 @@
     python cell_sample.py --model_path checkpoint/diffusion/baron/model800000.pt --sample_dir output/baron \\
         --num_classes 14 --branch 0 --cache_interval 5 --non_uniform False
 
-Sampler: by default SDE-DPM-Solver++(2M) on 10 steps evenly spaced in log-SNR (--timestep_respacing logsnr10), the
-checkpoint's cache interval scaled to them (5 of 1000 steps -> 1 of 10) and bf16 matmuls where the device runs
-them natively (measured on held-out cells within the fidelity limits of the original 1000-step sampler; README,
-"Speed"); --solver dpmpp2m is its deterministic (ODE) form, --timestep_respacing 50 ancestral DDPM on 50 steps,
-and the original sampler
-is --use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32. Output: counts drawn from
-the count autoencoder (X log-normalized, layers['counts']), or the decoded mean (--observation mean), and
-manifest.json, written last: a folder without it holds no complete run. The new set is written whole into a
-staging folder inside --sample_dir and swapped in only when complete: a full disk, an error, Ctrl-C or a kill
-keeps the folder's earlier set. The folder is locked while a run writes into it: a second run is refused.
+Sampler (--sampler; docs/sampling.md): by default dpmpp2m_sde (SDE-DPM-Solver++(2M)) on 10 steps evenly spaced in
+log-SNR (--timestep_respacing logsnr10), the checkpoint's cache interval scaled to them (5 of 1000 steps -> 1 of
+10) and bf16 matmuls where the device runs them natively; --sampler dpmpp2m is its deterministic (ODE) form,
+--sampler ddpm --timestep_respacing 50 ancestral DDPM on 50 steps, and the original sampler is
+--sampler ddpm --timestep_respacing 1000 --cache_interval 5 --precision fp32. The original flags still choose it
+as before: --use_ddim True (ddim), --solver, and --timestep_respacing alone (N: ddpm, logsnrN: dpmpp2m_sde).
+Output: counts drawn from the count autoencoder (X log-normalized, layers['counts']), or the decoded mean
+(--observation mean), and manifest.json, written last: a folder without it holds no complete run; both record
+the sampler that ran, its steps and spacing and every setting that took effect. The new set is written
+whole into a staging folder inside --sample_dir and swapped in only when complete: a full disk, an error, Ctrl-C
+or a kill keeps the folder's earlier set. The folder is locked while a run writes into it: a second run is refused.
 
 Conditions: by default every class (one label key) or every combination seen in training (several keys).
 --condition cell_type1=beta,donor=human1 generates one condition (repeat the flag for more); a key left
@@ -23,12 +24,13 @@ and --batch_size.
 """
 import argparse
 
-from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, non_negative_float,
-                                  non_negative_int, positive_int, str2bool, terminate_as_exception)
+from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, add_threads_arg, apply_thread_flags,
+                                  command, non_negative_float, non_negative_int, positive_int, str2bool,
+                                  terminate_as_exception)
 from guided_diffusion.core.atomic import check_writable_dir
-from guided_diffusion.sampling.settings import GUIDANCE_FORMS, SOLVERS, parse_guide_w
+from guided_diffusion.sampling.settings import ETA_SAMPLERS, GUIDANCE_FORMS, SAMPLERS, SOLVERS, parse_guide_w
 from guided_diffusion.sampling.writer import COMPRESSIONS
-from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, SamplerSettings
+from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, OBSERVATIONS, SamplerSettings
 from guided_diffusion.core.device import PRECISIONS
 from guided_diffusion.sampling.pipeline import SamplingRequest, sample_cells
 
@@ -64,19 +66,23 @@ def build_parser():
                         help="classifier-free guidance weight, finite, in [-1, 100] (typically 0 to 5): one for every "
                              "label key, or one per key (cell_type1=1,donor=2; keys not named get 0; nested "
                              "per-key guidance, README section 3)")
-    parser.add_argument("--use_ddim", type=str2bool, default=DEFAULT_SETTINGS.use_ddim,
-                        help="DDIM instead of ancestral DDPM")
+    parser.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                        help="the reverse process: ddpm (ancestral), ddim (--eta sets its noise), dpmpp2m "
+                             "(DPM-Solver++(2M), deterministic, one network evaluation per step) or dpmpp2m_sde (its "
+                             "stochastic form, fresh noise at every step); default: chosen by --use_ddim, --solver and "
+                             "--timestep_respacing as before, dpmpp2m_sde on the default logsnr10 steps")
     parser.add_argument("--timestep_respacing", default=DEFAULT_SETTINGS.timestep_respacing,
-                        help=f"sampling steps taken from the checkpoint's training steps: logsnrN (N steps evenly "
-                             f"spaced in log-SNR, DPM-Solver++), N (e.g. 50, 250; 1000 = all: ancestral DDPM), or "
-                             f"ddimN with --use_ddim True (the original 1000-step sampler: {FAITHFUL_FLAGS})")
-    parser.add_argument("--solver", default=DEFAULT_SETTINGS.solver, choices=list(SOLVERS),
-                        help="auto: SDE-DPM-Solver++(2M) on logsnrN steps, else ancestral DDPM (DDIM with --use_ddim "
-                             "True); ddpm: ancestral DDPM or DDIM on any steps; dpmpp2m: DPM-Solver++(2M) on any "
-                             "steps (deterministic, one network evaluation per step; overrides --use_ddim); "
-                             "dpmpp2m_sde: its stochastic form (fresh noise at every step, as DDPM)")
+                        help="the sampled steps, taken from the checkpoint's schedule: N (N steps evenly spaced, e.g. "
+                             "50; 1000 = all), ddimN (N evenly strided steps) or logsnrN (N steps evenly spaced in "
+                             "log-SNR, for dpmpp2m and dpmpp2m_sde); without --sampler, N runs ddpm and logsnrN "
+                             "dpmpp2m_sde")
+    parser.add_argument("--use_ddim", type=str2bool, default=None,
+                        help="the original flag: True = --sampler ddim (with ddimN or N steps)")
+    parser.add_argument("--solver", default=None, choices=list(SOLVERS),
+                        help="the earlier spelling of --sampler: dpmpp2m and dpmpp2m_sde as there; ddpm: ddpm, or "
+                             "ddim with --use_ddim True; auto: as without it")
     parser.add_argument("--eta", type=non_negative_float, default=DEFAULT_SETTINGS.eta,
-                        help="DDIM eta (0: deterministic)")
+                        help=f"DDIM's noise (0: deterministic); only --sampler {', '.join(ETA_SAMPLERS)} uses it")
     parser.add_argument("--clip_denoised", type=str2bool, default=False,
                         help="clamp each predicted x0 to the latent scale")
     parser.add_argument("--use_ema", type=str2bool, default=True, help="sample the EMA weights (else the raw ones)")
@@ -99,7 +105,7 @@ def build_parser():
     parser.add_argument("--decoder_precision", default=DEFAULT_SETTINGS.decoder_precision, choices=PRECISIONS,
                         help="the count decoder's output layer (1024 x genes, most of the decoding work) in fp32 or "
                              "bf16 (its logits move by ~2^-9 of their size, far below the count draws' noise; "
-                             "measured in the README, Speed); auto: bf16 when --precision resolves to bf16 and "
+                             "docs/sampling.md); auto: bf16 when --precision resolves to bf16 and "
                              "counts are drawn, else fp32 (decoded means are always fp32)")
     parser.add_argument("--guidance_form", default=DEFAULT_SETTINGS.guidance_form, choices=list(GUIDANCE_FORMS),
                         help="how guidance combines several label keys (docs/sampling.md): nested (each key's term "
@@ -110,15 +116,17 @@ def build_parser():
                         help="seed of every random stream (noise, count draws, library sizes)")
     parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
                         help="compression of generated.h5ad's matrices (none: fastest; lzf / gzip: smaller, slower; "
-                             "measured in the README, Speed)")
+                             "docs/sampling.md)")
     parser.add_argument("--progress", type=str2bool, default=True, help="show progress bars")
     add_device_arg(parser)
+    add_threads_arg(parser)
     add_debug_arg(parser)
     return parser
 
 
 def settings_from_args(args):
-    return SamplerSettings(guide_w=args.guide_w, use_ddim=args.use_ddim, timestep_respacing=args.timestep_respacing,
+    return SamplerSettings(guide_w=args.guide_w, sampler=args.sampler, use_ddim=args.use_ddim,
+                           timestep_respacing=args.timestep_respacing,
                            eta=args.eta, cache_interval=args.cache_interval, branch=args.branch,
                            non_uniform=args.non_uniform, clip_denoised=args.clip_denoised,
                            batch_size=args.batch_size, seed=args.seed, observation=args.observation,
@@ -137,6 +145,7 @@ def request_from_args(args):
 @command
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    apply_thread_flags(args)
     check_writable_dir(args.sample_dir, "--sample_dir")
     with terminate_as_exception():  # SIGTERM removes this run's temporaries, as Ctrl-C does
         return sample_cells(request_from_args(args), settings_from_args(args))

@@ -158,7 +158,7 @@ def main(argv=None):
     default = resolve_settings(DEFAULT_SETTINGS, {"cache_interval": 5, "branch": 0, "non_uniform": False}, "cpu")
 
     def settings(**changes):
-        values = dict(vars(default), solver="auto")  # auto: the solver follows the steps asked for
+        values = dict(vars(default), sampler=None, use_ddim=None, solver=None)  # the sampler follows the flags given
         values.update(changes)
         return SamplerSettings(**values)
 

@@ -40,8 +40,8 @@ from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, 
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.core.device import resolve_device
 from guided_diffusion.checkpoints import load_diffusion_model, resolve_autoencoder
-from guided_diffusion.sampling.settings import (SamplerSettings, format_guide_w, parse_guide_w, resolve_guide_w,
-                                                resolve_settings)
+from guided_diffusion.sampling.settings import (SAMPLERS, SamplerSettings, format_guide_w, parse_guide_w,
+                                                resolve_guide_w, resolve_settings)
 from guided_diffusion.sampling.pipeline import generate
 
 ACCURACY_TOLERANCE = 0.02
@@ -163,7 +163,7 @@ def plot(summary, real_accuracy, chosen):
 
 # ---- the sweep -------------------------------------------------------------------------------------
 def sweep(model_path, validation, weights, out, label_key=None, seeds=(0,), max_per_condition=100,
-          input_is_log=False, vae_path="", timestep_respacing="50", device="auto", log=print):
+          input_is_log=False, vae_path="", timestep_respacing="50", device="auto", log=print, sampler=None):
     """Sample and score every (setting, seed); write the table, its summary and the plot; return both."""
     device = resolve_device(device)
     loaded = load_diffusion_model(model_path, device=device)
@@ -171,7 +171,7 @@ def sweep(model_path, validation, weights, out, label_key=None, seeds=(0,), max_
     if label_key not in loaded.label_keys:
         raise UsageError(f"--label_key {label_key!r} is not a label key of this model; label keys: "
                          f"{', '.join(loaded.label_keys)}")
-    settings_list = [replace(SamplerSettings(), guide_w=resolve_guide_w(w, loaded.label_keys),
+    settings_list = [replace(SamplerSettings(), guide_w=resolve_guide_w(w, loaded.label_keys), sampler=sampler,
                              timestep_respacing=timestep_respacing) for w in weights]
     settings_list = [resolve_settings(s, loaded.checkpoint.sampling_defaults, device,
                                       schedule_steps=int(loaded.checkpoint.diffusion["steps"])) for s in settings_list]
@@ -225,6 +225,8 @@ def build_parser():
                         help="generated cells per condition: the validation's count, at most this")
     parser.add_argument("--input_is_log", type=str2bool, default=False, help="the validation X is log-normalized")
     parser.add_argument("--vae_path", default="", help="autoencoder (default: the one recorded in the checkpoint)")
+    parser.add_argument("--sampler", default=None, choices=list(SAMPLERS),
+                        help="the reverse process (as cell_sample.py); default: ddpm, dpmpp2m_sde on logsnrN steps")
     parser.add_argument("--timestep_respacing", default="50", help="sampling steps (as cell_sample.py)")
     add_device_arg(parser)
     add_debug_arg(parser)
@@ -236,7 +238,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     return sweep(args.model_path, args.validation, args.weights, args.out, label_key=args.label_key,
                  seeds=args.seeds, max_per_condition=args.max_per_condition, input_is_log=args.input_is_log,
-                 vae_path=args.vae_path, timestep_respacing=args.timestep_respacing, device=args.device)
+                 vae_path=args.vae_path, timestep_respacing=args.timestep_respacing, device=args.device,
+                 sampler=args.sampler)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import h5py
@@ -47,8 +47,9 @@ from guided_diffusion.sampling.writer import NonFiniteOutput, write_decoded_h5ad
 from guided_diffusion.checkpoints import load_diffusion_model, resolve_autoencoder
 from guided_diffusion.diffusion.guidance import guidance_formula
 from guided_diffusion.sampling.reverse import condition_noise, sample_latents
-from guided_diffusion.sampling.settings import (check_settings, resolve_decoder_precision, resolve_guide_w,
-                                                resolve_observation, resolve_settings)
+from guided_diffusion.sampling.settings import (build_sampling_diffusion, check_settings, record,
+                                                resolve_decoder_precision, resolve_guide_w, resolve_observation,
+                                                resolve_settings)
 
 MANIFEST = "manifest.json"
 GENERATED = "generated.h5ad"
@@ -366,17 +367,20 @@ def label_table(cond_rows, loaded):
 
 
 def provenance(loaded, autoencoder, settings, observation, n_cells, warnings, forms=None):
+    """The run's record (uns['cfdiffusion'], manifest.json's "run"): the sampler that ran, its steps and spacing and
+    every setting that took effect (sampling.settings.record), the checkpoint, autoencoder and observation."""
+    schedule_steps = int(loaded.checkpoint.diffusion["steps"])
+    steps = build_sampling_diffusion(settings, schedule_steps, schedule=loaded.checkpoint.diffusion["schedule"])
     return {"cfdiffusion": {
         "checkpoint": os.path.basename(loaded.path), "step": int(loaded.checkpoint.step), "weights": loaded.weights,
         "vae_path": os.path.basename(autoencoder.path), "normalization": "log1p(normalize_total 1e4)"
         if not autoencoder.normalization.input_is_log else "as the training input (log-normalized)",
-        "label_keys": loaded.label_keys, "n_cells": int(n_cells), **asdict(settings),
-        "sampler": "ddim" if settings.use_ddim else "ddpm", "observation": observation,
-        "guidance": guidance_formula(settings.guide_w),
+        "label_keys": loaded.label_keys, "n_cells": int(n_cells), **record(settings, steps.num_timesteps),
+        "observation": observation, "guidance": guidance_formula(settings.guide_w),
         # conditions per guidance form (the composed one for unseen conditions with --guidance_form auto)
         "guidance_forms": dict(forms or {"nested": 0}),
         "guidance_composed": guidance_formula(settings.guide_w, "composed"),
-        "schedule_steps": int(loaded.checkpoint.diffusion["steps"]),
+        "schedule_steps": schedule_steps,
         "unconditioned": "a label key left unconditioned is a missing value (NaN) in obs",
         "warnings": list(warnings),
     }}

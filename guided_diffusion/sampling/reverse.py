@@ -1,5 +1,5 @@
-"""The reverse loop: guided, optionally cached DDPM/DDIM from per-condition noise to latents, in batches
-that mix conditions and draw their step noise from their own seed stream."""
+"""The reverse loop: guided, optionally cached DDPM, DDIM or (SDE-)DPM-Solver++(2M) from per-condition noise to
+latents, in batches that mix conditions and draw their step noise from their own seed stream."""
 import torch
 from tqdm.auto import tqdm
 
@@ -9,7 +9,7 @@ from guided_diffusion.diffusion.feature_cache import refresh_schedule
 from guided_diffusion.diffusion.guidance import guided_eps_fn
 from guided_diffusion.core.device import matmul_precision
 from guided_diffusion.diffusion.schedules import DIFFUSION_STEPS
-from guided_diffusion.sampling.settings import DPM_SOLVERS, build_sampling_diffusion, guide_weights, solver_of
+from guided_diffusion.sampling.settings import DPM_SOLVERS, build_sampling_diffusion, guide_weights, sampler_of
 
 
 def condition_noise(seed, condition_index, n_cells, latent_dim):
@@ -33,6 +33,7 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
     one entry per row) marks the rows guided with the composed form (diffusion/guidance.py), the others nested.
     """
     device = next(model.parameters()).device
+    sampler = sampler_of(settings)
     diffusion = build_sampling_diffusion(settings, schedule_steps, latent_scale=latent_scale, schedule=schedule)
     try:
         refresh = refresh_schedule(diffusion.num_timesteps, settings.cache_interval, settings.non_uniform)
@@ -55,10 +56,10 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,
                       on_step=lambda *_: bar.update(1))
         with matmul_precision(settings.precision, device):  # the denoiser's matmuls; the updates stay fp32
-            if solver_of(settings) in DPM_SOLVERS:
-                x = diffusion.dpm_solver_sample_loop(eps_fn, noise[part].shape,
-                                                     stochastic=solver_of(settings) == "dpmpp2m_sde", **common)
-            elif settings.use_ddim:
+            if sampler in DPM_SOLVERS:
+                x = diffusion.dpm_solver_sample_loop(eps_fn, noise[part].shape, stochastic=sampler == "dpmpp2m_sde",
+                                                     **common)
+            elif sampler == "ddim":
                 x = diffusion.ddim_sample_loop(eps_fn, noise[part].shape, eta=settings.eta, **common)
             else:
                 x = diffusion.p_sample_loop(eps_fn, noise[part].shape, **common)

@@ -3,6 +3,7 @@ checkpoint (cache settings, the noise schedule) and the device (precision)."""
 import argparse
 import math
 import re
+import sys
 from dataclasses import dataclass, replace
 from typing import Dict, Optional, Union
 
@@ -15,9 +16,15 @@ OBSERVATIONS = ("auto", "counts", "mean")
 GUIDE_W_RANGE = (-1.0, 100.0)  # w < -1 inverts the condition; beyond 100 the guided epsilon overflows usefulness
 MAX_SEED = 2 ** 63 - 1
 _RESPACING = re.compile(r"(ddim|logsnr)?([0-9]+)")
-# auto: SDE-DPM-Solver++(2M) on log-SNR-spaced steps (timestep_respacing logsnrN), else as ddpm; ddpm (or ""): ancestral
-# DDPM, or DDIM with use_ddim; dpmpp2m: DPM-Solver++(2M) on whatever steps are given; dpmpp2m_sde: its stochastic
-# form (SDE-DPM-Solver++(2M), fresh noise at every step)
+# the algorithms of the reverse process: ancestral DDPM, DDIM, DPM-Solver++(2M) (deterministic) and its stochastic
+# form SDE-DPM-Solver++(2M) (fresh noise at every step); docs/sampling.md compares them
+SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "dpmpp2m_sde")
+ETA_SAMPLERS = ("ddim",)  # the samplers that use --eta
+METHODS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp2m": "DPM-Solver++(2M)", "dpmpp2m_sde": "SDE-DPM-Solver++(2M)"}
+# --timestep_respacing's prefix names how its N steps are spaced over the checkpoint's schedule
+SPACINGS = {"": "uniform", "ddim": "strided", "logsnr": "log-snr"}
+# --solver, an alias of --sampler: auto (the sampler follows --use_ddim and the steps: dpmpp2m_sde on logsnrN steps,
+# else ddpm, ddim with --use_ddim True), ddpm or "" (ddpm, ddim with --use_ddim True), dpmpp2m, dpmpp2m_sde
 SOLVERS = ("auto", "ddpm", "dpmpp2m", "dpmpp2m_sde", "")
 DPM_SOLVERS = ("dpmpp2m", "dpmpp2m_sde")
 GUIDANCE_FORMS = ("auto", "nested", "composed")
@@ -25,12 +32,16 @@ GUIDANCE_FORMS = ("auto", "nested", "composed")
 
 @dataclass
 class SamplerSettings:
-    """How the reverse process runs; recorded in the output's ``uns``."""
+    """How the reverse process runs; recorded in the output's ``uns`` (:func:`record`)."""
 
     guide_w: Union[float, Dict[str, float]] = 0.5  # one weight, or {label key: weight} (resolve_guide_w)
-    use_ddim: bool = False
-    timestep_respacing: str = "logsnr10"
-    eta: float = 0.0
+    # the algorithm (SAMPLERS); None: chosen by the aliases use_ddim and solver and the steps (sampler_of), which
+    # without them is dpmpp2m_sde on the default logsnr10 steps
+    sampler: Optional[str] = None
+    # the original flags, aliases of sampler (None: not given); resolve_settings sets them to agree with it
+    use_ddim: Optional[bool] = None  # True: ddim
+    timestep_respacing: str = "logsnr10"  # the steps and their spacing: N (uniform), ddimN (strided), logsnrN
+    eta: float = 0.0  # ddim only
     cache_interval: Optional[int] = None  # None: the checkpoint's, scaled to the sampled steps
     branch: Optional[int] = None  # None: the checkpoint's
     non_uniform: Optional[bool] = None  # None: the checkpoint's
@@ -39,7 +50,7 @@ class SamplerSettings:
     seed: int = 0
     observation: str = "auto"
     precision: str = "auto"
-    solver: str = "auto"  # see SOLVERS; resolve_settings leaves one of DPM_SOLVERS or "" (the DDPM family)
+    solver: Optional[str] = None  # see SOLVERS
     # the count decoder's output layer; auto: bf16 when the denoiser's matmuls are and counts are drawn
     # (resolve_decoder_precision), decoded means always fp32
     decoder_precision: str = "auto"
@@ -48,22 +59,55 @@ class SamplerSettings:
     guidance_form: str = "auto"
 
     def describe(self):
-        methods = {"dpmpp2m": "DPM-Solver++(2M)", "dpmpp2m_sde": "SDE-DPM-Solver++(2M)"}
-        method = methods.get(solver_of(self)) or ("DDIM" if self.use_ddim else "DDPM")
-        return f"{method} {self.timestep_respacing} steps, cache {self.cache_interval} " \
-               f"({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch}), " \
-               f"w={format_guide_w(self.guide_w)}"
+        cache = f"cache {self.cache_interval}"
+        if self.cache_interval is None or self.cache_interval > 1:
+            cache += f" ({'non-uniform' if self.non_uniform else 'uniform'}, branch {self.branch})"
+        return f"{METHODS[sampler_of(self)]} {self.timestep_respacing} steps, {cache}, w={format_guide_w(self.guide_w)}"
+
+
+def _sampler_of_aliases(use_ddim, solver, timestep_respacing):
+    """The sampler the original flags choose: --solver dpmpp2m / dpmpp2m_sde is that sampler; auto (or not given)
+    is dpmpp2m_sde on log-SNR-spaced steps (logsnrN) without --use_ddim True; otherwise ddim with --use_ddim True,
+    else ddpm (so --timestep_respacing 1000, and ddim50 with --use_ddim True, run what they always did)."""
+    if solver in DPM_SOLVERS:
+        return solver
+    if solver in (None, "auto") and str(timestep_respacing).startswith("logsnr") and not use_ddim:
+        return "dpmpp2m_sde"
+    return "ddim" if use_ddim else "ddpm"
+
+
+def sampler_of(settings):
+    """The algorithm that runs (one of SAMPLERS): ``sampler`` when given, else the one its aliases choose."""
+    if settings.sampler is not None:
+        return settings.sampler
+    return _sampler_of_aliases(settings.use_ddim, settings.solver, settings.timestep_respacing)
 
 
 def solver_of(settings):
-    """The solver that runs: "dpmpp2m", "dpmpp2m_sde", or "" (ancestral DDPM, or DDIM with use_ddim). ``auto`` takes
-    SDE-DPM-Solver++(2M) when the steps are spaced in log-SNR (logsnrN) and DDIM is not asked for (the ODE form,
-    ``dpmpp2m``, was the default until 2026-12-04), else DDPM/DDIM, so the original command lines
-    (--timestep_respacing 1000, ddim50 with --use_ddim True) run what they did."""
-    if settings.solver == "auto":
-        spaced_in_log_snr = str(settings.timestep_respacing).startswith("logsnr")
-        return "dpmpp2m_sde" if spaced_in_log_snr and not settings.use_ddim else ""
-    return "" if settings.solver == "ddpm" else settings.solver
+    """The sampler as the ``solver`` alias names it: "dpmpp2m", "dpmpp2m_sde", or "" (ddpm or ddim)."""
+    sampler = sampler_of(settings)
+    return sampler if sampler in DPM_SOLVERS else ""
+
+
+def alias_conflict(settings):
+    """A one-line message when ``sampler`` and an alias given beside it name different samplers, else None."""
+    sampler = settings.sampler
+    if sampler is None:
+        return None
+    if settings.use_ddim is not None and settings.use_ddim != (sampler == "ddim"):
+        return (f"--sampler {sampler} contradicts --use_ddim {settings.use_ddim} "
+                f"({'ddim' if settings.use_ddim else 'not ddim'}); give --sampler alone")
+    solver = settings.solver
+    if solver in DPM_SOLVERS and solver != sampler or solver in ("ddpm", "") and sampler in DPM_SOLVERS:
+        chooses = "" if solver in DPM_SOLVERS else " (ddpm or ddim)"
+        return f"--sampler {sampler} contradicts --solver {solver or repr('')}{chooses}; give --sampler alone"
+    return None
+
+
+def spacing_of(timestep_respacing):
+    """``uniform`` (N), ``strided`` (ddimN) or ``log-snr`` (logsnrN)."""
+    match = _RESPACING.fullmatch(str(timestep_respacing))
+    return SPACINGS[match.group(1) or ""] if match else None
 
 
 def parse_guide_w(text):
@@ -111,10 +155,10 @@ def guide_weights(guide_w):
 
 # The default: SDE-DPM-Solver++(2M) on 10 steps evenly spaced in log-SNR, the checkpoint's cache interval scaled
 # to them (5 of 1000 -> 1 of 10: no reuse), bf16 matmuls where the device runs them natively (the count decoder's
-# output layer too). Chosen by measurement on held-out cells against the faithful configuration (use_ddim False,
-# timestep_respacing 1000, cache 5; benchmarks/bench_fidelity.sh): README, "Speed". The earlier defaults:
-# --solver dpmpp2m (the ODE form, until 2026-12-04), --timestep_respacing 50 (DDPM-50, until 2026-12-02).
+# output layer too). Chosen by measurement on held-out cells against the faithful configuration (ddpm on all
+# 1000 steps, cache 5, fp32; benchmarks/bench_fidelity.sh): docs/sampling.md.
 DEFAULT_SETTINGS = SamplerSettings()
+# the original sampler in the original flags; the same as --sampler ddpm --timestep_respacing 1000 ...
 FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32"
 
 
@@ -139,26 +183,38 @@ def check_settings(settings):
     match = _RESPACING.fullmatch(respacing) if isinstance(respacing, str) else None
     if match is None or int(match.group(2)) < 1:
         raise UsageError(f"--timestep_respacing {respacing!r}: give a step count such as 50 or 1000 (all steps), "
-                         f"ddim50 with --use_ddim True, or logsnr15 with --solver dpmpp2m (no spaces; section lists "
-                         f"such as 10,10,10 are not supported)")
+                         f"ddim50 (strided) or logsnr15 (spaced in log-SNR, for --sampler dpmpp2m or dpmpp2m_sde; "
+                         f"no spaces; section lists such as 10,10,10 are not supported)")
     if settings.decoder_precision not in PRECISIONS:
         raise UsageError(f"--decoder_precision must be one of {', '.join(PRECISIONS)}, got "
                          f"{settings.decoder_precision!r}")
     if settings.guidance_form not in GUIDANCE_FORMS:
         raise UsageError(f"--guidance_form must be one of {', '.join(GUIDANCE_FORMS)}, got {settings.guidance_form!r}")
-    if settings.solver not in SOLVERS:
+    if settings.sampler is not None and settings.sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {settings.sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if settings.solver is not None and settings.solver not in SOLVERS:
         raise UsageError(f"--solver {settings.solver!r}: choose one of {', '.join(repr(s) for s in SOLVERS)}")
-    solver = solver_of(settings)
-    if match.group(1) == "logsnr" and settings.use_ddim and solver not in DPM_SOLVERS:
+    conflict = alias_conflict(settings)
+    if conflict:
+        raise UsageError(conflict)
+    sampler, prefix, count = sampler_of(settings), match.group(1), match.group(2)
+    if settings.sampler is not None:
+        if prefix == "logsnr" and sampler not in DPM_SOLVERS:
+            raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for --sampler dpmpp2m or "
+                             f"dpmpp2m_sde; with --sampler {sampler} give {count} (uniform) or ddim{count} (strided)")
+    elif prefix == "logsnr" and settings.use_ddim and sampler not in DPM_SOLVERS:
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for DPM-Solver++; with "
-                         f"--use_ddim True give DDIM steps, e.g. --timestep_respacing ddim{match.group(2)}")
-    if match.group(1) == "logsnr" and solver not in DPM_SOLVERS:
+                         f"--use_ddim True give DDIM steps, e.g. --timestep_respacing ddim{count}")
+    elif prefix == "logsnr" and sampler not in DPM_SOLVERS:
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps in log-SNR for DPM-Solver++, but "
-                         f"--solver {settings.solver or repr('')} is not one; drop --solver (auto: SDE-DPM-Solver++) or give "
-                         f"{match.group(2)} for DDPM")
-    if match.group(1) == "ddim" and not settings.use_ddim and solver not in DPM_SOLVERS:
+                         f"--solver {settings.solver or repr('')} is not one; drop --solver (auto: SDE-DPM-Solver++) "
+                         f"or give {count} for DDPM")
+    elif prefix == "ddim" and not settings.use_ddim and sampler not in DPM_SOLVERS:
         raise UsageError(f"--timestep_respacing {respacing} spaces the steps for DDIM, but --use_ddim is False; "
-                         f"add --use_ddim True, or give {match.group(2)} for DDPM")
+                         f"add --use_ddim True, or give {count} for DDPM")
+    if settings.eta != 0 and sampler not in ETA_SAMPLERS:
+        raise UsageError(f"--eta {settings.eta:g} applies to --sampler {' and '.join(ETA_SAMPLERS)} only (also "
+                         f"spelled --use_ddim True); this run's sampler, {sampler}, does not use it: drop --eta")
 
 
 def build_sampling_diffusion(settings, num_timesteps=DIFFUSION_STEPS, latent_scale=1.0, schedule="linear"):
@@ -178,19 +234,48 @@ def scaled_cache_interval(recorded_interval, steps, schedule_steps):
 
 
 def resolve_settings(settings, recorded, device, schedule_steps=DIFFUSION_STEPS):
-    """Settings with nothing left open: the cache settings the user did not give come from the checkpoint's
-    ``sampling_defaults`` (``recorded``; the interval scaled to the sampled steps of its ``schedule_steps``
-    schedule, which the sampler takes from the checkpoint), ``auto`` precision from the device."""
+    """Settings with nothing left open: ``sampler`` from its aliases (which are then set to agree with it), the
+    cache settings the user did not give from the checkpoint's ``sampling_defaults`` (``recorded``; the
+    interval scaled to the sampled steps of its ``schedule_steps`` schedule, which the sampler takes from the
+    checkpoint), ``auto`` precision from the device. Cache flags given for a run without feature reuse
+    (cache interval 1) are warned about on stderr."""
     check_settings(settings)
     steps = build_sampling_diffusion(settings, schedule_steps).num_timesteps
-    return replace(
+    sampler = sampler_of(settings)
+    resolved = replace(
         settings,
+        sampler=sampler, use_ddim=sampler == "ddim", solver=sampler if sampler in DPM_SOLVERS else "",
         cache_interval=scaled_cache_interval(recorded["cache_interval"], steps, schedule_steps)
         if settings.cache_interval is None else settings.cache_interval,
         branch=recorded["branch"] if settings.branch is None else settings.branch,
         non_uniform=recorded["non_uniform"] if settings.non_uniform is None else settings.non_uniform,
-        precision=resolve_precision(settings.precision, device),
-        solver=solver_of(settings))
+        precision=resolve_precision(settings.precision, device))
+    unused = [flag for flag, value in (("--branch", settings.branch), ("--non_uniform", settings.non_uniform))
+              if value is not None]
+    if unused and resolved.cache_interval == 1:
+        flags, several = " and ".join(unused), len(unused) > 1
+        print(f"warning: {flags} {'set' if several else 'sets'} how deep features are reused, but the cache interval "
+              f"is 1 (no reuse) on {steps} steps: {'they have' if several else 'it has'} no effect",
+              file=sys.stderr, flush=True)
+    return resolved
+
+
+def record(settings, steps):
+    """What a run's ``uns['cfdiffusion']`` and manifest.json record of resolved ``settings`` that ran ``steps``
+    sampled steps: the sampler, its steps and their spacing, and each setting that took effect (eta only with
+    a sampler that uses it; the cache branch and its refresh pattern only with feature reuse)."""
+    sampler = sampler_of(settings)
+    entry = {"sampler": sampler, "steps": int(steps), "spacing": spacing_of(settings.timestep_respacing),
+             "timestep_respacing": settings.timestep_respacing}
+    if sampler in ETA_SAMPLERS:
+        entry["eta"] = settings.eta
+    entry["cache_interval"] = settings.cache_interval
+    if settings.cache_interval is None or settings.cache_interval > 1:
+        entry.update(branch=settings.branch, non_uniform=settings.non_uniform)
+    entry.update(clip_denoised=settings.clip_denoised, batch_size=settings.batch_size, seed=settings.seed,
+                 guide_w=settings.guide_w, guidance_form=settings.guidance_form, precision=settings.precision,
+                 decoder_precision=settings.decoder_precision)
+    return entry
 
 
 def resolve_observation(observation, autoencoder):
@@ -219,7 +304,9 @@ def resolve_decoder_precision(settings, observation, device):
     return resolve_precision(settings.decoder_precision, device)
 
 
-__all__ = ["OBSERVATIONS", "PRECISIONS", "SOLVERS", "DPM_SOLVERS", "SamplerSettings", "solver_of", "DEFAULT_SETTINGS", "FAITHFUL_FLAGS", "check_settings",
+__all__ = ["OBSERVATIONS", "PRECISIONS", "SAMPLERS", "ETA_SAMPLERS", "SPACINGS", "SOLVERS", "DPM_SOLVERS",
+           "SamplerSettings", "sampler_of", "solver_of", "alias_conflict", "spacing_of", "record", "DEFAULT_SETTINGS",
+           "FAITHFUL_FLAGS", "check_settings",
            "parse_guide_w", "format_guide_w", "resolve_guide_w", "guide_weights",
            "build_sampling_diffusion", "scaled_cache_interval", "resolve_settings", "resolve_observation",
            "resolve_decoder_precision"]
