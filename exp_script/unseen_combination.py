@@ -122,6 +122,12 @@ def summarize(rows, donor, blind_sample=None):
         if seen else None,
         "seen_real_called_correctly_mean": float(np.mean([r["real_called_correctly"] for r in seen])) if seen else None,
         "held_out_knn_auc": held_out["knn_auc"],
+        # the same two figures for the seen combinations of the same model: the reference the held-out
+        # combination's cells are judged against (caricatures score high donor calls but a high kNN AUC)
+        "seen_generated_called_wrong_mean": None if not seen else
+        float(np.mean([1.0 - r["generated_called_correctly"] for r in seen])),
+        "seen_knn_auc_mean": None if not [r for r in seen if r["knn_auc"] is not None] else
+        float(np.mean([r["knn_auc"] for r in seen if r["knn_auc"] is not None])),
         "passes_half_of_real": None if generated is None else bool(generated >= 0.5 * real),
     }
 
@@ -172,7 +178,8 @@ def score(real, generated, out, type_key, donor_key, cell_type, donor, blind=Non
 def _provenance(path):
     uns = anndata.read_h5ad(str(path), backed="r").uns
     record = uns.get("cfdiffusion", {})
-    return {key: record[key] for key in ("checkpoint", "step", "guide_w", "guidance") if key in record}
+    return {key: record[key] for key in ("checkpoint", "step", "guide_w", "guidance", "guidance_form", "guidance_forms",
+                                         "sampler") if key in record}
 
 
 # ---- command line ----------------------------------------------------------------------------------
