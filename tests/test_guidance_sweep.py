@@ -81,6 +81,7 @@ def test_a_faithful_generator_passes_and_a_donor_blind_one_fails(tmp_path):
     assert summary["seen_generated_called_correctly_mean"] > 0.9
     assert summary["donor_blind_real_called_held_out"] < 0.1
     assert summary["held_out_knn_auc"] < 0.75
+    assert summary["seen_generated_called_wrong_mean"] < 0.1 and summary["seen_knn_auc_mean"] < 0.75
     assert (tmp_path / "faithful" / "out" / "unseen_combination.md").exists()
 
     blind = donor_data(seed=2)  # the held-out combination generated with the other donors' beta cells
@@ -95,6 +96,7 @@ def test_a_faithful_generator_passes_and_a_donor_blind_one_fails(tmp_path):
     assert summary["held_out_generated_called_correctly"] < 0.1 and not summary["passes_half_of_real"]
     assert summary["donor_blind_sample_called_held_out"] < 0.1
     assert summary["held_out_knn_auc"] > 0.9  # the held-out donor's cells look like another donor's
+    assert summary["seen_knn_auc_mean"] < 0.75  # the seen combinations stay faithful: the reference
     held_out = next(row for row in result["donors"] if row["held_out"])
     assert held_out["donor"] == "d2" and held_out["real_cells"] == 30 and held_out["generated_cells"] == 30
 
