@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import cell_sample
 import cell_train
 from exp_script import evaluate, guidance_sweep, split, unseen_combination
-from exp_script.label_classifier import read_cells
+from exp_script.evaluation.guidance_inputs import read_cells
 from guided_diffusion.data import load_dataset
 from synthetic import make_counts_adata
 from test_sampler_checkpoint import LEGACY, MODEL, VAE
