@@ -233,7 +233,7 @@ def decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings
     try:
         return write_decoded_h5ad(path, autoencoder, latents, obs, uns, progress=progress,
                                   library_sizes=library_sizes, seed=settings.seed, compression=compression,
-                                  timings=timings, decoder_precision=settings.decoder_precision)
+                                  decoder_precision=settings.decoder_precision)
     except NonFiniteOutput as error:
         raise UsageError(f"the autoencoder decoded the generated latents to non-finite {error}; nothing was "
                          f"written (train longer, or lower --guide_w)") from None
