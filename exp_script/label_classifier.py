@@ -17,8 +17,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
 from guided_diffusion.core.errors import UsageError
-
-TARGET_SUM = 1e4
+from guided_diffusion.data import TARGET_SUM
 
 
 def read_cells(path, keys, input_is_log=False):

@@ -25,7 +25,8 @@ from guided_diffusion.data.dataset import (BLOCK_CACHE_SIZE, DEFAULT_BLOCK_ROWS,
 from guided_diffusion.data.files import BACKED_AUTO_BYTES, ObsColumns, read_h5ad, stored_matrix_nbytes, use_backed
 from guided_diffusion.data.labels import (DEFAULT_LABEL_KEY, RESERVED_OBS_COLUMNS, check_genes, check_num_classes,
                                           format_values)
-from guided_diffusion.data.values import ALLOW_COUNT_LIKE_FLAG, TARGET_SUM, ValueScan
+from guided_diffusion.data.normalize import TARGET_SUM
+from guided_diffusion.data.values import ALLOW_COUNT_LIKE_FLAG, ValueScan
 
 __all__ = [
     "ALLOW_COUNT_LIKE_FLAG", "BACKED_AUTO_BYTES", "BLOCK_CACHE_SIZE", "DEFAULT_BLOCK_ROWS", "DEFAULT_LABEL_KEY",

@@ -22,7 +22,8 @@ import scipy.sparse as sp
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import files
 from guided_diffusion.data.labels import check_shape_and_genes, encode_labels, parse_filters, resolve_label_keys
-from guided_diffusion.data.values import TARGET_SUM, ValueScan, size_factors
+from guided_diffusion.data.normalize import TARGET_SUM, log_normalize, size_factors
+from guided_diffusion.data.values import ValueScan
 
 DEFAULT_BLOCK_ROWS = 4096
 BLOCK_CACHE_SIZE = 2
@@ -259,8 +260,7 @@ class CellDataset:
 
     def _log_normalize(self, dense, index):
         if self.size_factors is not None:
-            dense *= self.size_factors[index][:, None]
-            np.log1p(dense, out=dense)
+            log_normalize(dense, factors=self.size_factors[index], out=dense)
         return dense
 
     def raw_rows(self, index):

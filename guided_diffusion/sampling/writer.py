@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from guided_diffusion.core import seed_streams
 from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.data.normalize import log_normalize
 
 COMPRESSIONS = ("none", "gzip", "lzf")
 GZIP_LEVEL = 1
@@ -84,11 +85,8 @@ class StreamedCsrMatrix:
 
 def log_normalize_counts(counts, target_sum):
     """CSR counts -> CSR log1p(counts / cell total x target_sum), as the loader normalizes real cells
-    (sharing ``counts``' indices and indptr)."""
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.where(totals > 0, target_sum / np.maximum(totals, 1e-12), 0.0)
-    values = np.log1p(counts.data.astype(np.float32) * np.repeat(scale, np.diff(counts.indptr))).astype(np.float32)
-    return sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape)
+    (sharing ``counts``' indices and indptr): :func:`guided_diffusion.data.normalize.log_normalize`."""
+    return log_normalize(counts, target_sum)
 
 
 class NonFiniteOutput(ValueError):
