@@ -28,6 +28,7 @@ INVERSE_CDF_MAX_MEAN = 16.0
 NB_BLOCK_ROWS = 512
 
 
+@torch.inference_mode()
 def sample_counts(model, latent, totals, generator, precision="fp32"):
     """Raw counts drawn from ``model``'s decoded negative binomial: mean = share x ``totals`` (one per cell);
     a sparse CSR tensor (cells x genes), drawn in blocks of cells with a random byte per entry
