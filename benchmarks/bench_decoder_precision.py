@@ -5,7 +5,7 @@ means move, how many drawn counts change, and the time of both, measured in one 
         --data checkpoint/demo/latest/split/heldout.h5ad --threads 2
 
 The cells of ``--data`` (held-out cells: the autoencoder never trained on them) are encoded, and their latents
-decoded by the output layer both ways (:func:`VAE.VAE_model.output_layer_logits`). Printed:
+decoded by the output layer both ways (:func:`VAE.count_model.output_layer_logits`). Printed:
 
 * the logits' absolute change (median, 99th percentile, max) and the relative change of each entry's NB mean
   (softmax x library size; median, 99th percentile, and the share of entries that move by more than 1%);
@@ -29,7 +29,8 @@ import torch
 from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.data import load_dataset
 from guided_diffusion.core.memory import reuse_freed_memory
-from VAE.VAE_model import load_autoencoder, output_layer_logits
+from VAE.count_model import output_layer_logits
+from VAE.VAE_model import load_autoencoder
 
 PRECISIONS = ("fp32", "bf16")
 

@@ -24,11 +24,11 @@ machine load hits all variants alike. Variants:
   ``DiffusionTrainer.run_loop`` does (no page faults on the step's freshly allocated buffers);
 * ``today + bf16``: today's code under the same autocast (what bf16 alone gives);
 * ``+ bf16 + heap reuse, one weight cast``: the adopted step, but every Linear's weight and bias reaches the
-  forward as a bf16 view of one concatenation cast once per step (:class:`OneCastTrainer`) instead of
+  forward as a bf16 view of one concatenation cast once per step (:class:`benchmarks.baselines.OneCastTrainer`) instead of
   autocast casting each layer's weights (and its backward casting each gradient back); the same numbers bit for
   bit (measured, not adopted);
 * ``bound: adopted forward + backward only``: the adopted step without the optimizer update and the EMA
-  (:class:`ForwardBackwardOnly`; not a training step: the weights never change) — what the network's forward
+  (:class:`benchmarks.baselines.ForwardBackwardOnly`; not a training step: the weights never change) — what the network's forward
   and backward alone cost, a bound on any faster optimizer or EMA;
 * ``compiled`` (with ``--compile``): ``torch.compile`` of the denoiser's static-shape path, fp32.
 
@@ -41,7 +41,6 @@ candidate and the adopted one (seed 0) N steps from the same initial weights on 
 the mean denoising loss of the raw weights on a fixed held-out set (held-out cells x fixed timesteps and
 noise, evaluated in fp32) every N/4 steps.
 """
-import contextlib
 import copy
 import os
 import statistics
@@ -54,8 +53,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import numpy as np
 import torch
 
+from benchmarks.baselines import ForwardBackwardOnly, OneCastTrainer, TodayTrainer
 from benchmarks.bench_sampling import matmul_peak_gflops
-from guided_diffusion.diffusion import denoiser as cell_model
 from guided_diffusion.diffusion.denoiser import CellUNet
 from guided_diffusion.training.pipeline import resolve_latent_scale
 from guided_diffusion.cli import ArgumentParser, HelpFormatter, non_negative_int, positive_int
@@ -64,111 +63,6 @@ from guided_diffusion.core.memory import reuse_freed_memory
 from guided_diffusion.diffusion.respace import create_diffusion
 from guided_diffusion.cli import add_threads_arg, apply_thread_flags
 from guided_diffusion.training.trainer import DiffusionTrainer
-
-
-# ---- today's code, kept for the comparison -------------------------------------------------------
-class TodayConditionScales:
-    """Today's condition projections: ``unique(dim=0)``, then one matmul and one gather per block."""
-
-    def __init__(self, model, cond, gather=True):
-        if gather:
-            unique_cond, index = torch.unique(cond, dim=0, return_inverse=True)
-        else:
-            unique_cond, index = cond, None
-        c_emb = model.embed_condition(unique_cond)
-        self.batch_size = cond.shape[0]
-        self._scales = {id(block): block.cond_proj(c_emb) if index is None else block.cond_proj(c_emb)[index]
-                        for block in list(model.encoder) + list(model.decoder)}
-
-    def __call__(self, block):
-        return self._scales[id(block)]
-
-
-class TodayTimeShifts:
-    """Today's time shifts: one matmul and one gather per block."""
-
-    def __init__(self, model, t, gather=True):
-        if gather and t.numel() > 0 and bool((t == t[0]).all()):
-            unique_t, self.index = t[:1], None
-        elif gather:
-            unique_t, self.index = torch.unique(t, return_inverse=True)
-        else:
-            unique_t, self.index = t, None
-        self.t_emb = model.embed_time(unique_t)
-
-    def __call__(self, block):
-        shift = block.time_proj(self.t_emb)
-        return shift if self.index is None else shift[self.index]
-
-
-@contextlib.contextmanager
-def todays_projections(enabled=True):
-    """CellUNet.forward builds today's per-block projections inside this context."""
-    saved = cell_model.ConditionScales, cell_model.TimeShifts
-    if enabled:
-        cell_model.ConditionScales, cell_model.TimeShifts = TodayConditionScales, TodayTimeShifts
-    try:
-        yield
-    finally:
-        cell_model.ConditionScales, cell_model.TimeShifts = saved
-
-
-class TodayTrainer(DiffusionTrainer):
-    """Today's step: per-block projections and the EMA updated one tensor at a time."""
-
-    def run_step(self):
-        with todays_projections():
-            return super().run_step()
-
-    @torch.no_grad()
-    def _update_ema(self):
-        from guided_diffusion.training.trainer import ema_warmup_rate
-
-        rate = ema_warmup_rate(self.ema_rate, self.step)
-        for ema_param, param in zip(self.ema_model.parameters(), self.model.parameters()):
-            ema_param.mul_(rate).add_(param.detach(), alpha=1.0 - rate)
-        for ema_buffer, buffer in zip(self.ema_model.buffers(), self.model.buffers()):
-            ema_buffer.copy_(buffer)
-
-
-class OneCastForward:
-    """The denoiser with every Linear's weight and bias in bf16 from one concatenation and one cast per call
-    (``torch.func.functional_call`` with bf16 views): autocast finds them in bf16 and casts only the inputs.
-    Rounding is the same as autocast's per-layer cast, so outputs and gradients are identical."""
-
-    def __init__(self, model):
-        self.model = model
-        linears = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
-        self.names = [f"{name}.{part}" for name, module in linears
-                      for part, _ in module.named_parameters(recurse=False)]
-        parameters = dict(model.named_parameters())
-        self.parameters = [parameters[name] for name in self.names]
-        self.sizes = [p.numel() for p in self.parameters]
-
-    def __call__(self, *args, **kwargs):
-        flat = torch.cat([p.reshape(-1) for p in self.parameters]).to(torch.bfloat16)
-        pieces = flat.split(self.sizes)
-        weights = {name: piece.view(p.shape) for name, piece, p in zip(self.names, pieces, self.parameters)}
-        return torch.func.functional_call(self.model, weights, args, kwargs, strict=False)
-
-
-class OneCastTrainer(DiffusionTrainer):
-    """(Measured, not adopted.) The adopted step with the Linear weights cast once per step (OneCastForward)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.replica = OneCastForward(self.model)
-
-
-class ForwardBackwardOnly(DiffusionTrainer):
-    """(A bound, not a training step.) The adopted step without the optimizer update and the EMA."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.optimizer.step = lambda closure=None: None
-
-    def _update_ema(self):
-        pass
 
 
 def compiled_denoiser(model):

@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks.baselines import writer_variant
 from guided_diffusion.cli import ArgumentParser, HelpFormatter
 from guided_diffusion.diffusion.denoiser import CellUNet
 from guided_diffusion.diffusion.feature_cache import refresh_schedule
@@ -116,8 +117,9 @@ def run_once(model, autoencoder, settings, n_cells, folder, totals, count_draws=
     observation = "mean" if settings.observation == "mean" else "counts"
     library_sizes = totals[np.arange(n_cells) % len(totals)] if observation == "counts" else None
     decoder_precision = resolve_decoder_precision(settings, observation, "cpu") if count_draws == "screened" else "fp32"
-    write_decoded_h5ad(os.path.join(folder, "generated.h5ad"), autoencoder, latents.numpy(), obs, {}, progress=False,
-                       library_sizes=library_sizes, count_draws=count_draws, decoder_precision=decoder_precision)
+    with writer_variant(count_draws):
+        write_decoded_h5ad(os.path.join(folder, "generated.h5ad"), autoencoder, latents.numpy(), obs, {},
+                           progress=False, library_sizes=library_sizes, decoder_precision=decoder_precision)
     end = time.perf_counter()
     if stages is not None:
         stages.append((reverse_done - start, end - reverse_done))

@@ -96,6 +96,7 @@ def reverse_diffusion(n_cells, reverse_cells):
 
 def write_outputs(latent_path, folder, layout):
     """One layout's output stages (run in a fresh process); prints a JSON line of its figures."""
+    from benchmarks.baselines import writer_variant
     from guided_diffusion.sampling.pipeline import GENERATED, write_latent_files, write_manifest
     from guided_diffusion.sampling.writer import write_decoded_h5ad
 
@@ -112,10 +113,11 @@ def write_outputs(latent_path, folder, layout):
         from guided_diffusion.core.memory import reuse_freed_memory
         reuse_freed_memory()
     timings = {}
+    variant = dict(count_draws=options.pop("count_draws", "screened"), share_pattern=options.pop("share_pattern", True))
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), writer_variant(timings=timings, **variant):
         write_decoded_h5ad(os.path.join(folder, GENERATED), autoencoder, latents, obs, {"cfdiffusion": {}},
-                           progress=False, library_sizes=library_sizes, timings=timings, **options)
+                           progress=False, library_sizes=library_sizes, **options)
     stage = time.perf_counter()
     files = write_latent_files(folder, plan, [NUM_CLASSES], settings, latents)
     write_manifest(folder, [GENERATED] + files, {})
@@ -134,8 +136,8 @@ def write_outputs(latent_path, folder, layout):
 
 
 def _dense_chunk(model, latent, totals, generator, clock):
-    """The dense count draws of one chunk, step by step (VAE.sample_counts(method="dense") in parts)."""
-    from VAE.VAE_model import _csr, _heavy_threshold, _inverse_cdf_draws
+    """The dense count draws of one chunk, step by step (baselines.sample_counts_dense in parts)."""
+    from VAE.count_model import _csr, _heavy_threshold, _inverse_cdf_draws
 
     with clock("decoder hidden layers"):
         hidden = model.decoder[:-1](latent)
@@ -178,9 +180,9 @@ def profile_chunk(threads, runs, n_cells=1024):
     the CPU has native bf16)."""
     import scipy.sparse as sp
 
-    from guided_diffusion.sampling.writer import _draw_counts, log_normalize_counts
+    from benchmarks.baselines import SubStepClock, timed_sample_counts
+    from guided_diffusion.sampling.writer import log_normalize_counts
     from guided_diffusion.core.memory import reuse_freed_memory
-    from VAE.VAE_model import _SubStepClock
 
     autoencoder, latent, library = chunk_inputs(n_cells)
     model = autoencoder.model
@@ -193,22 +195,22 @@ def profile_chunk(threads, runs, n_cells=1024):
                 generator = torch.Generator().manual_seed(run)
                 reuse_freed_memory(method == "screened")  # as cell_sample.py runs it now, not before
                 if method == "dense":
-                    counts = _dense_chunk(model, latent, library, generator, _SubStepClock(steps))
-                    with _SubStepClock(steps)("CSR"):
-                        counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
-                                                counts.crow_indices().numpy()), shape=tuple(counts.shape))
+                    counts = _dense_chunk(model, latent, library, generator, SubStepClock(steps))
                 else:
-                    counts = _draw_counts(autoencoder, latent, library, generator, "screened", steps,
-                                          "bf16" if method.endswith("bf16") else "fp32")
-                clock = _SubStepClock(steps)
+                    counts = timed_sample_counts(model, latent, library, generator, steps,
+                                                 "bf16" if method.endswith("bf16") else "fp32")
+                with SubStepClock(steps)("CSR"):
+                    counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
+                                            counts.crow_indices().numpy()), shape=tuple(counts.shape))
+                clock = SubStepClock(steps)
                 with clock("log1p(normalize_total)"):
                     log_normalize_counts(counts, 1e4)
                 steps["total"] = time.perf_counter() - start
                 if run:
                     rounds[method].append(steps)
     order = ["decoder hidden layers", "decoder output layer", "softmax", "mean = shares x library size",
-             "softmax x library size", "uniform draws (float32, every entry)", "random bytes",
-             "screen (v < mean) + nonzero", "screen (byte < 256 mean)", "inverse CDF / Gamma-Poisson", "CSR",
+             "uniform draws (float32, every entry)", "random bytes", "screen (v < mean) + nonzero",
+             "softmax x library size + screen", "inverse CDF / Gamma-Poisson", "CSR",
              "log1p(normalize_total)", "total"]
     found = {name for method in rounds for name in rounds[method][0]}
     names = [name for name in order if name in found] + sorted(found - set(order))
@@ -229,7 +231,7 @@ def time_block_sizes(threads, runs, sizes, n_cells=1024):
     """Seconds for one chunk's output layer + screened draws at each ``block_rows``, interleaved rounds
     (heap reuse on, as cell_sample.py runs it); the draws are the same for every size (checked)."""
     from guided_diffusion.core.memory import reuse_freed_memory
-    from VAE.VAE_model import sample_negative_binomial_screened
+    from VAE.count_model import sample_negative_binomial_screened
 
     reuse_freed_memory(True)
     autoencoder, latent, library = chunk_inputs(n_cells)

@@ -9,7 +9,7 @@ variant in turn (``--steps`` timed steps after one warm-up step), and the median
 reported, so machine load hits all variants alike. Variants:
 
 * ``today``: float32, the dense NB formula (lgamma of every entry), glibc's default allocation;
-* ``sparse NB``: the NB likelihood of :func:`VAE.VAE_model.negative_binomial_nll` (lgamma terms on the
+* ``sparse NB``: the NB likelihood of :func:`VAE.count_model.negative_binomial_nll` (lgamma terms on the
   non-zero counts only; lgamma(theta) per gene; ``index_select`` gathers);
 * ``before``: the adopted path with the sparse likelihood as it was until 2026-12-04
   (:func:`indexed_negative_binomial_nll`: gathers by indexing, lgamma(theta) on every non-zero entry);
@@ -44,7 +44,8 @@ from guided_diffusion.data import load_dataset, make_batch_sampler, split_train_
 from guided_diffusion.core.memory import reuse_freed_memory
 from guided_diffusion.training.optim import adamw
 from VAE.autoencoder_training import evaluate_reconstruction, output_bias
-from VAE.VAE_model import VAE, negative_binomial_nll
+from VAE.count_model import negative_binomial_nll
+from VAE.VAE_model import VAE
 
 
 def dense_negative_binomial_nll(log_mean, log_theta, counts):

@@ -8,7 +8,8 @@ import torch
 from benchmarks.bench_training import (VARIANTS, SparseInputLinear, dense_negative_binomial_nll,
                                       indexed_negative_binomial_nll, no_likelihood, to_csr, training_step)
 from guided_diffusion.training.optim import adamw
-from VAE.VAE_model import VAE, negative_binomial_nll
+from VAE.count_model import negative_binomial_nll
+from VAE.VAE_model import VAE
 
 
 def sparse_counts(generator, shape, zero_fraction=0.9):

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench_diffusion_training import (ForwardBackwardOnly, OneCastForward, OneCastTrainer, TodayTrainer,
-                                                compiled_denoiser, todays_projections)
+from benchmarks.baselines import (ForwardBackwardOnly, OneCastForward, OneCastTrainer, TodayTrainer,
+                                  todays_projections)
+from benchmarks.bench_diffusion_training import compiled_denoiser
 from guided_diffusion.diffusion.denoiser import CellUNet, gather_rows, unique_rows
 from guided_diffusion.diffusion.respace import create_diffusion
 from guided_diffusion.training.trainer import DiffusionTrainer

@@ -15,7 +15,7 @@ from exp_script import evaluate, guidance_sweep, split, unseen_combination
 from exp_script.evaluation.guidance_inputs import read_cells
 from guided_diffusion.data import load_dataset
 from synthetic import make_counts_adata
-from test_sampler_checkpoint import LEGACY, MODEL, VAE
+from test_checkpoints import LEGACY, MODEL, VAE
 from VAE import VAE_train
 
 TINY_AE = ["--hidden_dims", "16", "16", "16", "--latent_dim", "8", "--batch_size", "16", "--progress", "False"]

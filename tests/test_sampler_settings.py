@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cell_sample
-from test_sampler_checkpoint import MODEL, VAE, legacy, refused  # noqa: F401
+from test_checkpoints import MODEL, VAE, legacy, refused  # noqa: F401
 
 RECORDED = {"cache_interval": 5, "branch": 0, "non_uniform": False}
 

@@ -13,6 +13,7 @@ control half of the real cells.
 import numpy as np
 
 from guided_diffusion.data import TARGET_SUM
+from guided_diffusion.data.normalize import log_normalize as _log_normalize
 
 COLLAPSED_NOISE = 0.1  # log-normal spread of each cell's expected counts around its label's mean profile
 
@@ -35,11 +36,9 @@ def memorizer(source_x, source_labels, wanted, rng):
 
 
 def log_normalize(counts, target_sum=TARGET_SUM):
-    """log1p(normalize_total(target_sum)), as the loader and the sampler compute it."""
-    counts = np.asarray(counts, dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    totals[totals == 0] = 1.0
-    return np.log1p(counts * (target_sum / totals)).astype(np.float32)
+    """log1p(normalize_total(target_sum)) of dense counts in float64, as the sampler computes it
+    (:func:`guided_diffusion.data.normalize.log_normalize`)."""
+    return _log_normalize(np.asarray(counts, dtype=np.float64), target_sum)
 
 
 def collapsed(source_labels, wanted, rng, counts=None, totals=None, log_values=None):

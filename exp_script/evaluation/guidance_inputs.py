@@ -8,8 +8,8 @@ import scipy.sparse as sp
 from guided_diffusion.data import read_h5ad
 
 from guided_diffusion.core.errors import UsageError
+from guided_diffusion.data import TARGET_SUM
 
-TARGET_SUM = 1e4
 
 
 def read_cells(path, keys, input_is_log=False):

@@ -21,18 +21,19 @@ One module per concern (the names of all but ``flags`` are importable from ``gui
 from guided_diffusion.data.batches import (BatchSampler, BlockShuffledSampler, make_batch_sampler,
                                            split_train_validation)
 from guided_diffusion.data.dataset import (BLOCK_CACHE_SIZE, DEFAULT_BLOCK_ROWS, CellDataset, InMemoryRows,
-                                           Normalization, RowWindowReader, StreamedRows, fix_mmap_threshold,
+                                           Normalization, RowWindowReader, StreamedRows,
                                            load_dataset)
 from guided_diffusion.data.fingerprint import MatrixDigest, data_fingerprint, describe_change, fingerprint_differences
 from guided_diffusion.data.files import BACKED_AUTO_BYTES, ObsColumns, read_h5ad, stored_matrix_nbytes, use_backed
 from guided_diffusion.data.labels import (DEFAULT_LABEL_KEY, RESERVED_OBS_COLUMNS, check_genes, check_num_classes,
                                           format_values)
-from guided_diffusion.data.values import ALLOW_COUNT_LIKE_FLAG, TARGET_SUM, ValueScan
+from guided_diffusion.data.normalize import TARGET_SUM
+from guided_diffusion.data.values import ALLOW_COUNT_LIKE_FLAG, ValueScan
 
 __all__ = [
     "ALLOW_COUNT_LIKE_FLAG", "BACKED_AUTO_BYTES", "BLOCK_CACHE_SIZE", "DEFAULT_BLOCK_ROWS", "DEFAULT_LABEL_KEY",
     "RESERVED_OBS_COLUMNS", "TARGET_SUM", "BatchSampler", "BlockShuffledSampler", "CellDataset", "InMemoryRows",
     "MatrixDigest", "Normalization", "ObsColumns", "RowWindowReader", "StreamedRows", "ValueScan", "check_genes", "check_num_classes", "data_fingerprint", "dataset_from_args",
-    "describe_change", "fingerprint_differences", "fix_mmap_threshold", "format_values", "load_dataset", "make_batch_sampler", "read_h5ad",
+    "describe_change", "fingerprint_differences", "format_values", "load_dataset", "make_batch_sampler", "read_h5ad",
     "split_train_validation", "stored_matrix_nbytes", "use_backed",
 ]

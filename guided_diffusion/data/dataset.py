@@ -11,28 +11,23 @@ checkpoint needs (genes in order, normalization, label vocabularies); its rows c
 Either way rows are densified and normalized one batch at a time, never the whole matrix, and the
 values are validated (and per-cell totals computed) in one pass over the source's blocks.
 """
-import ctypes
-import ctypes.util
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
+from guided_diffusion.core import memory
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import files
 from guided_diffusion.data.fingerprint import MatrixDigest, data_fingerprint
 from guided_diffusion.data.labels import check_shape_and_genes, encode_labels, parse_filters, resolve_label_keys
-from guided_diffusion.data.values import TARGET_SUM, ValueScan, size_factors
+from guided_diffusion.data.normalize import TARGET_SUM, log_normalize, size_factors
+from guided_diffusion.data.values import ValueScan
 
 DEFAULT_BLOCK_ROWS = 4096
 BLOCK_CACHE_SIZE = 2
 IN_MEMORY_SCAN_ROWS = 65536
-# glibc raises its mmap threshold to the size of the largest freed buffer, after which the ~10 MB
-# batch and block buffers come from the heap and fragment it: resident memory then creeps up with the
-# number of batches read. A fixed threshold keeps buffers above it mmapped, returned to the OS when freed.
-MMAP_THRESHOLD_BYTES = 1 << 20
-GLIBC_M_MMAP_THRESHOLD = -3
 
 
 @dataclass
@@ -52,22 +47,6 @@ class Normalization:
     @classmethod
     def from_dict(cls, values):
         return cls(**values)
-
-
-_mmap_threshold_fixed = False
-
-
-def fix_mmap_threshold():
-    """Pin glibc's mmap threshold at ``MMAP_THRESHOLD_BYTES`` (once per process; no-op without glibc)."""
-    global _mmap_threshold_fixed
-    if _mmap_threshold_fixed:
-        return
-    _mmap_threshold_fixed = True
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(GLIBC_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
-    except (OSError, AttributeError):
-        pass
 
 
 def dense_readable(values):
@@ -154,7 +133,8 @@ class StreamedRows:
         self.file_rows = np.arange(matrix.shape[0]) if file_rows is None else np.asarray(file_rows, dtype=np.int64)
         self._reader = RowWindowReader(matrix, self.block_rows)
         self._cache = OrderedDict()
-        fix_mmap_threshold()
+        # memory stays bounded while the file is open: the allocator policy's streaming mode
+        memory.hold_memory_bound(self)
 
     @property
     def shape(self):
@@ -204,6 +184,7 @@ class StreamedRows:
 
     def close(self):
         self._cache.clear()
+        memory.release_memory_bound(self)
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -271,8 +252,7 @@ class CellDataset:
 
     def _log_normalize(self, dense, index):
         if self.size_factors is not None:
-            dense *= self.size_factors[index][:, None]
-            np.log1p(dense, out=dense)
+            log_normalize(dense, factors=self.size_factors[index], out=dense)
         return dense
 
     def raw_rows(self, index):

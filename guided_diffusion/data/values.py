@@ -8,18 +8,10 @@ import numpy as np
 
 from guided_diffusion.core.errors import UsageError
 
-TARGET_SUM = 1e4
 # log-normalized values are (practically) never all whole numbers; whole numbers whose cells sum to
 # this much or more (median over cells) are raw counts
 COUNT_LIKE_MIN_MEDIAN_TOTAL = 100.0
 ALLOW_COUNT_LIKE_FLAG = "--allow_count_like_log True"
-
-
-def size_factors(totals, target_sum):
-    """``target_sum / total`` per cell; cells without counts keep their (zero) values."""
-    totals = np.asarray(totals, dtype=np.float64).ravel().copy()
-    totals[totals == 0] = 1.0
-    return (target_sum / totals).astype(np.float32)
 
 
 def _position(block, index):

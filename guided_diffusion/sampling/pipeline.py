@@ -60,7 +60,7 @@ FAR_OUT_CELL_FRACTION = 0.01
 
 
 def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, context=None, compression="none",
-             timings=None, claim=None):
+             claim=None):
     """Sample every planned condition, save one decoded, labelled h5ad, per-condition latents and, last, a
     manifest naming the set (a folder without ``manifest.json`` holds no complete run).
 
@@ -72,7 +72,7 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
     With a distributed ``context`` each rank samples a contiguous range of whole batches, the latents
     are gathered and rank 0 writes the outputs (identical to one process with the same seed and
     --batch_size); the other ranks return (path, None) once they are written. ``compression`` (none, gzip,
-    lzf) applies to generated.h5ad's matrices; ``timings``, a dict, gets the seconds per stage added to it.
+    lzf) applies to generated.h5ad's matrices.
     """
     checkpoint, sizes = loaded.checkpoint, list(loaded.model.condition_sizes)
     path = os.path.join(sample_dir, GENERATED)
@@ -85,10 +85,7 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
     cond_rows, noise = starting_points(plan, settings.seed, len(sizes), loaded.model.latent_dim)
     composed_rows, forms = guidance_forms(plan, checkpoint.condition_counts, sizes, settings)
     # 2. the reverse process, from the recorded noise schedule
-    started = time.perf_counter()
     latents = run_reverse_process(loaded, cond_rows, noise, settings, progress, context, composed_rows)
-    if timings is not None:
-        timings["reverse diffusion"] = timings.get("reverse diffusion", 0.0) + time.perf_counter() - started
     # 3. refuse non-finite latents (every rank), warn about latents far outside the training range
     check_finite_latents(latents)
     if context is not None and context.is_distributed and not context.is_main:
@@ -112,18 +109,14 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
         # 5. decode (fp32) into generated.h5ad, then the per-condition latents, then the manifest
         try:
             value_range = decode_to_h5ad(os.path.join(staging, GENERATED), autoencoder, latents, obs, uns,
-                                         library_sizes, settings, progress, compression, timings)
+                                         library_sizes, settings, progress, compression)
             warnings += decoded_range_warnings(value_range, autoencoder, observation)
-            started = time.perf_counter()
             latent_files = write_latent_files(staging, plan, sizes, settings, latents)
             write_manifest(staging, [GENERATED] + latent_files, uns["cfdiffusion"])
         except Exception as error:
             raise _naming_the_sample_dir(error, sample_dir, staging, len(latents), loaded.model.latent_dim,
                                          len(autoencoder.genes), observation) from None
         commit_output_set(sample_dir, staging)
-        if timings is not None:
-            timings["latent files and manifest"] = (timings.get("latent files and manifest", 0.0)
-                                                    + time.perf_counter() - started)
     finally:
         if own_claim and claim is not None:
             claim.release()
@@ -386,12 +379,11 @@ def provenance(loaded, autoencoder, settings, observation, n_cells, warnings, fo
     }}
 
 
-def decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings, progress, compression="none",
-                   timings=None):
+def decode_to_h5ad(path, autoencoder, latents, obs, uns, library_sizes, settings, progress, compression="none"):
     try:
         return write_decoded_h5ad(path, autoencoder, latents, obs, uns, progress=progress,
                                   library_sizes=library_sizes, seed=settings.seed, compression=compression,
-                                  timings=timings, decoder_precision=settings.decoder_precision)
+                                  decoder_precision=settings.decoder_precision)
     except NonFiniteOutput as error:
         raise UsageError(f"the autoencoder decoded the generated latents to non-finite {error}; nothing was "
                          f"written (train longer, or lower --guide_w)") from None

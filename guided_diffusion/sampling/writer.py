@@ -5,7 +5,7 @@ Used by the sampler and by ``exp_script/reconstruct.py``. HDF5 writes through a
 :class:`~guided_diffusion.core.atomic.GuardedStream`, so a full disk is one OSError (no h5py errors at close or
 dealloc, no crash at exit) and the temporary is removed. Everything written is computed and stored in
 float32, except that with ``decoder_precision`` bf16 the count decoder's output layer multiplies in
-bfloat16 (:func:`VAE.VAE_model.output_layer_logits`); decoded means are always float32.
+bfloat16 (:func:`VAE.count_model.output_layer_logits`); decoded means are always float32.
 
 With count draws, ``X`` (log-normalized) and ``layers['counts']`` have the same sparsity pattern: their
 ``indices`` and ``indptr`` are stored once, ``X``'s being HDF5 hard links to the counts' (anndata and
@@ -13,10 +13,9 @@ h5py read them as ordinary datasets; a quarter less on disk). The file writes ru
 thread, in chunk order, while the next chunk is decoded and drawn (at most ``WRITE_QUEUE`` chunks wait,
 so memory stays bounded by the chunk size, not by cells x genes).
 """
-import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 
 import h5py
 import numpy as np
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from guided_diffusion.core import seed_streams
 from guided_diffusion.core.atomic import GuardedStream, atomic_output
+from guided_diffusion.data.normalize import log_normalize
 
 COMPRESSIONS = ("none", "gzip", "lzf")
 GZIP_LEVEL = 1
@@ -88,11 +88,8 @@ class StreamedCsrMatrix:
 
 def log_normalize_counts(counts, target_sum):
     """CSR counts -> CSR log1p(counts / cell total x target_sum), as the loader normalizes real cells
-    (sharing ``counts``' indices and indptr)."""
-    totals = np.asarray(counts.sum(axis=1), dtype=np.float64).ravel()
-    scale = np.where(totals > 0, target_sum / np.maximum(totals, 1e-12), 0.0)
-    values = np.log1p(counts.data.astype(np.float32) * np.repeat(scale, np.diff(counts.indptr))).astype(np.float32)
-    return sp.csr_matrix((values, counts.indices, counts.indptr), shape=counts.shape)
+    (sharing ``counts``' indices and indptr): :func:`guided_diffusion.data.normalize.log_normalize`."""
+    return log_normalize(counts, target_sum)
 
 
 class NonFiniteOutput(ValueError):
@@ -106,9 +103,8 @@ def _decode_mean(autoencoder, block):
     return decoded
 
 
-def _draw_counts(autoencoder, block, totals, generator, method="screened", sub_steps=None, precision="fp32"):
-    counts = autoencoder.model.sample_counts(block.float(), totals, generator, method=method, timings=sub_steps,
-                                             precision=precision).cpu()
+def _draw_counts(autoencoder, block, totals, generator, precision="fp32"):
+    counts = autoencoder.model.sample_counts(block.float(), totals, generator, precision=precision).cpu()
     counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
                             counts.crow_indices().numpy()), shape=tuple(counts.shape))
     if not (np.isfinite(counts.data).all() and (counts.data >= 0).all()):
@@ -116,49 +112,30 @@ def _draw_counts(autoencoder, block, totals, generator, method="screened", sub_s
     return counts
 
 
-class StageTimer:
-    """Seconds per named stage, summed (``timings`` None: nothing recorded)."""
-
-    def __init__(self, timings):
-        self.timings = timings
-
-    @contextmanager
-    def __call__(self, stage):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.timings is not None:
-                self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
-
-
 class OrderedWriter:
     """Runs write jobs in submission order on one background thread (``background`` False: inline), at
     most ``WRITE_QUEUE`` waiting; a job's error is raised in the caller by a later submit or finish.
     ``check`` (called after each job) raises the error of a file write that failed during it."""
 
-    def __init__(self, background, timer, check=None):
+    def __init__(self, background, check=None):
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="h5ad-writer") if background else None
-        self.pending, self.timer, self.check = deque(), timer, check
+        self.pending, self.check = deque(), check
 
-    def _timed(self, job, *args):
-        with self.timer("write"):
-            job(*args)
-            if self.check is not None:  # a failed file write (a full disk) stops the run at this job
-                self.check()
+    def _checked(self, job, *args):
+        job(*args)
+        if self.check is not None:  # a failed file write (a full disk) stops the run at this job
+            self.check()
 
     def submit(self, job, *args):
         if self.executor is None:
-            return self._timed(job, *args)
-        with self.timer("wait for writes"):
-            while self.pending and (len(self.pending) >= WRITE_QUEUE or self.pending[0].done()):
-                self.pending.popleft().result()  # re-raises a failed write's error
-        self.pending.append(self.executor.submit(self._timed, job, *args))
+            return self._checked(job, *args)
+        while self.pending and (len(self.pending) >= WRITE_QUEUE or self.pending[0].done()):
+            self.pending.popleft().result()  # re-raises a failed write's error
+        self.pending.append(self.executor.submit(self._checked, job, *args))
 
     def finish(self):
-        with self.timer("wait for writes"):
-            while self.pending:
-                self.pending.popleft().result()
+        while self.pending:
+            self.pending.popleft().result()
 
     def close(self):
         if self.executor is not None:
@@ -180,8 +157,7 @@ def _write_annotations(store, obs, genes, uns):
 
 
 def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, progress=True, library_sizes=None,
-                       seed=0, compression=None, background_writes=True, share_pattern=True, timings=None,
-                       count_draws="screened", decoder_precision="fp32"):
+                       seed=0, compression=None, background_writes=True, decoder_precision="fp32"):
     """Decode latents chunk by chunk straight into an .h5ad (temp name, renamed when complete).
 
     Without ``library_sizes``, X is the decoded mean expression (dense). With them (one target total per
@@ -190,45 +166,34 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     each cell's row total of ``layers['counts']`` and ``obs['target_library_size']`` the total the draw
     was asked for; chunk ``i`` draws from a generator seeded by (seed, i). ``compression`` (none, gzip,
     lzf) applies to the matrices' values and indices. ``background_writes`` overlaps the file writes with
-    the next chunk's decoding (the file is the same either way); ``share_pattern`` False stores X's indices
-    and indptr as copies (the layout before; same values). ``timings``, a dict, gets the seconds spent per
-    stage added to it (``write`` is measured on the writer thread, beside the decoding when overlapped)
-    and, with ``screened`` draws, the sub-steps of ``decode and draw`` as ``draw: <sub-step>``.
-    ``count_draws`` ``screened`` (the default) or ``dense`` (the path before) draw the same distribution
-    from different random numbers (:meth:`VAE.VAE_model.VAE.sample_counts`). ``decoder_precision`` ``bf16``
-    runs the count decoder's output layer in bfloat16 (screened draws only; the means path refuses it).
+    the next chunk's decoding (the file is the same either way). Counts are drawn by
+    :meth:`VAE.VAE_model.VAE.sample_counts`; ``decoder_precision`` ``bf16`` runs the count decoder's output
+    layer in bfloat16 (count draws only; the means path refuses it).
     Returns the decoded values' (min, max).
     """
     if decoder_precision not in ("fp32", "bf16"):
         raise ValueError(f"decoder_precision must be 'fp32' or 'bf16', not {decoder_precision!r}")
-    if decoder_precision == "bf16" and (library_sizes is None or count_draws != "screened"):
+    if decoder_precision == "bf16" and library_sizes is None:
         raise ValueError("decoder_precision bf16 applies to screened count draws only; decoded means are float32")
     obs = obs.copy()
-    timer = StageTimer(timings)
     value_range = [np.inf, -np.inf]
     needed = None if library_sizes is not None else len(latents) * len(autoencoder.genes) * 4 + (1 << 20)
     with atomic_output(path, needed=needed) as temp_path:
         with _guarded_hdf5(temp_path) as (store, check_writes):
             _write_header(store)
-            writer = OrderedWriter(background_writes, timer, check=check_writes)
+            writer = OrderedWriter(background_writes, check=check_writes)
             try:
                 if library_sizes is None:
-                    _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range,
-                                 progress)
+                    _write_means(store, autoencoder, latents, chunk_size, compression, writer, value_range, progress)
                 else:
-                    layout = dict(compression=compression, share_pattern=share_pattern, count_draws=count_draws,
-                                  decoder_precision=decoder_precision)
+                    layout = dict(compression=compression, decoder_precision=decoder_precision)
                     obs["library_size"] = _write_counts(store, autoencoder, latents, library_sizes, chunk_size,
-                                                        seed, layout, writer, timer, value_range, progress)
+                                                        seed, layout, writer, value_range, progress)
                     obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
                 writer.finish()
             finally:
                 writer.close()
-            with timer("annotations"):
-                _write_annotations(store, obs, autoencoder.genes, uns)
-        sync_started = time.perf_counter()
-    if timings is not None:
-        timings["sync and rename"] = timings.get("sync and rename", 0.0) + time.perf_counter() - sync_started
+            _write_annotations(store, obs, autoencoder.genes, uns)
     return tuple(value_range)
 
 
@@ -263,7 +228,7 @@ def _chunks(n_cells, chunk_size, progress):
     return enumerate(tqdm(range(0, n_cells, chunk_size), desc="decode", unit="chunk", disable=not progress))
 
 
-def _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range, progress):
+def _write_means(store, autoencoder, latents, chunk_size, compression, writer, value_range, progress):
     n_cells, n_genes = len(latents), len(autoencoder.genes)
     matrix = store.create_dataset("X", shape=(n_cells, n_genes), dtype="float32",
                                   chunks=(max(1, min(chunk_size, n_cells, 256)), n_genes),
@@ -275,43 +240,36 @@ def _write_means(store, autoencoder, latents, chunk_size, compression, writer, t
         matrix[start:start + len(decoded)] = decoded
 
     for _, start in _chunks(n_cells, chunk_size, progress):
-        with timer("decode"):
-            block = torch.as_tensor(latents[start:start + chunk_size]).to(autoencoder.device)
-            decoded = _decode_mean(autoencoder, block)
-            value_range[:] = min(value_range[0], float(decoded.min())), max(value_range[1], float(decoded.max()))
+        block = torch.as_tensor(latents[start:start + chunk_size]).to(autoencoder.device)
+        decoded = _decode_mean(autoencoder, block)
+        value_range[:] = min(value_range[0], float(decoded.min())), max(value_range[1], float(decoded.max()))
         writer.submit(write, start, decoded)
 
 
-def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, layout, writer, timer,
-                  value_range, progress):
+def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, layout, writer, value_range,
+                  progress):
     """Draw, normalize and queue each chunk's counts; returns every cell's drawn total (float32)."""
     n_cells, n_genes = len(latents), len(autoencoder.genes)
     device = autoencoder.device
     compression = layout["compression"]
     counts_matrix = StreamedCsrMatrix(store["layers"], "counts", (n_cells, n_genes), compression=compression)
     matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes), compression=compression,
-                               pattern_of=counts_matrix if layout["share_pattern"] else None)
+                               pattern_of=counts_matrix)
     row_totals = np.zeros(n_cells, dtype=np.float64)
-    sub_steps = {} if timer.timings is not None else None
 
     def write(counts, normalized):
         counts_matrix.append(counts)
         matrix.append(normalized)
 
     for number, start in _chunks(n_cells, chunk_size, progress):
-        with timer("decode and draw"):
-            block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
-            generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
-            totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
-            counts = _draw_counts(autoencoder, block, totals, generator, layout["count_draws"], sub_steps,
-                                  layout["decoder_precision"])
-        with timer("normalize"):
-            row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
-            normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
-            if normalized.nnz:
-                value_range[:] = (min(value_range[0], 0.0, float(normalized.data.min())),
-                                  max(value_range[1], float(normalized.data.max())))
+        block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
+        generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
+        totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
+        counts = _draw_counts(autoencoder, block, totals, generator, layout["decoder_precision"])
+        row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
+        normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
+        if normalized.nnz:
+            value_range[:] = (min(value_range[0], 0.0, float(normalized.data.min())),
+                              max(value_range[1], float(normalized.data.max())))
         writer.submit(write, counts, normalized)
-    for name, seconds in (sub_steps or {}).items():
-        timer.timings[f"draw: {name}"] = timer.timings.get(f"draw: {name}", 0.0) + seconds
     return row_totals.astype(np.float32)
