@@ -24,6 +24,7 @@ import argparse
 from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg, command, non_negative_float,
                                   non_negative_int, positive_int, str2bool)
 from guided_diffusion.core.atomic import check_writable_dir
+from guided_diffusion.core.errors import settings_worded_as_flags
 from guided_diffusion.sampling.settings import SOLVERS, parse_guide_w
 from guided_diffusion.sampling.writer import COMPRESSIONS
 from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, FAITHFUL_FLAGS, OBSERVATIONS, SamplerSettings
@@ -128,7 +129,8 @@ def request_from_args(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_writable_dir(args.sample_dir, "--sample_dir")
-    return sample_cells(request_from_args(args), settings_from_args(args))
+    with settings_worded_as_flags({"conditions": "--condition"}):
+        return sample_cells(request_from_args(args), settings_from_args(args))
 
 
 if __name__ == "__main__":
