@@ -65,6 +65,14 @@ def check_float(value, name, low=None, high=None, low_open=False, high_open=Fals
         _refuse(name, requirement, value)
 
 
+def check_real(value, name, requirement="a number", optional=False):
+    """A real number (not a bool, not a string), its range left to the caller's checks."""
+    if value is None and optional:
+        return
+    if not is_number(value):
+        _refuse(name, requirement, value)
+
+
 def check_bool(value, name, optional=False):
     """True or False (numpy bools too), not the strings "True"/"False"."""
     if value is None and optional:

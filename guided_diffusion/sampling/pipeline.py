@@ -42,7 +42,7 @@ from guided_diffusion.sampling.reverse import condition_noise, sample_latents
 from guided_diffusion.sampling.settings import (OBSERVATIONS, PRECISIONS, SOLVERS, SamplerSettings, check_settings,
                                                 resolve_decoder_precision, resolve_guide_w, resolve_observation,
                                                 resolve_settings)
-from guided_diffusion.core.checks import (check_bool, check_float, check_int, check_int_list, check_path, check_str,
+from guided_diffusion.core.checks import (check_bool, check_int, check_int_list, check_path, check_real, check_str,
                                           check_str_list)
 
 MANIFEST = "manifest.json"
@@ -316,21 +316,23 @@ def check_sampling_inputs(request, settings):
     check_str(request.device, "device")
     check_bool(request.progress, "progress")
     check_str(request.compression, "compression", COMPRESSIONS)
+    # types only for the settings whose ranges check_settings checks (its messages name the flags)
+    weight = "a number, or a dict of numbers per label key"
     if isinstance(settings.guide_w, dict):
-        for key, weight in settings.guide_w.items():
+        for key, value in settings.guide_w.items():
             check_str(key, "guide_w")
-            check_float(weight, "guide_w", requirement="a number, or a dict of numbers per label key")
+            check_real(value, "guide_w", weight)
     else:
-        check_float(settings.guide_w, "guide_w", requirement="a number, or a dict of numbers per label key")
+        check_real(settings.guide_w, "guide_w", weight)
     check_bool(settings.use_ddim, "use_ddim")
     check_str(settings.timestep_respacing, "timestep_respacing")
-    check_float(settings.eta, "eta", 0)
+    check_real(settings.eta, "eta")
     check_int(settings.cache_interval, "cache_interval", optional=True)
     check_int(settings.branch, "branch", 0, optional=True)
     check_bool(settings.non_uniform, "non_uniform", optional=True)
     check_bool(settings.clip_denoised, "clip_denoised")
     check_int(settings.batch_size, "batch_size", 1)
-    check_int(settings.seed, "seed", 0)
+    check_int(settings.seed, "seed")
     check_str(settings.observation, "observation", OBSERVATIONS)
     check_str(settings.precision, "precision", PRECISIONS)
     check_str(settings.solver, "solver", SOLVERS)
