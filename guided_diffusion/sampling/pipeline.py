@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from guided_diffusion.core.atomic import atomic_output
-from guided_diffusion.core.device import OUT_OF_MEMORY_ERRORS
+from guided_diffusion.core.device import OUT_OF_MEMORY_ERRORS, resolve_device
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.core.distributed import setup_distributed
 from guided_diffusion.sampling.conditions import (describe_condition, draw_library_sizes, label_columns,
@@ -418,7 +418,7 @@ def sample_cells_in_memory(request, settings, loaded=None, autoencoder=None):
     check_sampling_inputs(request, settings)
     check_settings(settings)
     reuse_freed_memory()
-    device = setup_distributed(request.device).device
+    device = resolve_device(request.device) if loaded is None else next(loaded.model.parameters()).device
     loaded, settings, plan, autoencoder = prepare_run(request, settings, device, loaded, autoencoder)
     print(f"generating {sum(n for _, n in plan)} cells in {len(plan)} conditions with {settings.describe()}")
     adata, _ = generate_anndata(loaded, autoencoder, plan, settings, progress=request.progress)
