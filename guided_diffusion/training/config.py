@@ -4,6 +4,10 @@ Each training CLI turns its flags into these with :func:`from_flags` and makes o
 library refers to settings by their field names; :class:`SettingError` carries the field, and the CLI
 words it as the flag that sets it (:func:`flag_of`), so a library caller sees ``num_genes ...`` and a
 command-line user ``--num_genes ...``.
+
+Each dataclass's ``validate()`` checks its fields as the flags' types do (typed: a string is not a number
+or a boolean, a boolean not a number; :mod:`guided_diffusion.core.checks`); the training functions run
+:func:`validate` first, so the CLIs and the Python API share one set of checks and messages.
 """
 import dataclasses
 import os
