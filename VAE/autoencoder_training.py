@@ -15,7 +15,7 @@ from guided_diffusion.data import (check_genes, describe_change, fingerprint_dif
 from guided_diffusion.core.distributed import setup_distributed
 from guided_diffusion.training.optim import adamw, all_finite
 from guided_diffusion.core.errors import SettingError, literal
-from guided_diffusion.training.config import plain_dict
+from guided_diffusion.training.config import plain_dict, validate
 from guided_diffusion.training.loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
 from guided_diffusion.core.memory import reuse_freed_memory
 
@@ -113,6 +113,7 @@ def train_autoencoder(data, model_config, training):
     cells (BatchNorm statistics synchronized over ranks); rank 0 evaluates, logs and writes checkpoints,
     which hold only global state (any world size resumes).
     """
+    validate(data, model_config, training)
     check_settings(training)
     context = setup_distributed(training.device)
     context.check_batch_size(training.batch_size)

@@ -6,7 +6,7 @@ import pytest
 import scanpy as sc
 import scipy.sparse as sp
 
-from exp_script.controls import log_normalize as controls_log_normalize
+from exp_script.evaluation.controls import log_normalize as controls_log_normalize
 from guided_diffusion.data import CellDataset, InMemoryRows, Normalization
 from guided_diffusion.data.normalize import TARGET_SUM, cell_totals, log_normalize, size_factors
 from guided_diffusion.sampling.writer import log_normalize_counts

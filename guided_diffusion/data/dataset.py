@@ -11,9 +11,16 @@ checkpoint needs (genes in order, normalization, label vocabularies); its rows c
 Either way rows are densified and normalized one batch at a time, never the whole matrix, and the
 values are validated (and per-cell totals computed) in one pass over the source's blocks.
 """
+<<<<<<< HEAD
+=======
+import ctypes
+import ctypes.util
+import os
+>>>>>>> h-api
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
+import anndata
 import numpy as np
 import scipy.sparse as sp
 
@@ -295,19 +302,46 @@ def _open(path, layer, backed, block_rows):
     return obs, InMemoryRows(matrix), genes
 
 
+def _open_anndata(adata, layer):
+    """(obs, row source over every cell, genes) of an in-memory AnnData: its matrix is read in place, as
+    :func:`files.read_in_memory` reads a file's (nothing is written)."""
+    if not layer:
+        matrix, genes = adata.X, adata.var_names
+    elif layer == "raw":
+        if adata.raw is None:
+            raise UsageError("layer 'raw' was given but the AnnData has no .raw")
+        matrix, genes = adata.raw.X, adata.raw.var_names
+    elif layer not in adata.layers:
+        raise UsageError(f"layer {layer!r} not in the AnnData; available layers: "
+                         f"{', '.join(adata.layers.keys()) or '(none)'}")
+    else:
+        matrix, genes = adata.layers[layer], adata.var_names
+    if matrix is None:
+        raise UsageError("the AnnData has no X matrix")
+    return files.FrameObs(adata.obs), InMemoryRows(matrix), list(map(str, genes))
+
+
 def load_dataset(path, label_keys=None, layer="", input_is_log=False, filters=None, require_labels=True,
                  backed=False, block_rows=DEFAULT_BLOCK_ROWS, allow_count_like_log=False):
     """Read ``path`` into a :class:`CellDataset`, in memory or streamed from disk.
+
+    ``path`` may also be an AnnData: an in-memory one is read in place through the same pipeline (its
+    matrix streamed batch by batch as a file's is once read; nothing is written), a backed one from its file.
 
     ``label_keys``: obs columns used as conditions, in order; None means the default ``cell_type1``
     when present. An empty list loads no labels. ``backed``: True, False or "auto" (stream files
     whose matrix exceeds ``files.BACKED_AUTO_BYTES``). ``allow_count_like_log``: accept whole-number
     values with count-sized totals as log-normalized input.
     """
-    obs, source, genes = _open(path, layer, backed, block_rows)
+    if isinstance(path, anndata.AnnData) and path.isbacked:
+        path = os.fspath(path.filename)
+    if isinstance(path, anndata.AnnData):
+        (obs, source, genes), name = _open_anndata(path, layer), "the AnnData"
+    else:
+        (obs, source, genes), name = _open(path, layer, backed, block_rows), path
     try:
         label_keys = resolve_label_keys(label_keys, obs.columns, require_labels)
-        check_shape_and_genes(path, source.shape, genes)
+        check_shape_and_genes(name, source.shape, genes)
         keep = parse_filters(filters, obs)
         if not keep.any():
             raise UsageError(f"--filter {' '.join(filters)} keeps no cells")

@@ -35,21 +35,34 @@ import numpy as np
 import pandas as pd
 import torch
 
+<<<<<<< HEAD
 from guided_diffusion.core.atomic import (DiskFull, _fsync as fsync_folder, atomic_output, disk_error, lock_folder,
                                           remove_quietly, remove_stale_temporaries)
 from guided_diffusion.core.device import OUT_OF_MEMORY_ERRORS
+=======
+from guided_diffusion.core.atomic import atomic_output
+from guided_diffusion.core.device import OUT_OF_MEMORY_ERRORS, resolve_device
+>>>>>>> h-api
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.core.distributed import setup_distributed
 from guided_diffusion.sampling.conditions import (describe_condition, draw_library_sizes, label_columns,
                                                   latent_file_name, plan_conditions, unseen_conditions)
 from guided_diffusion.core.memory import reuse_freed_memory
-from guided_diffusion.sampling.writer import NonFiniteOutput, write_decoded_h5ad
+from guided_diffusion.sampling.writer import COMPRESSIONS, NonFiniteOutput, decode_to_anndata, write_decoded_h5ad
 from guided_diffusion.checkpoints import load_diffusion_model, resolve_autoencoder
 from guided_diffusion.diffusion.guidance import guidance_formula
 from guided_diffusion.sampling.reverse import condition_noise, sample_latents
+<<<<<<< HEAD
 from guided_diffusion.sampling.settings import (build_sampling_diffusion, check_settings, record,
                                                 resolve_decoder_precision, resolve_guide_w, resolve_observation,
                                                 resolve_settings)
+=======
+from guided_diffusion.sampling.settings import (OBSERVATIONS, PRECISIONS, SOLVERS, SamplerSettings, check_settings,
+                                                resolve_decoder_precision, resolve_guide_w, resolve_observation,
+                                                resolve_settings)
+from guided_diffusion.core.checks import (check_bool, check_int, check_int_list, check_path, check_real, check_str,
+                                          check_str_list)
+>>>>>>> h-api
 
 MANIFEST = "manifest.json"
 GENERATED = "generated.h5ad"
@@ -74,8 +87,9 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
     --batch_size); the other ranks return (path, None) once they are written. ``compression`` (none, gzip,
     lzf) applies to generated.h5ad's matrices.
     """
-    checkpoint, sizes = loaded.checkpoint, list(loaded.model.condition_sizes)
+    sizes = list(loaded.model.condition_sizes)
     path = os.path.join(sample_dir, GENERATED)
+<<<<<<< HEAD
     # 1. what to draw: the observation, each cell's library size, its condition row and starting noise
     observation = resolve_observation(settings.observation, autoencoder)
     settings = replace(settings, decoder_precision=resolve_decoder_precision(settings, observation,
@@ -98,6 +112,15 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
                         f"{describe_condition(unseen[0], loaded.label_keys, loaded.vocabularies)}): their cells "
                         f"are extrapolated")
     own_claim = claim is None
+=======
+    # 1.-3. what to draw, the reverse process, the checks on the latents
+    observation, settings, library_sizes, cond_rows, latents = draw_latents(loaded, autoencoder, plan, settings,
+                                                                            progress, context, timings)
+    if context is not None and context.is_distributed and not context.is_main:
+        context.barrier()
+        return path, None
+    warnings = latent_warnings(loaded, plan, latents)
+>>>>>>> h-api
     try:
         # 4. the output set is written whole into this run's staging folder; the earlier set stays until
         # the new one is complete and verified, then it is swapped in (manifest last)
@@ -125,6 +148,38 @@ def generate(loaded, autoencoder, plan, settings, sample_dir, progress=True, con
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     return path, latents
+
+
+def draw_latents(loaded, autoencoder, plan, settings, progress=True, context=None, timings=None):
+    """Steps 1-3 of :func:`generate`: the observation, each cell's library size, condition row and starting
+    noise, the reverse process from the recorded noise schedule, and the refusal of non-finite latents
+    (every rank). Returns (observation, settings with the decoder precision resolved, library sizes or
+    None, condition rows, latents)."""
+    sizes = list(loaded.model.condition_sizes)
+    observation = resolve_observation(settings.observation, autoencoder)
+    settings = replace(settings, decoder_precision=resolve_decoder_precision(settings, observation,
+                                                                             autoencoder.device))
+    check_memory(sum(count for _, count in plan), loaded.model.latent_dim)
+    library_sizes = plan_library_sizes(loaded, plan, settings) if observation == "counts" else None
+    cond_rows, noise = starting_points(plan, settings.seed, len(sizes), loaded.model.latent_dim)
+    started = time.perf_counter()
+    latents = run_reverse_process(loaded, cond_rows, noise, settings, progress, context)
+    if timings is not None:
+        timings["reverse diffusion"] = timings.get("reverse diffusion", 0.0) + time.perf_counter() - started
+    check_finite_latents(latents)
+    return observation, settings, library_sizes, cond_rows, latents
+
+
+def latent_warnings(loaded, plan, latents):
+    """Latents far outside the training range; conditions never seen in training."""
+    checkpoint, sizes = loaded.checkpoint, list(loaded.model.condition_sizes)
+    warnings = range_warnings(latents, checkpoint.latent_range)
+    unseen = unseen_conditions(plan, checkpoint.condition_counts, sizes)
+    if unseen:
+        warnings.append(f"{len(unseen)} of {len(plan)} conditions were never seen in training (e.g. "
+                        f"{describe_condition(unseen[0], loaded.label_keys, loaded.vocabularies)}): their cells "
+                        f"are extrapolated")
+    return warnings
 
 
 # ---- 1. what to draw -------------------------------------------------------------------------------
@@ -426,6 +481,7 @@ class SamplingRequest:
     compression: str = "none"  # of generated.h5ad's matrices: none, gzip or lzf
 
 
+<<<<<<< HEAD
 def sample_cells(request, settings):
     """Load the checkpoint, plan the conditions, find the autoencoder and generate; returns the h5ad path.
     Every input is checked before any output is touched."""
@@ -444,26 +500,134 @@ def sample_cells(request, settings):
 
 
 def _sample_cells(request, settings, context, claim):
+=======
+def check_sampling_inputs(request, settings):
+    """The type and range checks of every field of a :class:`SamplingRequest` and :class:`SamplerSettings`,
+    as ``cell_sample.py``'s flags check them (one :class:`SettingError` naming the field; the CLI words it
+    as its flag). Strings are not taken as numbers or booleans, nor booleans as numbers; the checks that
+    relate settings to each other are :func:`check_settings`'s."""
+    if not isinstance(request, SamplingRequest):
+        raise UsageError(f"expected a SamplingRequest, got {type(request).__name__}")
+    if not isinstance(settings, SamplerSettings):
+        raise UsageError(f"expected SamplerSettings, got {type(settings).__name__}")
+    check_path(request.model_path, "model_path")
+    check_path(request.sample_dir, "sample_dir")
+    check_path(request.vae_path, "vae_path")
+    check_bool(request.use_ema, "use_ema")
+    check_int_list(request.num_classes, "num_classes", optional=True)
+    check_str_list(request.conditions, "conditions")
+    check_bool(request.all_combinations, "all_combinations")
+    check_bool(request.match_counts, "match_counts")
+    check_int(request.num_samples, "num_samples", 1)
+    check_str(request.device, "device")
+    check_bool(request.progress, "progress")
+    check_str(request.compression, "compression", COMPRESSIONS)
+    # types only for the settings whose ranges check_settings checks (its messages name the flags)
+    weight = "a number, or a dict of numbers per label key"
+    if isinstance(settings.guide_w, dict):
+        for key, value in settings.guide_w.items():
+            check_str(key, "guide_w")
+            check_real(value, "guide_w", weight)
+    else:
+        check_real(settings.guide_w, "guide_w", weight)
+    check_bool(settings.use_ddim, "use_ddim")
+    check_str(settings.timestep_respacing, "timestep_respacing")
+    check_real(settings.eta, "eta")
+    check_int(settings.cache_interval, "cache_interval", optional=True)
+    check_int(settings.branch, "branch", 0, optional=True)
+    check_bool(settings.non_uniform, "non_uniform", optional=True)
+    check_bool(settings.clip_denoised, "clip_denoised")
+    check_int(settings.batch_size, "batch_size", 1)
+    check_int(settings.seed, "seed")
+    check_str(settings.observation, "observation", OBSERVATIONS)
+    check_str(settings.precision, "precision", PRECISIONS)
+    check_str(settings.solver, "solver", SOLVERS)
+    check_str(settings.decoder_precision, "decoder_precision", PRECISIONS)
+
+
+def prepare_run(request, settings, device, loaded=None, autoencoder=None):
+    """Load the checkpoint (unless ``loaded`` is given), resolve the settings against it, plan the conditions
+    and find the autoencoder (unless given); returns (loaded, settings, plan, autoencoder)."""
+>>>>>>> h-api
     torch.manual_seed(settings.seed)
-    loaded = load_diffusion_model(request.model_path, use_ema=request.use_ema, device=context.device)
+    if loaded is None:
+        loaded = load_diffusion_model(request.model_path, use_ema=request.use_ema, device=device)
     sizes = list(loaded.model.condition_sizes)
     if request.num_classes is not None and list(request.num_classes) != sizes:
         raise UsageError(f"--num_classes {' '.join(map(str, request.num_classes))} contradicts the checkpoint "
                          f"({' '.join(map(str, sizes))}); omit it")
     settings = resolve_settings(replace(settings, guide_w=resolve_guide_w(settings.guide_w, loaded.label_keys)),
-                                loaded.checkpoint.sampling_defaults, context.device,
+                                loaded.checkpoint.sampling_defaults, device,
                                 schedule_steps=int(loaded.checkpoint.diffusion["steps"]))
     plan = plan_conditions(loaded, request.conditions, request.all_combinations, request.match_counts,
                            request.num_samples)
-    autoencoder = resolve_autoencoder(loaded, request.vae_path, context.device)
+    if autoencoder is None:
+        autoencoder = resolve_autoencoder(loaded, request.vae_path, device)
+    return loaded, settings, plan, autoencoder
+
+
+def print_plan(plan, loaded):
+    for row, count in plan[:20]:
+        print(f"  {describe_condition(row, loaded.label_keys, loaded.vocabularies)}: {count}")
+    if len(plan) > 20:
+        print(f"  ... and {len(plan) - 20} more conditions")
+
+
+def sample_cells(request, settings, loaded=None, autoencoder=None):
+    """Load the checkpoint, plan the conditions, find the autoencoder and generate; returns the h5ad path.
+    Every input is checked before any output is touched. ``loaded`` and ``autoencoder`` (from
+    :func:`~guided_diffusion.checkpoints.load_diffusion_model` and
+    :func:`~guided_diffusion.checkpoints.resolve_autoencoder`) skip loading them again."""
+    check_sampling_inputs(request, settings)
+    check_settings(settings)
+    # keep freed memory for reuse: the output stages allocate and free the same few-MB blocks for every
+    # 128 cells, which glibc would otherwise map afresh (page faults; measured 1.2x the output stages' rate)
+    reuse_freed_memory()
+    context = setup_distributed(request.device)
+    loaded, settings, plan, autoencoder = prepare_run(request, settings, context.device, loaded, autoencoder)
     if context.is_main:
         print(f"generating {sum(n for _, n in plan)} cells in {len(plan)} conditions with {settings.describe()}")
     path, _ = generate(loaded, autoencoder, plan, settings, request.sample_dir, progress=request.progress,
                        context=context, compression=request.compression, claim=claim)
     if context.is_main:
-        for row, count in plan[:20]:
-            print(f"  {describe_condition(row, loaded.label_keys, loaded.vocabularies)}: {count}")
-        if len(plan) > 20:
-            print(f"  ... and {len(plan) - 20} more conditions")
+        print_plan(plan, loaded)
         print(f"wrote {path}")
     return path
+
+
+# ---- the same job into memory -----------------------------------------------------------------------
+def generate_anndata(loaded, autoencoder, plan, settings, progress=True, timings=None):
+    """What :func:`generate` writes to generated.h5ad (one process), returned as an AnnData instead, with
+    no file written: the same steps up to the latents, decoded by the writer's code into memory. Returns
+    (AnnData, latents)."""
+    observation, settings, library_sizes, cond_rows, latents = draw_latents(loaded, autoencoder, plan, settings,
+                                                                            progress, None, timings)
+    warnings = latent_warnings(loaded, plan, latents)
+    obs = label_table(cond_rows, loaded)
+    uns = provenance(loaded, autoencoder, settings, observation, len(latents), warnings)
+    try:
+        adata, value_range = decode_to_anndata(autoencoder, latents, obs, uns, progress=progress,
+                                               library_sizes=library_sizes, seed=settings.seed, timings=timings,
+                                               decoder_precision=settings.decoder_precision)
+    except NonFiniteOutput as error:
+        raise UsageError(f"the autoencoder decoded the generated latents to non-finite {error}; no cells were "
+                         f"returned (train longer, or lower --guide_w)") from None
+    warnings += decoded_range_warnings(value_range, autoencoder, observation)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    return adata, latents
+
+
+def sample_cells_in_memory(request, settings, loaded=None, autoencoder=None):
+    """:func:`sample_cells` without files: the same checks, plan and cells (bit for bit, for the same seed and
+    settings, as its generated.h5ad read back), returned as an AnnData; ``request.sample_dir`` and
+    ``request.compression`` are not used. One process."""
+    check_sampling_inputs(request, settings)
+    check_settings(settings)
+    reuse_freed_memory()
+    device = resolve_device(request.device) if loaded is None else next(loaded.model.parameters()).device
+    loaded, settings, plan, autoencoder = prepare_run(request, settings, device, loaded, autoencoder)
+    print(f"generating {sum(n for _, n in plan)} cells in {len(plan)} conditions with {settings.describe()}")
+    adata, _ = generate_anndata(loaded, autoencoder, plan, settings, progress=request.progress)
+    print_plan(plan, loaded)
+    return adata

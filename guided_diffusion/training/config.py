@@ -4,11 +4,21 @@ Each training CLI turns its flags into these with :func:`from_flags` and makes o
 library refers to settings by their field names; :class:`SettingError` carries the field, and the CLI
 words it as the flag that sets it (:func:`flag_of`), so a library caller sees ``num_genes ...`` and a
 command-line user ``--num_genes ...``.
+
+Each dataclass's ``validate()`` checks its fields as the flags' types do (typed: a string is not a number
+or a boolean, a boolean not a number; :mod:`guided_diffusion.core.checks`); the training functions run
+:func:`validate` first, so the CLIs and the Python API share one set of checks and messages.
 """
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from guided_diffusion.core.checks import (check_bool, check_float, check_int, check_int_list, check_path, check_str,
+                                          check_str_list, is_number)
+from guided_diffusion.core.errors import SettingError, literal
+
+PRECISION_CHOICES = ("auto", "fp32", "bf16")
 
 
 def from_flags(cls, args, **overrides):
@@ -28,6 +38,27 @@ def plain_dict(*configs):
     return merged
 
 
+def validate(*configs):
+    """Check every field of ``configs`` (each a dataclass of this module with a ``validate`` method) as the
+    command-line flags' types do; the library's training functions run it, for the CLIs and the API alike."""
+    for config in configs:
+        config.validate()
+
+
+def _check_training_common(config):
+    check_path(config.save_dir, "save_dir")
+    check_int(config.batch_size, "batch_size", 1)
+    check_float(config.lr, "lr", 0, low_open=True)
+    check_float(config.weight_decay, "weight_decay", 0)
+    check_float(config.max_minutes, "max_minutes", 0, low_open=True, optional=True)
+    check_int(config.seed, "seed", 0)
+    check_int(config.log_interval, "log_interval", 1)
+    check_str(config.precision, "precision", PRECISION_CHOICES)
+    check_str(config.device, "device")
+    check_bool(config.overwrite, "overwrite")
+    check_bool(config.progress, "progress")
+
+
 @dataclass
 class DataConfig:
     """Which cells are read and how (the loader's flags)."""
@@ -41,6 +72,19 @@ class DataConfig:
     block_rows: int = 4096
     allow_count_like_log: bool = False
 
+    def validate(self):
+        if not isinstance(self.data_dir, (str, os.PathLike)) and not is_anndata(self.data_dir):
+            raise SettingError(f"{{data_dir}} must be an .h5ad path or an AnnData, got "
+                               f"{literal(type(self.data_dir).__name__)}", "data_dir")
+        check_str_list(self.label_key, "label_key", optional=True)
+        check_str(self.layer, "layer")
+        check_bool(self.input_is_log, "input_is_log")
+        check_str_list(self.filter, "filter")
+        if self.backed != "auto":
+            check_bool(self.backed, "backed")
+        check_int(self.block_rows, "block_rows", 1)
+        check_bool(self.allow_count_like_log, "allow_count_like_log")
+
 
 @dataclass
 class AutoencoderModelConfig:
@@ -50,6 +94,14 @@ class AutoencoderModelConfig:
     dropout: float = 0.0
     loss_ae: str = "auto"
     decoder_activation: str = "ReLU"
+
+    def validate(self):
+        check_int(self.num_genes, "num_genes", 1, optional=True)
+        check_int(self.latent_dim, "latent_dim", 1)
+        check_int_list(self.hidden_dims, "hidden_dims")
+        check_float(self.dropout, "dropout", 0, 1, high_open=True)
+        check_str(self.loss_ae, "loss_ae", ("auto", "nb", "mse"))
+        check_str(self.decoder_activation, "decoder_activation", ("ReLU", "linear"))
 
 
 @dataclass
@@ -74,6 +126,16 @@ class AutoencoderTrainingConfig:
     device: str = "auto"
     progress: bool = True
 
+    def validate(self):
+        _check_training_common(self)
+        check_int(self.max_steps, "max_steps", 1)
+        check_int(self.checkpoint_freq, "checkpoint_freq", 1)
+        check_path(self.state_dict, "state_dict")
+        check_int(self.start_step, "start_step", 0, optional=True)
+        check_float(self.val_fraction, "val_fraction", 0, 1, high_open=True)
+        check_int(self.early_stopping_patience, "early_stopping_patience", 0)
+        check_float(self.latent_noise, "latent_noise", 0)
+
 
 @dataclass
 class DiffusionModelConfig:
@@ -85,6 +147,18 @@ class DiffusionModelConfig:
     branch: int = 0
     cache_interval: int = 5
     non_uniform: bool = False
+
+    def validate(self):
+        check_path(self.vae_path, "vae_path")
+        check_int_list(self.num_classes, "num_classes", optional=True)
+        check_int_list(self.hidden_dims, "hidden_dims")
+        check_float(self.dropout, "dropout", 0, 1, high_open=True)
+        if not isinstance(self.latent_scale, str) and not is_number(self.latent_scale):
+            raise SettingError(f"{{latent_scale}} takes 'auto' or a positive number, got "
+                               f"{literal(repr(self.latent_scale))}", "latent_scale")
+        check_int(self.branch, "branch", 0)
+        check_int(self.cache_interval, "cache_interval", 1)
+        check_bool(self.non_uniform, "non_uniform")
 
 
 @dataclass
@@ -108,3 +182,18 @@ class DiffusionTrainingConfig:
     device: str = "auto"
     progress: bool = True
     precision: str = "auto"
+
+    def validate(self):
+        _check_training_common(self)
+        check_str(self.model_name, "model_name")
+        check_int(self.lr_anneal_steps, "lr_anneal_steps", 0)
+        check_int(self.microbatch, "microbatch")
+        check_float(self.ema_rate, "ema_rate", 0, 1)
+        check_float(self.p_uncond, "p_uncond", 0, 1)
+        check_int(self.save_interval, "save_interval", 1)
+        check_path(self.resume_checkpoint, "resume_checkpoint")
+
+
+def is_anndata(value):
+    """An AnnData object (checked without importing anndata here)."""
+    return any(cls.__name__ == "AnnData" and cls.__module__.startswith("anndata") for cls in type(value).__mro__)

@@ -24,6 +24,7 @@ from guided_diffusion.checkpoints import checkpoint_files, latest_model_file
 from guided_diffusion.training.trainer import DiffusionTrainer
 from guided_diffusion.core.errors import SettingError, literal
 from guided_diffusion.training.loop import claim_run_folder
+from guided_diffusion.training.config import validate
 
 LIBRARY_SIZE_QUANTILES = 101
 
@@ -120,6 +121,7 @@ def train_diffusion(data, model_config, training):
     :class:`~guided_diffusion.training.config.DiffusionModelConfig` and
     :class:`~guided_diffusion.training.config.DiffusionTrainingConfig` of the run.
     """
+    validate(data, model_config, training)
     if training.seed < 0:
         raise SettingError(f"{{seed}} must be zero or positive, got {training.seed}", "seed")
     context = setup_distributed(training.device)
