@@ -28,16 +28,13 @@ from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg,
                                   command, non_negative_float, non_negative_int, positive_int, str2bool,
                                   terminate_as_exception)
 from guided_diffusion.core.atomic import check_writable_dir
-<<<<<<< HEAD
-from guided_diffusion.sampling.settings import ETA_SAMPLERS, GUIDANCE_FORMS, SAMPLERS, SOLVERS, parse_guide_w
-=======
 from guided_diffusion.core.errors import settings_worded_as_flags
-from guided_diffusion.sampling.settings import SOLVERS, parse_guide_w
->>>>>>> h-api
+from guided_diffusion.sampling.settings import ETA_SAMPLERS, GUIDANCE_FORMS, SAMPLERS, SOLVERS, parse_guide_w
 from guided_diffusion.sampling.writer import COMPRESSIONS
 from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, OBSERVATIONS, SamplerSettings
 from guided_diffusion.core.device import PRECISIONS
-from guided_diffusion.sampling.pipeline import SamplingRequest, sample_cells
+from guided_diffusion.sampling.request import SamplingRequest
+from guided_diffusion.sampling.pipeline import sample_cells
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -152,11 +149,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     apply_thread_flags(args)
     check_writable_dir(args.sample_dir, "--sample_dir")
-<<<<<<< HEAD
-    with terminate_as_exception():  # SIGTERM removes this run's temporaries, as Ctrl-C does
-=======
-    with settings_worded_as_flags({"conditions": "--condition"}):
->>>>>>> h-api
+    with terminate_as_exception(), settings_worded_as_flags({"conditions": "--condition"}):
+        # SIGTERM removes this run's temporaries, as Ctrl-C does; library errors are worded as flags
         return sample_cells(request_from_args(args), settings_from_args(args))
 
 

@@ -29,7 +29,8 @@ import anndata
 from guided_diffusion.core.checks import check_bool, check_int
 from guided_diffusion.core.errors import SettingError, UsageError
 from guided_diffusion.core.atomic import check_writable_dir
-from guided_diffusion.sampling.pipeline import GENERATED, SamplingRequest, sample_cells, sample_cells_in_memory
+from guided_diffusion.sampling.pipeline import GENERATED, sample_cells, sample_cells_in_memory
+from guided_diffusion.sampling.request import SamplingRequest
 from guided_diffusion.sampling.settings import SamplerSettings
 from guided_diffusion.cli import apply_thread_flags
 from guided_diffusion.training.config import (AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig,

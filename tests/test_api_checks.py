@@ -9,7 +9,8 @@ import torch
 from exp_script import api as evaluation_api
 from guided_diffusion import api
 from guided_diffusion.core.errors import SettingError, UsageError, settings_worded_as_flags
-from guided_diffusion.sampling.pipeline import SamplingRequest, check_sampling_inputs, sample_cells
+from guided_diffusion.sampling.request import SamplingRequest
+from guided_diffusion.sampling.pipeline import check_sampling_inputs, sample_cells
 from guided_diffusion.sampling.settings import SamplerSettings
 from guided_diffusion.training.config import (AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig,
                                               DiffusionModelConfig, DiffusionTrainingConfig)

@@ -11,12 +11,7 @@ checkpoint needs (genes in order, normalization, label vocabularies); its rows c
 Either way rows are densified and normalized one batch at a time, never the whole matrix, and the
 values are validated (and per-cell totals computed) in one pass over the source's blocks.
 """
-<<<<<<< HEAD
-=======
-import ctypes
-import ctypes.util
 import os
->>>>>>> h-api
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 

@@ -229,21 +229,16 @@ def _chunks(n_cells, chunk_size, progress):
     return enumerate(tqdm(range(0, n_cells, chunk_size), desc="decode", unit="chunk", disable=not progress))
 
 
-<<<<<<< HEAD
-def _write_means(store, autoencoder, latents, chunk_size, compression, writer, value_range, progress):
-=======
-def _decoded_means(autoencoder, latents, chunk_size, timer, value_range, progress):
+def _decoded_means(autoencoder, latents, chunk_size, value_range, progress):
     """(first row, decoded float32 means) of each chunk; ``value_range`` follows their (min, max)."""
     for _, start in _chunks(len(latents), chunk_size, progress):
-        with timer("decode"):
-            block = torch.as_tensor(latents[start:start + chunk_size]).to(autoencoder.device)
-            decoded = _decode_mean(autoencoder, block)
-            value_range[:] = min(value_range[0], float(decoded.min())), max(value_range[1], float(decoded.max()))
+        block = torch.as_tensor(latents[start:start + chunk_size]).to(autoencoder.device)
+        decoded = _decode_mean(autoencoder, block)
+        value_range[:] = min(value_range[0], float(decoded.min())), max(value_range[1], float(decoded.max()))
         yield start, decoded
 
 
-def _write_means(store, autoencoder, latents, chunk_size, compression, writer, timer, value_range, progress):
->>>>>>> h-api
+def _write_means(store, autoencoder, latents, chunk_size, compression, writer, value_range, progress):
     n_cells, n_genes = len(latents), len(autoencoder.genes)
     matrix = store.create_dataset("X", shape=(n_cells, n_genes), dtype="float32",
                                   chunks=(max(1, min(chunk_size, n_cells, 256)), n_genes),
@@ -254,83 +249,45 @@ def _write_means(store, autoencoder, latents, chunk_size, compression, writer, t
     def write(start, decoded):
         matrix[start:start + len(decoded)] = decoded
 
-<<<<<<< HEAD
-    for _, start in _chunks(n_cells, chunk_size, progress):
-        block = torch.as_tensor(latents[start:start + chunk_size]).to(autoencoder.device)
-        decoded = _decode_mean(autoencoder, block)
-        value_range[:] = min(value_range[0], float(decoded.min())), max(value_range[1], float(decoded.max()))
+    for start, decoded in _decoded_means(autoencoder, latents, chunk_size, value_range, progress):
         writer.submit(write, start, decoded)
+
+
+def _drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed, decoder_precision, value_range, progress,
+                  row_totals):
+    """(counts, log-normalized counts) of each chunk, both CSR with one sparsity pattern; chunk ``i`` draws
+    from a generator seeded by (seed, i). ``row_totals`` gets every cell's drawn total, ``value_range`` the
+    normalized values' (min, max)."""
+    device = autoencoder.device
+    for number, start in _chunks(len(latents), chunk_size, progress):
+        block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
+        generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
+        totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
+        counts = _draw_counts(autoencoder, block, totals, generator, decoder_precision)
+        row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
+        normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
+        if normalized.nnz:
+            value_range[:] = (min(value_range[0], 0.0, float(normalized.data.min())),
+                              max(value_range[1], float(normalized.data.max())))
+        yield counts, normalized
 
 
 def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, layout, writer, value_range,
                   progress):
     """Draw, normalize and queue each chunk's counts; returns every cell's drawn total (float32)."""
     n_cells, n_genes = len(latents), len(autoencoder.genes)
-    device = autoencoder.device
     compression = layout["compression"]
     counts_matrix = StreamedCsrMatrix(store["layers"], "counts", (n_cells, n_genes), compression=compression)
     matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes), compression=compression,
                                pattern_of=counts_matrix)
-=======
-    for start, decoded in _decoded_means(autoencoder, latents, chunk_size, timer, value_range, progress):
-        writer.submit(write, start, decoded)
-
-
-def _drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed, layout, timer, value_range, progress,
-                  row_totals):
-    """(counts, log-normalized counts) of each chunk, both CSR with one sparsity pattern; chunk ``i`` draws
-    from a generator seeded by (seed, i). ``row_totals`` gets every cell's drawn total, ``value_range`` the
-    normalized values' (min, max)."""
-    device = autoencoder.device
-    sub_steps = {} if timer.timings is not None else None
-    for number, start in _chunks(len(latents), chunk_size, progress):
-        with timer("decode and draw"):
-            block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
-            generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
-            totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
-            counts = _draw_counts(autoencoder, block, totals, generator, layout["count_draws"], sub_steps,
-                                  layout["decoder_precision"])
-        with timer("normalize"):
-            row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
-            normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
-            if normalized.nnz:
-                value_range[:] = (min(value_range[0], 0.0, float(normalized.data.min())),
-                                  max(value_range[1], float(normalized.data.max())))
-        yield counts, normalized
-    for name, seconds in (sub_steps or {}).items():
-        timer.timings[f"draw: {name}"] = timer.timings.get(f"draw: {name}", 0.0) + seconds
-
-
-def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, layout, writer, timer,
-                  value_range, progress):
-    """Draw, normalize and queue each chunk's counts; returns every cell's drawn total (float32)."""
-    n_cells, n_genes = len(latents), len(autoencoder.genes)
-    compression = layout["compression"]
-    counts_matrix = StreamedCsrMatrix(store["layers"], "counts", (n_cells, n_genes), compression=compression)
-    matrix = StreamedCsrMatrix(store, "X", (n_cells, n_genes), compression=compression,
-                               pattern_of=counts_matrix if layout["share_pattern"] else None)
->>>>>>> h-api
     row_totals = np.zeros(n_cells, dtype=np.float64)
 
     def write(counts, normalized):
         counts_matrix.append(counts)
         matrix.append(normalized)
 
-<<<<<<< HEAD
-    for number, start in _chunks(n_cells, chunk_size, progress):
-        block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
-        generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
-        totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
-        counts = _draw_counts(autoencoder, block, totals, generator, layout["decoder_precision"])
-        row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
-        normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
-        if normalized.nnz:
-            value_range[:] = (min(value_range[0], 0.0, float(normalized.data.min())),
-                              max(value_range[1], float(normalized.data.max())))
-=======
-    for counts, normalized in _drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed, layout, timer,
-                                            value_range, progress, row_totals):
->>>>>>> h-api
+    for counts, normalized in _drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed,
+                                            layout["decoder_precision"], value_range, progress, row_totals):
         writer.submit(write, counts, normalized)
     return row_totals.astype(np.float32)
 
@@ -362,33 +319,28 @@ def _stacked_csr(blocks, shape, part):
 
 
 def decode_to_anndata(autoencoder, latents, obs, uns, chunk_size=1024, progress=True, library_sizes=None, seed=0,
-                      count_draws="screened", decoder_precision="fp32", timings=None):
+                      decoder_precision="fp32"):
     """The AnnData :func:`write_decoded_h5ad` writes for the same arguments, built in memory (no file): the
     same chunks decoded and drawn by the same code, X (and ``layers['counts']``) as anndata reads them back,
     obs, var and uns as stored. Returns (AnnData, the decoded values' (min, max))."""
     if decoder_precision not in ("fp32", "bf16"):
         raise ValueError(f"decoder_precision must be 'fp32' or 'bf16', not {decoder_precision!r}")
-    if decoder_precision == "bf16" and (library_sizes is None or count_draws != "screened"):
-        raise ValueError("decoder_precision bf16 applies to screened count draws only; decoded means are float32")
+    if decoder_precision == "bf16" and library_sizes is None:
+        raise ValueError("decoder_precision bf16 applies to count draws only; decoded means are float32")
     obs = obs.copy()
-    timer = StageTimer(timings)
     value_range = [np.inf, -np.inf]
     shape = (len(latents), len(autoencoder.genes))
     layers = {}
     if library_sizes is None:
-        blocks = [decoded for _, decoded in _decoded_means(autoencoder, latents, chunk_size, timer, value_range,
-                                                           progress)]
+        blocks = [decoded for _, decoded in _decoded_means(autoencoder, latents, chunk_size, value_range, progress)]
         matrix = np.concatenate(blocks) if blocks else np.zeros(shape, np.float32)
     else:
         row_totals = np.zeros(shape[0], dtype=np.float64)
-        layout = dict(count_draws=count_draws, decoder_precision=decoder_precision)
-        blocks = list(_drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed, layout, timer,
+        blocks = list(_drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed, decoder_precision,
                                     value_range, progress, row_totals))
-        with timer("assemble"):
-            layers["counts"] = _stacked_csr(blocks, shape, lambda block: block[0])
-            matrix = _stacked_csr(blocks, shape, lambda block: block[1])
+        layers["counts"] = _stacked_csr(blocks, shape, lambda block: block[0])
+        matrix = _stacked_csr(blocks, shape, lambda block: block[1])
         obs["library_size"] = row_totals.astype(np.float32)
         obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
-    with timer("annotations"):
-        obs, var, uns = _stored_annotations(obs, autoencoder.genes, uns)
+    obs, var, uns = _stored_annotations(obs, autoencoder.genes, uns)
     return anndata.AnnData(X=matrix, obs=obs, var=var, uns=uns, layers=layers), tuple(value_range)
