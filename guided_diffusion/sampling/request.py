@@ -47,7 +47,7 @@ def check_sampling_inputs(request, settings):
     check_str_list(request.conditions, "conditions")
     check_bool(request.all_combinations, "all_combinations")
     check_bool(request.match_counts, "match_counts")
-    check_int(request.num_samples, "num_samples", 1)
+    check_int(request.num_samples, "num_samples", 1, optional=True)  # None: not given (1000, or --match_counts)
     check_str(request.device, "device")
     check_bool(request.progress, "progress")
     check_str(request.compression, "compression", COMPRESSIONS)
