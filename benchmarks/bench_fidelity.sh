@@ -26,9 +26,9 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-checkpoint/fidelity}
 SEEDS=${SEEDS:-"0 1 2 3 4"}  # three seeds put the ODE solver inside the CellTypist limit on Baron, five outside
-# "default": cell_sample.py's default: SDE-DPM-Solver++(2M) logsnr10 (= sde_logsnr10) since 2026-12-04, with the
-# count decoder's output layer in bf16 where the CPU has it (decoder_fp32: without); dpmpp2m_logsnr10 is the ODE
-# form (the default from 2026-12-02 to 12-04), ddpm50 the default before it
+# "default": cell_sample.py's default: SDE-DPM-Solver++(2M) logsnr10 (= sde_logsnr10), with the count decoder's
+# output layer in bf16 where the CPU has it (decoder_fp32: without); dpmpp2m_logsnr10 is the ODE form and ddpm50
+# DDPM-50, earlier defaults (CHANGELOG.md)
 CONFIGS=${CONFIGS:-"faithful default dpmpp2m_logsnr10 ddpm50 sde_logsnr15 sde_logsnr20"}
 DATASETS=${DATASETS:-"baron pbmc"}
 THREADS=${THREADS:-1}

@@ -11,7 +11,7 @@ reported, so machine load hits all variants alike. Variants:
 * ``today``: float32, the dense NB formula (lgamma of every entry), glibc's default allocation;
 * ``sparse NB``: the NB likelihood of :func:`VAE.count_model.negative_binomial_nll` (lgamma terms on the
   non-zero counts only; lgamma(theta) per gene; ``index_select`` gathers);
-* ``before``: the adopted path with the sparse likelihood as it was until 2026-12-04
+* ``before``: the adopted path with the earlier form of the sparse likelihood (CHANGELOG.md)
   (:func:`indexed_negative_binomial_nll`: gathers by indexing, lgamma(theta) on every non-zero entry);
 * ``heap reuse``: :func:`guided_diffusion.core.memory.reuse_freed_memory` (no page faults on the step's
   large buffers);

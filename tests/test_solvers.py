@@ -131,7 +131,7 @@ def test_the_default_is_sde_dpm_solver_on_log_snr_steps_and_the_original_command
     default = _resolved()
     assert (default.solver, default.timestep_respacing, default.cache_interval) == ("dpmpp2m_sde", "logsnr10", 1)
     assert default.describe().startswith("SDE-DPM-Solver++(2M) logsnr10 steps")
-    assert _resolved("--solver", "dpmpp2m").solver == "dpmpp2m"  # the ODE form, the default until 2026-12-04
+    assert _resolved("--solver", "dpmpp2m").solver == "dpmpp2m"  # the ODE form (an earlier default, CHANGELOG.md)
     faithful = _resolved(*FAITHFUL_FLAGS.split())
     assert (faithful.solver, faithful.use_ddim, faithful.timestep_respacing, faithful.cache_interval,
             faithful.precision) == ("", False, "1000", 5, "fp32")
