@@ -4,27 +4,11 @@ one batched forward, and on an additive model it recovers the combination it nev
 import pytest
 import torch
 
-from guided_diffusion.diffusion.denoiser import CellUNet
 from guided_diffusion.diffusion.feature_cache import refresh_schedule
 from guided_diffusion.diffusion.guidance import (COMPOSED_FORMULA, composed_coefficients, guidance_formula,
                                                  guided_eps, guided_eps_fn, null_condition, single_key_condition)
 from guided_diffusion.diffusion.respace import create_diffusion
-
-LATENT = 8
-
-
-def tiny_model(sizes=(3, 2), seed=0):
-    torch.manual_seed(seed)
-    return CellUNet(latent_dim=LATENT, hidden_dims=(32, 32, 16), condition_sizes=sizes, time_embed_dim=16,
-                    cond_embed_dim=16).eval()
-
-
-def inputs(sizes=(3, 2), batch=10, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, LATENT, generator=generator)
-    t = torch.full((batch,), 600)
-    cond = torch.stack([torch.randint(0, size, (batch,), generator=generator) for size in sizes], dim=1)
-    return x, t, cond
+from test_guidance import LATENT, inputs, tiny_model
 
 
 def test_the_composed_form_is_its_formula():
