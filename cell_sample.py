@@ -114,6 +114,11 @@ def build_parser():
                              "given the keys before it; queries the full combination), composed (a product of the "
                              "single-key predictions; never queries the full combination), auto: composed for "
                              "conditions never seen in training, nested for the others")
+    parser.add_argument("--unseen_guide_w", type=parse_unseen_guide_w, default=None,
+                        help="the guidance weights of conditions never seen in training (composed form; not with "
+                             "--guidance_form nested): one number or KEY=W[,KEY=W] as --guide_w; default (auto): "
+                             "the first label key's --guide_w weight and 4 for every later key (docs/sampling.md, "
+                             "'Unseen combinations')")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of every random stream (noise, count draws, library sizes)")
     parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
@@ -126,6 +131,11 @@ def build_parser():
     return parser
 
 
+def parse_unseen_guide_w(text):
+    """``--unseen_guide_w``: ``auto`` (the default rule) or weights as ``--guide_w`` takes them."""
+    return None if str(text).strip().lower() == "auto" else parse_guide_w(text)
+
+
 def settings_from_args(args):
     return SamplerSettings(guide_w=args.guide_w, sampler=args.sampler, use_ddim=args.use_ddim,
                            timestep_respacing=args.timestep_respacing,
@@ -133,7 +143,7 @@ def settings_from_args(args):
                            non_uniform=args.non_uniform, clip_denoised=args.clip_denoised,
                            batch_size=args.batch_size, seed=args.seed, observation=args.observation,
                            precision=args.precision, solver=args.solver, decoder_precision=args.decoder_precision,
-                           guidance_form=args.guidance_form)
+                           guidance_form=args.guidance_form, unseen_guide_w=args.unseen_guide_w)
 
 
 def request_from_args(args):

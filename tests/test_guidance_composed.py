@@ -1,6 +1,7 @@
 """The composed (product-of-experts) guidance form: it is the formula it claims, it never evaluates a row
 with two keys conditioned, it equals the single-weight guidance for one key, it works with the cache in
 one batched forward, and on an additive model it recovers the combination it never queried."""
+import numpy as np
 import pytest
 import torch
 
@@ -125,6 +126,22 @@ def test_mixed_rows_take_each_their_own_form_in_one_forward():
     torch.testing.assert_close(mixed[~composed_rows], nested[~composed_rows], atol=1e-5, rtol=0)
 
 
+def test_mixed_rows_take_their_own_weights():
+    model, (x, t, cond) = tiny_model(), inputs()
+    rows = torch.tensor([True, False] * 5)
+    with torch.no_grad():
+        mixed = guided_eps(model, x, t, cond, 0.5, composed_rows=rows, composed_weights=[0.5, 4.0])
+        seen = guided_eps(model, x, t, cond, 0.5)
+        unseen = guided_eps(model, x, t, cond, [0.5, 4.0], form="composed")
+        both_composed = guided_eps(model, x, t, cond, 0.5, form="composed", composed_rows=rows,
+                                   composed_weights=[0.5, 4.0])
+        composed_seen = guided_eps(model, x, t, cond, 0.5, form="composed")
+    torch.testing.assert_close(mixed[rows], unseen[rows], atol=1e-5, rtol=0)
+    torch.testing.assert_close(mixed[~rows], seen[~rows], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both_composed[~rows], composed_seen[~rows], atol=1e-5, rtol=0)
+    torch.testing.assert_close(both_composed[rows], unseen[rows], atol=1e-5, rtol=0)
+
+
 def test_the_sampler_guides_unseen_conditions_with_the_composed_form_by_default():
     from guided_diffusion.sampling.pipeline import guidance_forms
     from guided_diffusion.sampling.settings import SamplerSettings
@@ -135,5 +152,72 @@ def test_the_sampler_guides_unseen_conditions_with_the_composed_form_by_default(
     assert rows.tolist() == [False, False, True, True, True, False] and forms == {"composed": 1, "nested": 2}
     assert guidance_forms(plan, counts, [2, 2], SamplerSettings(guidance_form="nested")) == (None, {"nested": 3})
     rows, forms = guidance_forms(plan, counts, [2, 2], SamplerSettings(guidance_form="composed"))
-    assert bool(rows.all()) and forms == {"composed": 3, "nested": 0}
-    assert guidance_forms(plan[:1], counts, [2, 2], SamplerSettings()) == (None, {"nested": 1})  # all seen
+    assert rows.tolist() == [False, False, True, True, True, False] and forms == {"composed": 3, "nested": 0}
+    assert guidance_forms(plan[:1], counts, [2, 2], SamplerSettings()) == (None, {"composed": 0, "nested": 1})
+
+
+def test_the_unseen_weights_rule():
+    from guided_diffusion.sampling.settings import UNSEEN_KEY_WEIGHT, resolve_unseen_guide_w
+
+    keys = ["cell_type1", "donor", "batch"]
+    assert resolve_unseen_guide_w(None, 0.5, keys) == {"cell_type1": 0.5, "donor": UNSEEN_KEY_WEIGHT,
+                                                       "batch": UNSEEN_KEY_WEIGHT}
+    assert resolve_unseen_guide_w(None, {"cell_type1": 1.0, "donor": 0.0, "batch": 0.0}, keys)["cell_type1"] == 1.0
+    assert resolve_unseen_guide_w(2.0, 0.5, keys) == {"cell_type1": 2.0, "donor": 2.0, "batch": 2.0}
+    assert resolve_unseen_guide_w({"donor": 3.0}, 0.5, keys) == {"cell_type1": 0.0, "donor": 3.0, "batch": 0.0}
+
+
+def test_unseen_weights_with_the_nested_form_are_refused():
+    from guided_diffusion.core.errors import UsageError
+    from guided_diffusion.sampling.settings import SamplerSettings, check_settings
+
+    with pytest.raises(UsageError, match="--unseen_guide_w"):
+        check_settings(SamplerSettings(guidance_form="nested", unseen_guide_w=2.0))
+    with pytest.raises(UsageError, match="--unseen_guide_w"):
+        check_settings(SamplerSettings(unseen_guide_w=float("nan")))
+
+
+@pytest.fixture(scope="module")
+def two_key_model(tmp_path_factory):
+    """A tiny cell type x donor model trained without the combination type_2 x donor1."""
+    import cell_train
+    from synthetic import make_counts_adata
+    from VAE import VAE_train
+
+    folder = tmp_path_factory.mktemp("two_key")
+    adata = make_counts_adata(n_cells=150, n_genes=12, n_types=3, n_donors=2, seed=5)
+    held_out = (adata.obs["cell_type1"].astype(str) == "type_2") & (adata.obs["donor"].astype(str) == "donor1")
+    adata[~held_out.to_numpy()].copy().write_h5ad(folder / "train.h5ad")
+    VAE_train.main(["--data_dir", str(folder / "train.h5ad"), "--num_genes", "12", "--save_dir", str(folder / "ae"),
+                    "--max_steps", "5", "--checkpoint_freq", "5", "--hidden_dims", "8", "8", "--latent_dim", "4",
+                    "--batch_size", "16", "--progress", "False"])
+    cell_train.main(["--data_dir", str(folder / "train.h5ad"), "--vae_path", str(folder / "ae" / "model_seed=0_step=5.pt"),
+                     "--label_key", "cell_type1", "--label_key", "donor", "--model_name", "m",
+                     "--save_dir", str(folder), "--lr_anneal_steps", "4", "--save_interval", "4",
+                     "--hidden_dims", "8", "8", "8", "8", "--batch_size", "16", "--progress", "False"])
+    return folder / "m" / "model000004.pt"
+
+
+def test_cell_sample_guides_an_unseen_combination_by_the_rule_and_records_it(two_key_model, tmp_path):
+    import anndata
+
+    import cell_sample
+
+    def run(name, *extra):
+        cell_sample.main(["--model_path", str(two_key_model), "--sample_dir", str(tmp_path / name),
+                          "--num_samples", "6", "--progress", "False", "--precision", "fp32",
+                          "--condition", "cell_type1=type_0,donor=donor0",
+                          "--condition", "cell_type1=type_2,donor=donor1", *extra])  # the second never seen
+        return anndata.read_h5ad(tmp_path / name / "generated.h5ad")
+
+    default, nested = run("default"), run("nested", "--guidance_form", "nested")
+    record = default.uns["cfdiffusion"]
+    assert dict(record["guidance_forms"]) == {"composed": 1, "nested": 1}
+    assert dict(record["unseen_guide_w"]) == {"cell_type1": 0.5, "donor": 4.0}
+    assert nested.uns["cfdiffusion"].get("unseen_guide_w") in (None, "None")
+    folder = tmp_path / "default"
+    unseen_file = next(p.name for p in folder.glob("cell2_1_*.npy"))
+    seen_file = next(p.name for p in folder.glob("cell0_0_*.npy"))
+    assert not np.allclose(np.load(folder / unseen_file), np.load(tmp_path / "nested" / unseen_file), atol=1e-3)
+    # the seen cells: the same guidance; the batch's stacked forward differs, so equal up to float rounding
+    np.testing.assert_allclose(np.load(folder / seen_file), np.load(tmp_path / "nested" / seen_file), atol=1e-4)

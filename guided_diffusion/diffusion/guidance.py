@@ -139,25 +139,26 @@ def guided_eps(
     cond_scales=None,
     form: str = "nested",
     composed_rows: Optional[torch.Tensor] = None,
+    composed_weights: Optional[Weights] = None,
 ) -> torch.Tensor:
     """Classifier-free guided noise prediction: ``(1 + w)·eps_cond − w·eps_uncond`` for one weight, the
     nested per-key form (module docstring) for one weight per key, or the composed form (``form``).
 
     Every evaluated conditioning runs in one stacked batch, so a cache used here holds features for the
     stacked batch. With all weights 0 only the conditional pass of the nested form runs and is returned
-    unchanged. ``composed_rows`` (a boolean (B,) tensor) takes the composed form for those rows and the
-    nested one for the others, in one stacked forward (``form`` is then ignored).
+    unchanged. ``composed_rows`` (a boolean (B,) tensor) takes the composed form with ``composed_weights``
+    (default: ``guide_w``) for those rows, and ``form`` with ``guide_w`` for the others, in one stacked forward.
     """
     check_form(form)
-    if composed_rows is not None and len(model.condition_sizes) > 1:
+    n_keys = len(model.condition_sizes)
+    if composed_rows is not None and n_keys > 1:
+        special = key_weights(guide_w if composed_weights is None else composed_weights, n_keys)
         if bool(composed_rows.all()):
-            form = "composed"
-        elif not bool(composed_rows.any()):
-            form = "nested"
-        else:
-            return mixed_eps(model, x, t, cond, key_weights(guide_w, len(model.condition_sizes)), composed_rows,
-                             cache, cond_scales)
-    if form == "composed" and len(model.condition_sizes) > 1:
+            return composed_eps(model, x, t, cond, special, cache, cond_scales)
+        if bool(composed_rows.any()):
+            return mixed_eps(model, x, t, cond, key_weights(guide_w, n_keys), form, composed_rows, special, cache,
+                             cond_scales)
+    if form == "composed" and n_keys > 1:
         return composed_eps(model, x, t, cond, key_weights(guide_w, len(model.condition_sizes)), cache, cond_scales)
     terms = prefix_coefficients(key_weights(guide_w, len(model.condition_sizes)))
     if len(terms) == 1:
@@ -190,21 +191,36 @@ def combine(terms, eps):
     return guided
 
 
-def mixed_rows(cond, condition_sizes, weights):
-    """The condition rows of a batch where some rows take the nested form and others the composed one:
-    the nested form's copies, then the composed form's, stacked for one forward."""
-    return torch.cat([guidance_batch(cond, condition_sizes, weights), composed_batch(cond, condition_sizes, weights)])
+def form_terms(form, weights):
+    """The (term, coefficient) list of ``form`` for per-key ``weights``."""
+    return composed_coefficients(weights) if form == "composed" else prefix_coefficients(weights)
 
 
-def mixed_eps(model, x, t, cond, weights, composed_rows, cache=None, cond_scales=None):
-    """Per row, the composed form where ``composed_rows`` and the nested form elsewhere, from one forward."""
-    nested_terms, composed_terms = prefix_coefficients(weights), composed_coefficients(weights)
-    copies = len(nested_terms) + len(composed_terms)
-    eps = model(torch.cat([x] * copies), torch.cat([t] * copies), mixed_rows(cond, model.condition_sizes, weights),
+def form_batch(cond, condition_sizes, form, weights):
+    """The condition rows of ``form``'s terms, one copy of ``cond`` per term."""
+    if form == "composed":
+        return composed_batch(cond, condition_sizes, weights)
+    return guidance_batch(cond, condition_sizes, weights)
+
+
+def mixed_rows(cond, condition_sizes, weights, form, composed_weights):
+    """The condition rows of a batch where some rows take ``form`` with ``weights`` and the others the composed
+    form with ``composed_weights``: the first group's copies, then the second's, stacked for one forward."""
+    return torch.cat([form_batch(cond, condition_sizes, form, weights),
+                      composed_batch(cond, condition_sizes, composed_weights)])
+
+
+def mixed_eps(model, x, t, cond, weights, form, composed_rows, composed_weights, cache=None, cond_scales=None):
+    """Per row, the composed form with ``composed_weights`` where ``composed_rows``, else ``form`` with
+    ``weights``, from one forward."""
+    base_terms, composed_terms = form_terms(form, weights), composed_coefficients(composed_weights)
+    copies = len(base_terms) + len(composed_terms)
+    eps = model(torch.cat([x] * copies), torch.cat([t] * copies),
+                mixed_rows(cond, model.condition_sizes, weights, form, composed_weights),
                 cache=cache, cond_scales=cond_scales).chunk(copies)
-    nested = combine(nested_terms, eps[:len(nested_terms)])
-    composed = combine(composed_terms, eps[len(nested_terms):])
-    return torch.where(composed_rows.to(nested.device).reshape(-1, *([1] * (nested.dim() - 1))), composed, nested)
+    base = combine(base_terms, eps[:len(base_terms)])
+    composed = combine(composed_terms, eps[len(base_terms):])
+    return torch.where(composed_rows.to(base.device).reshape(-1, *([1] * (base.dim() - 1))), composed, base)
 
 
 def guided_eps_fn(
@@ -215,12 +231,13 @@ def guided_eps_fn(
     refresh: Optional[Sequence[bool]] = None,
     form: str = "nested",
     composed_rows: Optional[torch.Tensor] = None,
+    composed_weights: Optional[Weights] = None,
 ):
     """An ``eps_fn(x, t, step_index)`` for the diffusion samplers.
 
     ``guide_w`` is one weight or one per label key (the model's key order); ``form`` the guidance form
     (``nested`` or ``composed``, module docstring); ``composed_rows`` a boolean (B,) tensor of the rows that take
-    the composed form (the others the nested one), overriding ``form``. With a cache,
+    the composed form with ``composed_weights`` (default ``guide_w``; the others take ``form``). With a cache,
     ``refresh[step_index]`` (e.g. from ``refresh_schedule``) decides whether the step runs a full pass;
     the cache branch is checked against the model here, before sampling starts.
     """
@@ -232,16 +249,17 @@ def guided_eps_fn(
             raise ValueError("the refresh schedule must refresh at step 0 to fill the cache")
     check_form(form)
     weights = key_weights(guide_w, len(model.condition_sizes))
+    special = key_weights(guide_w if composed_weights is None else composed_weights, len(weights))
+    if composed_rows is not None and len(weights) > 1:
+        if bool(composed_rows.all()):
+            form, weights, composed_rows = "composed", special, None
+        elif not bool(composed_rows.any()):
+            composed_rows = None
     terms = prefix_coefficients(weights)
 
     # the condition projections do not depend on the step: compute them once for the whole loop
     if composed_rows is not None and len(weights) > 1:
-        if bool(composed_rows.all()):
-            form, composed_rows = "composed", None
-        elif not bool(composed_rows.any()):
-            form, composed_rows = "nested", None
-    if composed_rows is not None and len(weights) > 1:
-        rows = mixed_rows(cond, model.condition_sizes, weights)
+        rows = mixed_rows(cond, model.condition_sizes, weights, form, special)
     elif form == "composed" and len(weights) > 1:
         rows = composed_batch(cond, model.condition_sizes, weights)
     else:
@@ -252,6 +270,6 @@ def guided_eps_fn(
         if cache is not None:
             cache.refresh = bool(refresh[step_index])
         return guided_eps(model, x, t, cond, weights, cache=cache, cond_scales=cond_scales, form=form,
-                          composed_rows=composed_rows)
+                          composed_rows=composed_rows, composed_weights=special)
 
     return eps_fn

@@ -40,6 +40,7 @@ from guided_diffusion.sampling.request import check_sampling_inputs
 from guided_diffusion.sampling.reverse import condition_noise, sample_latents
 from guided_diffusion.sampling.settings import (build_sampling_diffusion, check_settings, record,
                                                 resolve_decoder_precision, resolve_guide_w, resolve_observation,
+                                                resolve_unseen_guide_w,
                                                 resolve_settings)
 
 # a generated latent further than this many training ranges (0.1%-99.9% quantiles) outside it is "far out"
@@ -115,6 +116,8 @@ def draw_latents(loaded, autoencoder, plan, settings, progress=True, context=Non
     cond_rows, noise = starting_points(plan, settings.seed, len(sizes), loaded.model.latent_dim)
     composed_rows, forms = guidance_forms(plan, loaded.checkpoint.condition_counts, sizes, settings)
     latents = run_reverse_process(loaded, cond_rows, noise, settings, progress, context, composed_rows)
+    if composed_rows is None:  # nothing was guided with the unseen conditions' weights: record none
+        settings = replace(settings, unseen_guide_w=None)
     check_finite_latents(latents)
     return observation, settings, library_sizes, cond_rows, latents, forms
 
@@ -170,19 +173,19 @@ def starting_points(plan, seed, n_keys, latent_dim):
 
 # ---- 2. the reverse process ----------------------------------------------------------------------
 def guidance_forms(plan, condition_counts, condition_sizes, settings):
-    """Which guidance form each planned cell takes: (a boolean tensor over the cells, True for the composed
-    form, or None when every cell takes the nested one; {"composed": n conditions, "nested": n conditions})."""
-    if settings.guidance_form == "nested" or len(condition_sizes) < 2:
+    """The cells guided as conditions never seen in training (composed form, ``unseen_guide_w``): a boolean
+    tensor over the cells, or None when there are none (or ``--guidance_form nested``, or one label key); and
+    the number of conditions per form, {"composed": n, "nested": n}, for the record."""
+    form = settings.guidance_form
+    if form == "nested" or len(condition_sizes) < 2:
         return None, {"nested": len(plan)}
-    if settings.guidance_form == "composed":
-        composed = [True] * len(plan)
-    else:  # auto: the composed form for the conditions never seen in training
-        unseen = {tuple(row) for row in unseen_conditions(plan, condition_counts, condition_sizes)}
-        composed = [tuple(row) in unseen for row, _ in plan]
-    if not any(composed):
-        return None, {"nested": len(plan)}
-    rows = torch.cat([torch.full((count,), flag) for (_, count), flag in zip(plan, composed)])
-    return rows, {"composed": sum(composed), "nested": len(plan) - sum(composed)}
+    unseen = {tuple(row) for row in unseen_conditions(plan, condition_counts, condition_sizes)}
+    flags = [tuple(row) in unseen for row, _ in plan]
+    n_composed = len(plan) if form == "composed" else sum(flags)
+    forms = {"composed": n_composed, "nested": len(plan) - n_composed}
+    if not any(flags):
+        return None, forms
+    return torch.cat([torch.full((count,), flag) for (_, count), flag in zip(plan, flags)]), forms
 
 
 def run_reverse_process(loaded, cond_rows, noise, settings, progress, context, composed_rows=None):
@@ -256,6 +259,8 @@ def provenance(loaded, autoencoder, settings, observation, n_cells, warnings, fo
         # conditions per guidance form (the composed one for unseen conditions with --guidance_form auto)
         "guidance_forms": dict(forms or {"nested": 0}),
         "guidance_composed": guidance_formula(settings.guide_w, "composed"),
+        # the weights of the conditions never seen in training, where there were any (else None)
+        "unseen_guide_w": settings.unseen_guide_w,
         "schedule_steps": schedule_steps,
         "unconditioned": "a label key left unconditioned is a missing value (NaN) in obs",
         "warnings": list(warnings),
@@ -296,7 +301,11 @@ def prepare_run(request, settings, device, loaded=None, autoencoder=None):
     if request.num_classes is not None and list(request.num_classes) != sizes:
         raise UsageError(f"--num_classes {' '.join(map(str, request.num_classes))} contradicts the checkpoint "
                          f"({' '.join(map(str, sizes))}); omit it")
-    settings = resolve_settings(replace(settings, guide_w=resolve_guide_w(settings.guide_w, loaded.label_keys)),
+    settings = replace(settings, guide_w=resolve_guide_w(settings.guide_w, loaded.label_keys))
+    if len(loaded.label_keys) > 1 and settings.guidance_form != "nested":
+        settings = replace(settings, unseen_guide_w=resolve_unseen_guide_w(settings.unseen_guide_w,
+                                                                           settings.guide_w, loaded.label_keys))
+    settings = resolve_settings(settings,
                                 loaded.checkpoint.sampling_defaults, device,
                                 schedule_steps=int(loaded.checkpoint.diffusion["steps"]))
     plan = plan_conditions(loaded, request.conditions, request.all_combinations, request.match_counts,

@@ -73,6 +73,12 @@ def check_sampling_inputs(request, settings):
     check_str(settings.precision, "precision", PRECISIONS)
     check_str(settings.solver, "solver", SOLVERS, optional=True)
     check_str(settings.guidance_form, "guidance_form", GUIDANCE_FORMS)
+    if isinstance(settings.unseen_guide_w, dict):
+        for key, value in settings.unseen_guide_w.items():
+            check_str(key, "unseen_guide_w")
+            check_real(value, "unseen_guide_w", weight)
+    elif settings.unseen_guide_w is not None:
+        check_real(settings.unseen_guide_w, "unseen_guide_w", weight)
     check_str(settings.decoder_precision, "decoder_precision", PRECISIONS)
 
 

@@ -30,7 +30,8 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
     ``batches`` (a ``range`` of batch numbers, default all) runs only those and returns their rows.
     The model works on latents multiplied by ``latent_scale`` (recorded at training); the result is
     returned in the autoencoder's latent space (divided by it), in float32. ``composed_rows`` (a boolean tensor,
-    one entry per row) marks the rows guided with the composed form (diffusion/guidance.py), the others nested.
+    one entry per row) marks the rows of conditions never seen in training, guided with the composed form and
+    ``settings.unseen_guide_w`` (diffusion/guidance.py); the others take ``settings.guidance_form`` (auto: nested).
     """
     device = next(model.parameters()).device
     sampler = sampler_of(settings)
@@ -51,7 +52,10 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
         cache = model.make_cache(settings.branch) if settings.cache_interval > 1 else None
         eps_fn = guided_eps_fn(model, cond_rows[part].to(device), guide_weights(settings.guide_w), cache,
                                refresh if cache is not None else None,
-                               composed_rows=None if composed_rows is None else composed_rows[part])
+                               form="composed" if settings.guidance_form == "composed" else "nested",
+                               composed_rows=None if composed_rows is None else composed_rows[part],
+                               composed_weights=None if settings.unseen_guide_w is None
+                               else guide_weights(settings.unseen_guide_w))
         generator = seed_streams.torch_generator(settings.seed, seed_streams.STEP_NOISE, batch_index, device)
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,
                       on_step=lambda *_: bar.update(1))

@@ -55,8 +55,11 @@ class SamplerSettings:
     # (resolve_decoder_precision), decoded means always fp32
     decoder_precision: str = "auto"
     # auto: the composed form for conditions never seen in training, the nested one for seen conditions;
-    # nested or composed: that form for every condition (diffusion/guidance.py)
+    # nested: the nested form for every condition (and guide_w: the behaviour before guidance forms);
+    # composed: the composed form for every condition (diffusion/guidance.py)
     guidance_form: str = "auto"
+    # the weights of the conditions never seen in training (composed form); None: resolve_unseen_guide_w's rule
+    unseen_guide_w: Optional[Union[float, Dict[str, float]]] = None
 
     def describe(self):
         cache = f"cache {self.cache_interval}"
@@ -148,6 +151,22 @@ def resolve_guide_w(guide_w, label_keys):
     return {key: float(guide_w.get(key, 0.0)) for key in label_keys}
 
 
+# an unseen combination's keys after the first (the donor of a cell type x donor pair) get this weight by
+# default: measured on held-out combinations of the bundled data (docs/sampling.md, "Unseen combinations")
+UNSEEN_KEY_WEIGHT = 4.0
+
+
+def resolve_unseen_guide_w(unseen_guide_w, guide_w, label_keys):
+    """The per-key weights of the conditions never seen in training: as given (one weight or per key, like
+    ``--guide_w``), or by default the first label key's weight from ``guide_w`` and ``UNSEEN_KEY_WEIGHT`` for
+    every later key (the keys that make the combination new: a donor, a perturbation)."""
+    if unseen_guide_w is not None:
+        resolved = resolve_guide_w(unseen_guide_w, label_keys)
+        return resolved if isinstance(resolved, dict) else {key: float(resolved) for key in label_keys}
+    first = guide_w[label_keys[0]] if isinstance(guide_w, dict) else guide_w
+    return {key: float(first) if index == 0 else UNSEEN_KEY_WEIGHT for index, key in enumerate(label_keys)}
+
+
 def guide_weights(guide_w):
     """What the guidance code takes: the one weight, or the per-key weights in label-key order."""
     return list(guide_w.values()) if isinstance(guide_w, dict) else guide_w
@@ -162,17 +181,26 @@ DEFAULT_SETTINGS = SamplerSettings()
 FAITHFUL_FLAGS = "--use_ddim False --timestep_respacing 1000 --cache_interval 5 --precision fp32"
 
 
+def check_weights(guide_w, flag):
+    low, high = GUIDE_W_RANGE
+    if isinstance(guide_w, dict):
+        for key, weight in guide_w.items():
+            if not math.isfinite(weight) or not low <= weight <= high:
+                raise UsageError(f"{flag} {key}={weight}: each weight must be a finite number in "
+                                 f"[{low:g}, {high:g}] (typically 0 to 5)")
+    elif not math.isfinite(guide_w) or not low <= guide_w <= high:
+        raise UsageError(f"{flag} must be a finite number in [{low:g}, {high:g}] (typically 0 to 5), "
+                         f"got {guide_w}")
+
+
 def check_settings(settings):
     """The checks that need no checkpoint; each failure one line naming the flag."""
-    low, high = GUIDE_W_RANGE
-    if isinstance(settings.guide_w, dict):
-        for key, weight in settings.guide_w.items():
-            if not math.isfinite(weight) or not low <= weight <= high:
-                raise UsageError(f"--guide_w {key}={weight}: each weight must be a finite number in "
-                                 f"[{low:g}, {high:g}] (typically 0 to 5)")
-    elif not math.isfinite(settings.guide_w) or not low <= settings.guide_w <= high:
-        raise UsageError(f"--guide_w must be a finite number in [{low:g}, {high:g}] (typically 0 to 5), "
-                         f"got {settings.guide_w}")
+    check_weights(settings.guide_w, "--guide_w")
+    if settings.unseen_guide_w is not None:
+        check_weights(settings.unseen_guide_w, "--unseen_guide_w")
+        if settings.guidance_form == "nested":
+            raise UsageError("--unseen_guide_w weighs the composed form of unseen conditions; --guidance_form nested "
+                             "guides every condition with --guide_w: drop one of them")
     if not math.isfinite(settings.eta) or settings.eta < 0:
         raise UsageError(f"--eta must be a finite number >= 0, got {settings.eta}")
     if not 0 <= settings.seed <= MAX_SEED:
@@ -273,7 +301,8 @@ def record(settings, steps):
     if settings.cache_interval is None or settings.cache_interval > 1:
         entry.update(branch=settings.branch, non_uniform=settings.non_uniform)
     entry.update(clip_denoised=settings.clip_denoised, batch_size=settings.batch_size, seed=settings.seed,
-                 guide_w=settings.guide_w, guidance_form=settings.guidance_form, precision=settings.precision,
+                 guide_w=settings.guide_w, guidance_form=settings.guidance_form,
+                 unseen_guide_w=settings.unseen_guide_w, precision=settings.precision,
                  decoder_precision=settings.decoder_precision)
     return entry
 
@@ -307,6 +336,6 @@ def resolve_decoder_precision(settings, observation, device):
 __all__ = ["OBSERVATIONS", "PRECISIONS", "SAMPLERS", "ETA_SAMPLERS", "SPACINGS", "SOLVERS", "DPM_SOLVERS",
            "SamplerSettings", "sampler_of", "solver_of", "alias_conflict", "spacing_of", "record", "DEFAULT_SETTINGS",
            "FAITHFUL_FLAGS", "check_settings",
-           "parse_guide_w", "format_guide_w", "resolve_guide_w", "guide_weights",
+           "parse_guide_w", "format_guide_w", "resolve_guide_w", "resolve_unseen_guide_w", "guide_weights",
            "build_sampling_diffusion", "scaled_cache_interval", "resolve_settings", "resolve_observation",
            "resolve_decoder_precision"]
