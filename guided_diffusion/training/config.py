@@ -28,6 +28,19 @@ def from_flags(cls, args, **overrides):
     return cls(**values)
 
 
+def defaults_of(*classes):
+    """{setting: default} of the config dataclasses ``classes`` (the CLIs build their flags' defaults from it,
+    so a default is stated once, here)."""
+    values = {}
+    for cls in classes:
+        for item in dataclasses.fields(cls):
+            if item.default is not dataclasses.MISSING:
+                values[item.name] = item.default
+            elif item.default_factory is not dataclasses.MISSING:
+                values[item.name] = item.default_factory()
+    return values
+
+
 def plain_dict(*configs):
     """The settings of ``configs`` merged into one flat dict of plain values (for checkpoints)."""
     merged = {}
