@@ -147,10 +147,8 @@ def train_diffusion(data, model_config, training):
     save_dir = os.path.join(training.save_dir, training.model_name)
     if context.is_main:
         check_writable_dir(save_dir, "--save_dir")  # created by the trainer once the inputs are checked
-    vae_sha256 = file_sha256(model_config.vae_path)
     dataset, autoencoder, latents = prepare_latents(data, model_config.vae_path, model_config.num_classes, device,
-                                                    training.progress, context, training.latents_on_disk, save_dir,
-                                                    vae_sha256)
+                                                    training.progress, context, training.latents_on_disk, save_dir)
     on_disk = isinstance(latents, LatentStore)
 
     latent_scale = resolve_latent_scale(model_config.latent_scale, latents)
@@ -172,7 +170,7 @@ def train_diffusion(data, model_config, training):
         dataset=dataset, condition_counts=condition_counts(dataset.label_codes),
         library_size_quantiles=None if dataset.library_sizes() is None
         else library_size_quantiles(dataset.library_sizes(), dataset.label_codes),
-        vae_path=config.vae_path, vae_sha256=vae_sha256, save_dir=save_dir,
+        vae_path=config.vae_path, vae_sha256=file_sha256(config.vae_path), save_dir=save_dir,
         diffusion_steps=DIFFUSION_STEPS, noise_schedule=NOISE_SCHEDULE, latent_scale=latent_scale,
         latents=latents.subsample() if on_disk else latents,  # on disk: a bounded strided subset of the rows
         sampling_defaults={"branch": config.branch, "cache_interval": config.cache_interval,
