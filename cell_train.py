@@ -12,7 +12,7 @@ from guided_diffusion.training.pipeline import train_diffusion
 from guided_diffusion.cli import (ArgumentParser, HelpFormatter, add_debug_arg, add_device_arg, command, fraction,
                                   non_negative_float, non_negative_int, positive_float, positive_int, probability,
                                   str2bool)
-from guided_diffusion.data.flags import add_data_args
+from guided_diffusion.data.flags import add_data_args, backed_mode
 from guided_diffusion.core.distributed import setup_distributed
 from guided_diffusion.cli import add_threads_arg, apply_thread_flags
 from guided_diffusion.training.config import defaults_of, DataConfig, DiffusionModelConfig, DiffusionTrainingConfig, from_flags
@@ -67,6 +67,10 @@ def build_parser():
     parser.add_argument("--precision", default=DEFAULTS["precision"], choices=["auto", "fp32", "bf16"],
                         help="matmuls of the training step: bf16 (autocast, fp32 master weights and loss), fp32, or "
                              "auto = bf16 where the device runs it natively (AMX / AVX512-BF16 CPUs, CUDA)")
+    parser.add_argument("--latents_on_disk", type=backed_mode, default=DEFAULTS["latents_on_disk"], metavar="{auto,True,False}",
+                        help="keep the encoded latents in save_dir/model_name/latents.npy and read them per batch, so "
+                             "memory does not grow with the cells; reused by a resumed run with the same data, "
+                             "autoencoder and normalization (auto: when the h5ad is streamed, see --backed)")
     parser.add_argument("--progress", type=str2bool, default=DEFAULTS["progress"], help="show progress bars")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)

@@ -13,8 +13,13 @@ table beside the dense footprint N x G x 4 bytes. Not part of the test suite:
 
     python benchmarks/bench_memory.py                      # 20k and 200k cells x 5000 genes
     python benchmarks/bench_memory.py --sizes 20000 200000 1000000 --modes backed memory
+    python benchmarks/bench_memory.py --trainers diffusion --modes backed --nproc 2   # per process, torchrun
+
+With ``--nproc N`` the diffusion trainer runs under ``torchrun --nproc_per_node N``; the peak read from
+``os.wait4`` is then the largest of torchrun's and its workers' (the peak of one process, not their sum).
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -98,8 +103,9 @@ def loader_throughput(path, batch_size, n_batches):
     for _ in range(n_batches):
         dataset.rows(sampler.next_batch())
     batch_seconds = time.monotonic() - started
+    n_cells = dataset.n_cells
     dataset.close()
-    return dataset.n_cells / scan_seconds, n_batches * batch_size / batch_seconds
+    return n_cells / scan_seconds, n_batches * batch_size / batch_seconds
 
 
 def main(argv=None):
@@ -113,6 +119,13 @@ def main(argv=None):
                         help="autoencoder widths (memory of the model does not depend on the number of cells)")
     parser.add_argument("--modes", nargs="+", default=["backed", "memory"], choices=["backed", "memory"],
                         help="--backed True and/or --backed False")
+    parser.add_argument("--trainers", nargs="+", default=["autoencoder", "diffusion"],
+                        choices=["autoencoder", "diffusion"],
+                        help="which trainers are measured (the diffusion trainer needs an autoencoder: trained "
+                             "unmeasured when only the diffusion trainer is measured, or reused from --workdir)")
+    parser.add_argument("--nproc", type=int, default=1, help="processes of the diffusion trainer (torchrun when > 1)")
+    parser.add_argument("--diffusion_flags", nargs="*", default=[],
+                        help="more flags for cell_train.py (e.g. --latents_on_disk False)")
     parser.add_argument("--loader_batches", type=int, default=400, help="batches timed for the loader throughput")
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "cfdiffusion_bench_memory"),
                         help="where the h5ad files and checkpoints go (files are reused when present; "
@@ -139,14 +152,29 @@ def main(argv=None):
                           "--max_steps", args.steps, "--checkpoint_freq", args.steps, "--batch_size",
                           args.batch_size, "--hidden_dims", *args.hidden_dims, "--backed", backed,
                           "--progress", "False"]
-            ae_rss, ae_seconds = run_measured(list(map(str, ae_command)))
             vae = ae_dir / f"model_seed=0_step={args.steps}.pt"
-            diffusion_command = [sys.executable, "cell_train.py", "--data_dir", path, "--vae_path", vae,
-                                 "--save_dir", workdir / "diffusion", "--model_name", f"{n_cells}_{mode}",
+            ae_rss, ae_seconds = float("nan"), float("nan")
+            if "autoencoder" in args.trainers or not vae.exists():
+                ae_rss, ae_seconds = run_measured(list(map(str, ae_command + ["--overwrite", "True"])))
+                if "autoencoder" not in args.trainers:
+                    ae_rss, ae_seconds = float("nan"), float("nan")
+            if "diffusion" not in args.trainers:
+                rows.append({"cells": n_cells, "genes": args.genes, "nnz": nnz, "mode": mode,
+                             "file_mib": path.stat().st_size / 2 ** 20, "ae_peak_mib": ae_rss, "ae_s": ae_seconds,
+                             "scan_cells_per_s": scan_rate, "batch_cells_per_s": batch_rate})
+                print(f"{n_cells} cells, {mode}: autoencoder {ae_rss:.0f} MiB ({ae_seconds:.0f} s)", flush=True)
+                continue
+            launcher = [sys.executable] if args.nproc == 1 else [
+                str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(args.nproc)]
+            run_name = f"{n_cells}_{mode}_{args.nproc}"
+            shutil.rmtree(workdir / "diffusion" / run_name, ignore_errors=True)  # encoded afresh each time
+            diffusion_command = [*launcher, "cell_train.py", "--data_dir", path, "--vae_path", vae,
+                                 "--save_dir", workdir / "diffusion", "--model_name", run_name,
                                  "--lr_anneal_steps", args.steps, "--save_interval", args.steps,
-                                 "--batch_size", args.batch_size, "--backed", backed, "--progress", "False"]
+                                 "--batch_size", args.batch_size, "--backed", backed, "--progress", "False",
+                                 "--overwrite", "True", *args.diffusion_flags]
             diffusion_rss, diffusion_seconds = run_measured(list(map(str, diffusion_command)))
-            rows.append({"cells": n_cells, "genes": args.genes, "nnz": nnz, "mode": mode,
+            rows.append({"cells": n_cells, "genes": args.genes, "nnz": nnz, "mode": mode, "nproc": args.nproc,
                          "file_mib": path.stat().st_size / 2 ** 20,
                          "dense_gib": n_cells * args.genes * 4 / 2 ** 30,
                          "latents_mib": n_cells * LATENT_DIM * 4 / 2 ** 20,
@@ -160,14 +188,19 @@ def main(argv=None):
     print()
     print(f"{args.genes} genes, density {args.density}, {args.steps} steps per model, batch {args.batch_size}, "
           f"autoencoder {'x'.join(map(str, args.hidden_dims))}, block_rows {DEFAULT_BLOCK_ROWS}; "
-          f"peak RSS of each training subprocess (MiB)")
+          f"peak RSS of each training subprocess (MiB; with --nproc > 1: of its largest process)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
     for mode in args.modes:
         sized = table[table["mode"] == mode].sort_values("cells")
+        if "diffusion" not in args.trainers:
+            continue
         small = sized.iloc[0]
         for _, large in sized.iloc[1:].iterrows():
             print(f"{mode}: {int(large.cells)} vs {int(small.cells)} cells: "
                   f"autoencoder peak {large.ae_peak_mib / small.ae_peak_mib:.2f}x, "
+                  f"diffusion peak {large.diffusion_peak_mib / small.diffusion_peak_mib:.2f}x"
+                  if "autoencoder" in args.trainers else
+                  f"{mode}: {int(large.cells)} vs {int(small.cells)} cells: "
                   f"diffusion peak {large.diffusion_peak_mib / small.diffusion_peak_mib:.2f}x "
                   f"(its latents: +{large.latents_mib - small.latents_mib:.0f} MiB)")
     return table

@@ -195,10 +195,13 @@ class DiffusionTrainingConfig:
     device: str = "auto"
     progress: bool = True
     precision: str = "auto"
+    latents_on_disk: object = "auto"  # keep the latents in the run folder, read per batch (auto: with a streamed h5ad)
 
     def validate(self):
         _check_training_common(self)
         check_str(self.model_name, "model_name")
+        if self.latents_on_disk != "auto":
+            check_bool(self.latents_on_disk, "latents_on_disk")
         check_int(self.lr_anneal_steps, "lr_anneal_steps", 0)
         check_int(self.microbatch, "microbatch")
         check_float(self.ema_rate, "ema_rate", 0, 1)

@@ -1,9 +1,11 @@
 """h5ad -> normalize -> encode with the autoencoder -> latents -> train the conditional denoiser.
 
-With ``--backed`` the h5ad is streamed: cells are encoded block by block and only the N x latent_dim
-latents (plus labels) are held in memory. Under torchrun/mpiexec each rank encodes its contiguous
-share of the cells and the latents are all-gathered, then training runs data-parallel
-(:class:`~guided_diffusion.training.trainer.DiffusionTrainer`).
+With ``--backed`` the h5ad is streamed: cells are encoded block by block. The N x latent_dim latents are
+then held in memory, or, with ``--latents_on_disk`` (by default when the h5ad is streamed), kept in the
+run folder and read a batch at a time (:mod:`~guided_diffusion.training.latent_store`), so memory does
+not grow with the cells. Under torchrun/mpiexec each rank encodes its contiguous share of the cells; in
+memory the latents are all-gathered, on disk each rank writes its share into the one file. Training then
+runs data-parallel (:class:`~guided_diffusion.training.trainer.DiffusionTrainer`).
 """
 import os
 
@@ -22,6 +24,7 @@ from guided_diffusion.diffusion.respace import create_diffusion
 from guided_diffusion.diffusion.schedules import DIFFUSION_STEPS, NOISE_SCHEDULE
 from guided_diffusion.checkpoints import checkpoint_files, latest_model_file
 from guided_diffusion.training.trainer import DiffusionTrainer
+from guided_diffusion.training.latent_store import LatentStore, encode_to_store, store_key
 from guided_diffusion.core.errors import SettingError, literal
 from guided_diffusion.training.loop import claim_run_folder
 from guided_diffusion.training.config import validate
@@ -59,11 +62,21 @@ class CellRange:
         return self.dataset.rows(np.asarray(index) + self.start)
 
 
-def prepare_latents(data, vae_path, num_classes, device, progress=True, context=None):
+def use_latents_on_disk(setting, dataset):
+    """``--latents_on_disk``: True, False, or auto (on disk when the h5ad is streamed)."""
+    return dataset.is_backed if str(setting).lower() == "auto" else bool(setting)
+
+
+def prepare_latents(data, vae_path, num_classes, device, progress=True, context=None, latents_on_disk=False,
+                    folder=None, vae_sha256=None):
     """Load the data (a :class:`~guided_diffusion.training.config.DataConfig`) and the autoencoder, check
     they agree, and encode every cell (in batches).
 
-    Distributed, each rank encodes its share of the cells and every rank receives all latents.
+    In memory (an array), distributed, each rank encodes its share of the cells and every rank receives all
+    latents. On disk (``latents_on_disk`` True, or auto with a streamed h5ad; ``folder``: the run folder;
+    ``vae_sha256``: the autoencoder's hash) a :class:`~guided_diffusion.training.latent_store.LatentStore`
+    over ``folder/latents.npy``, reused when it was encoded from the same data, autoencoder and
+    normalization, else written by every rank for its share.
     """
     context = context or DistributedContext(device=device)
     dataset = load_dataset(data.data_dir, label_keys=data.label_key, layer=data.layer,
@@ -74,10 +87,14 @@ def prepare_latents(data, vae_path, num_classes, device, progress=True, context=
         check_num_classes(num_classes, dataset)
         autoencoder, _ = load_autoencoder(vae_path, device=device)
         autoencoder.check_dataset(dataset)
-        share = context.shard(dataset.n_cells)
-        local = autoencoder.encode_dataset(CellRange(dataset, share.start, share.stop), batch_size=1024,
-                                           progress=progress and context.is_main)
-        latents = context.all_gather_rows(local)
+        if use_latents_on_disk(latents_on_disk, dataset):
+            key = store_key(dataset.fingerprint, vae_sha256 or file_sha256(vae_path), dataset.normalization.to_dict())
+            latents = LatentStore(encode_to_store(folder, dataset, autoencoder, key, context, CellRange, progress))
+        else:
+            share = context.shard(dataset.n_cells)
+            local = autoencoder.encode_dataset(CellRange(dataset, share.start, share.stop), batch_size=1024,
+                                               progress=progress and context.is_main)
+            latents = context.all_gather_rows(local)
     finally:
         dataset.close()
     return dataset, autoencoder, latents
@@ -131,12 +148,16 @@ def train_diffusion(data, model_config, training):
     if context.is_main:
         check_writable_dir(save_dir, "--save_dir")  # created by the trainer once the inputs are checked
     dataset, autoencoder, latents = prepare_latents(data, model_config.vae_path, model_config.num_classes, device,
-                                                    training.progress, context)
+                                                    training.progress, context, training.latents_on_disk, save_dir)
+    on_disk = isinstance(latents, LatentStore)
 
     latent_scale = resolve_latent_scale(model_config.latent_scale, latents)
     if training.resume_checkpoint and training.resume_on_new_data and str(model_config.latent_scale).lower() == "auto":
         latent_scale = recorded_latent_scale(training.resume_checkpoint, latent_scale)  # the model's scale
-    np.multiply(latents, latent_scale, out=latents)  # in place: the N x latent_dim latents exist once
+    if on_disk:
+        latents.scale = latent_scale  # applied to the rows as they are read
+    else:
+        np.multiply(latents, latent_scale, out=latents)  # in place: the N x latent_dim latents exist once
     torch.manual_seed(training.seed)
     model = CellUNet(latent_dim=latents.shape[1], hidden_dims=model_config.hidden_dims,
                      condition_sizes=dataset.num_classes, dropout=model_config.dropout)
@@ -150,7 +171,8 @@ def train_diffusion(data, model_config, training):
         library_size_quantiles=None if dataset.library_sizes() is None
         else library_size_quantiles(dataset.library_sizes(), dataset.label_codes),
         vae_path=config.vae_path, vae_sha256=file_sha256(config.vae_path), save_dir=save_dir,
-        diffusion_steps=DIFFUSION_STEPS, noise_schedule=NOISE_SCHEDULE, latent_scale=latent_scale, latents=latents,
+        diffusion_steps=DIFFUSION_STEPS, noise_schedule=NOISE_SCHEDULE, latent_scale=latent_scale,
+        latents=latents.subsample() if on_disk else latents,  # on disk: a bounded strided subset of the rows
         sampling_defaults={"branch": config.branch, "cache_interval": config.cache_interval,
                            "non_uniform": config.non_uniform},
         training={name: getattr(config, name) for name in TRAINING_FIELDS})

@@ -28,6 +28,7 @@ from guided_diffusion.data import BatchSampler, describe_change, fingerprint_dif
 from guided_diffusion.core.distributed import DistributedContext, gradient_sync
 from guided_diffusion.diffusion.guidance import drop_conditions
 from guided_diffusion.core.memory import reuse_freed_memory
+from guided_diffusion.training.latent_store import LatentStore
 from guided_diffusion.training.optim import adamw, all_finite
 from guided_diffusion.core.device import matmul_precision, resolve_precision
 from guided_diffusion.core.errors import SettingError, literal
@@ -70,7 +71,8 @@ def ema_warmup_rate(ema_rate, step):
 class DiffusionTrainer(TrainingTask):
     """Trains ``model`` to predict the noise added to ``latents`` under ``diffusion``.
 
-    ``labels`` (N, K) hold class codes per label key; ``metadata`` (a dict: label vocabularies,
+    ``latents`` is an (N, latent_dim) array, or a :class:`~guided_diffusion.training.latent_store.LatentStore`
+    whose rows are read from disk batch by batch. ``labels`` (N, K) hold class codes per label key; ``metadata`` (a dict: label vocabularies,
     autoencoder path and hash, genes, normalization, ...) is stored in every model/EMA file so the
     sampler needs nothing else, and compared with the checkpoint's on resume.
     """
@@ -86,7 +88,8 @@ class DiffusionTrainer(TrainingTask):
         self.precision = resolve_precision(precision, device)
         self.diffusion = diffusion
         self.device = torch.device(device)
-        self.latents = torch.as_tensor(latents, dtype=torch.float32)
+        # a store on disk is read per batch (its rows already scaled); an array is held as a tensor
+        self.latents = latents if isinstance(latents, LatentStore) else torch.as_tensor(latents, dtype=torch.float32)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.metadata = metadata
         self.resume_on_new_data = resume_on_new_data
@@ -242,7 +245,7 @@ class DiffusionTrainer(TrainingTask):
         t = self.diffusion.sample_timesteps(len(index), "cpu", generator=self.generator)
         noise = torch.randn((len(index), self.latents.shape[1]), generator=self.generator)
         local = self.context.shard(len(index))
-        x0, cond, t, noise = self.latents[index[local]], cond[local], t[local], noise[local]
+        x0, cond, t, noise = self._latent_rows(index[local]), cond[local], t[local], noise[local]
         for group in self.optimizer.param_groups:
             group["lr"] = self._current_lr()
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,6 +264,11 @@ class DiffusionTrainer(TrainingTask):
         self.step += 1
         self._update_ema()
         return torch.cat(losses), t
+
+    def _latent_rows(self, index):
+        if isinstance(self.latents, LatentStore):
+            return torch.from_numpy(self.latents.rows(index.numpy()))
+        return self.latents[index]
 
     @torch.no_grad()
     def _update_ema(self):
