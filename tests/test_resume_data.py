@@ -124,14 +124,19 @@ def test_autoencoder_continues_on_new_data_when_asked_and_records_it(workspace, 
     assert change["data_dir"] == workspace["other_cells"]
 
 
-def test_autoencoder_checkpoint_without_a_fingerprint_resumes_with_a_warning(workspace, tmp_path, capsys):
-    folder = copy_of(workspace["ae_dir"], tmp_path)
-    model = folder / "model_seed=0_step=2.pt"
+def remove_fingerprint(model):
+    """Rewrite ``model`` as a checkpoint written before the data fingerprint."""
     payload = load_checkpoint(model)
     payload.pop("data_fingerprint", None)
     kind = payload.pop("kind")
     payload.pop("format_version", None)
     save_checkpoint(payload, model, kind=kind)
+
+
+def test_autoencoder_checkpoint_without_a_fingerprint_resumes_with_a_warning(workspace, tmp_path, capsys):
+    folder = copy_of(workspace["ae_dir"], tmp_path)
+    model = folder / "model_seed=0_step=2.pt"
+    remove_fingerprint(model)
     capsys.readouterr()
     ae_resume(workspace, folder, workspace["other_cells"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -174,11 +179,7 @@ def test_diffusion_continues_on_new_data_when_asked_and_records_it(workspace, tm
 def test_diffusion_checkpoint_without_a_fingerprint_resumes_with_a_warning(workspace, tmp_path, capsys):
     folder = copy_of(workspace["diffusion_dir"], tmp_path)
     model = folder / "model000002.pt"
-    payload = load_checkpoint(model)
-    payload.pop("data_fingerprint", None)
-    kind = payload.pop("kind")
-    payload.pop("format_version", None)
-    save_checkpoint(payload, model, kind=kind)
+    remove_fingerprint(model)
     capsys.readouterr()
     diffusion_resume(workspace, folder, workspace["reordered"])
     err = capsys.readouterr().err.strip().splitlines()
