@@ -11,6 +11,7 @@ import pytest
 import cell_train
 from guided_diffusion.core.container import load_checkpoint, save_checkpoint
 from guided_diffusion.data import load_dataset
+from test_input_checks import one_line_error
 from synthetic import make_counts_adata
 from VAE import VAE_train
 
@@ -66,15 +67,8 @@ def diffusion_resume(workspace, folder, data, *extra):
 
 
 def refused(capsys, run, *expected):
-    with pytest.raises(SystemExit) as exit_info:
-        run()
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert exit_info.value.code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    for text in expected:
-        assert text in lines[0], lines[0]
-    return lines[0]
+    """``run()`` exits 2 with one error line holding every ``expected`` text (test_input_checks' check)."""
+    return one_line_error(capsys, lambda argv: run(), [], *expected)
 
 
 # ---- the fingerprint itself --------------------------------------------------------------------------------------
