@@ -26,6 +26,9 @@ N_LATENT=${N_LATENT:-30}
 THREADS=${THREADS:-1}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ ! -x "$PY" ]; then
+  echo "error: $PY is missing; run make install (or give PY=...)" >&2; exit 2
+fi
 if [ ! -x "$PEER_PY" ]; then
   echo "error: $PEER_PY is missing; run make bench-peer-env" >&2; exit 2
 fi
@@ -46,14 +49,18 @@ for name in $DATASETS; do
   esac
 done
 specs="$specs $EXTRA_DATASETS"
-
 names=""
-for spec in $specs; do
-  IFS=: read -r name data label <<< "$spec"
-  if [ -z "$name" ] || [ -z "$data" ] || [ -z "$label" ]; then
+for spec in $specs; do  # every spec is checked before anything runs
+  IFS=: read -r name data label rest <<< "$spec"
+  if [ -z "$name" ] || [ -z "$data" ] || [ -z "$label" ] || [ -n "$rest" ]; then
     echo "error: dataset spec $spec is not NAME:PATH:LABEL_KEY" >&2; exit 2
   fi
+  if [ ! -f "$data" ]; then echo "error: dataset $name: $data does not exist" >&2; exit 2; fi
   names="$names $name"
+done
+
+for spec in $specs; do
+  IFS=: read -r name data label <<< "$spec"
   dir="$OUT/$name"
   split_var="SPLIT_$name"
   split=${!split_var:-$dir/split}
