@@ -62,6 +62,11 @@ def build_parser():
     parser.add_argument("--latent_dim", type=positive_int, default=DEFAULTS["latent_dim"], help="size of the latent")
     parser.add_argument("--hidden_dims", type=positive_int, nargs="+", default=DEFAULTS["hidden_dims"],
                         help="encoder widths (the decoder mirrors them)")
+    parser.add_argument("--kl_weight", type=non_negative_float, default=DEFAULTS["kl_weight"],
+                        help="0: the deterministic autoencoder (L2-normalized latent); > 0: a variational autoencoder "
+                             "whose loss adds this weight x the KL divergence of its Gaussian posterior per cell "
+                             "(over the number of genes: 1 is the evidence lower bound); its latent is the posterior "
+                             "mean")
     parser.add_argument("--dropout", type=fraction, default=DEFAULTS["dropout"], help="dropout after each hidden layer")
     parser.add_argument("--precision", default=DEFAULTS["precision"], choices=["auto", "fp32", "bf16"],
                         help="matmuls of the training step: bf16 (autocast, fp32 master weights and loss), fp32, or "

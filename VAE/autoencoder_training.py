@@ -43,19 +43,24 @@ def resolve_loss(loss_ae, dataset):
     return loss_ae
 
 
-def batch_loss(model, forward, dataset, index, device, latent_noise=0.0):
-    """Reconstruction loss of the cells ``index`` (``forward`` is the model or its DDP replica)."""
+def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weight=0.0):
+    """Loss of the cells ``index`` (``forward`` is the model or its DDP replica): the reconstruction loss (a mean
+    over entries), plus for a variational model ``kl_weight`` x its KL divergence per cell over the number of
+    genes (so that ``kl_weight`` 1 is the evidence lower bound of the negative binomial, per entry)."""
     if model.models_counts:
         x, counts, totals = (torch.from_numpy(a).to(device) for a in dataset.rows_and_counts(index))
     else:
         x, counts, totals = torch.from_numpy(dataset.rows(index)).to(device), None, None
     output, _ = forward(x, latent_noise=latent_noise)
-    return model.reconstruction_loss(output, x, counts, totals), output, x
+    loss = model.reconstruction_loss(output, x, counts, totals)
+    if model.variational and kl_weight:
+        loss = loss + kl_weight * model.kl_per_cell.mean() / model.num_genes
+    return loss, output, x
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model, dataset, indices, batch_size=512):
-    """Held-out loss, MSE and per-cell Pearson correlation between the log-normalized input and the
+def evaluate_reconstruction(model, dataset, indices, batch_size=512, kl_weight=0.0):
+    """Held-out loss (the training loss, a variational model's at its posterior mean), MSE and per-cell Pearson correlation between the log-normalized input and the
     decoded mean expression (eval mode)."""
     was_training = model.training
     model.eval()
@@ -63,7 +68,7 @@ def evaluate_reconstruction(model, dataset, indices, batch_size=512):
     loss, squared_error, count, correlations = 0.0, 0.0, 0, []
     for start in range(0, len(indices), batch_size):
         index = indices[start:start + batch_size]
-        batch_loss_value, output, batch = batch_loss(model, model, dataset, index, device)
+        batch_loss_value, output, batch = batch_loss(model, model, dataset, index, device, kl_weight=kl_weight)
         reconstruction = model._mean_expression(output)
         loss += float(batch_loss_value) * len(index)
         squared_error += float(((reconstruction - batch) ** 2).sum())
@@ -140,11 +145,12 @@ def train_autoencoder(data, model_config, training):
         elif task.early_stopping is not None and context.is_main:
             best = AutoencoderCheckpoint.load(task.early_stopping.path)
             task.model.load_state_dict(best.state_dict)
-            report = dict(evaluate_reconstruction(task.model, dataset, task.val_index), last_path=path,
+            report = dict(evaluate_reconstruction(task.model, dataset, task.val_index,
+                                                 kl_weight=model_config.kl_weight), last_path=path,
                           best_path=best.path, best_step=best.step, best_val_loss=best.selection["val_loss"])
             path = best.path
         elif context.is_main and len(task.val_index):
-            report = evaluate_reconstruction(task.model, dataset, task.val_index)
+            report = evaluate_reconstruction(task.model, dataset, task.val_index, kl_weight=model_config.kl_weight)
         return path, report, seconds
     finally:
         dataset.close()
@@ -178,7 +184,7 @@ def resolve_resume_path(training):
 
 def check_resumable(checkpoint, model, training, path):
     """Refuse a checkpoint whose model or run settings differ from this run's (one line, both values)."""
-    if checkpoint.model_config != model.config():
+    if model.complete_config(checkpoint.model_config) != model.config():
         raise SettingError(f"{{state_dict}} {literal(path)} was trained with {literal(checkpoint.model_config)}, "
                            f"this run asks for {literal(model.config())}", "state_dict")
     if checkpoint.training_state is None:
@@ -259,6 +265,7 @@ class AutoencoderTask(TrainingTask):
         if context.is_main:
             check_writable_dir(training.save_dir, "--save_dir")
         self.data, self.training, self.dataset, self.context = data, training, dataset, context
+        self.model_config = model_config
         self.device = context.device
         self.train_index, self.val_index = split_train_validation(dataset.n_cells, training.val_fraction,
                                                                   training.seed)
@@ -266,7 +273,7 @@ class AutoencoderTask(TrainingTask):
         model = VAE(dataset.n_genes, latent_dim=model_config.latent_dim, hidden_dims=model_config.hidden_dims,
                     dropout=model_config.dropout, decoder_activation=model_config.decoder_activation,
                     loss_ae=resolve_loss(model_config.loss_ae, dataset),
-                    target_sum=dataset.normalization.target_sum)
+                    target_sum=dataset.normalization.target_sum, variational=model_config.kl_weight > 0)
         self.model = context.synchronize_batchnorm(model).to(self.device)
         self.model.set_precision(training.precision, self.device)
         if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step
@@ -334,7 +341,8 @@ class AutoencoderTask(TrainingTask):
         batch_index = self.sampler.next_batch()
         local_index = batch_index[self.context.shard(len(batch_index))]
         local_loss, _, _ = batch_loss(self.model, self.replica, self.dataset, local_index, self.device,
-                                      latent_noise=self.training.latent_noise)
+                                      latent_noise=self.training.latent_noise,
+                                      kl_weight=self.model_config.kl_weight)
         # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
         share = len(local_index) / len(batch_index)
         self.optimizer.zero_grad(set_to_none=True)
@@ -356,7 +364,8 @@ class AutoencoderTask(TrainingTask):
             return
         val_loss = ""
         if len(self.val_index):
-            val_loss = evaluate_reconstruction(self.model, self.dataset, self.val_index[:VALIDATION_CELLS])["loss"]
+            val_loss = evaluate_reconstruction(self.model, self.dataset, self.val_index[:VALIDATION_CELLS],
+                                               kl_weight=self.model_config.kl_weight)["loss"]
             if self.early_stopping is not None:
                 self.early_stopping.observe(self.step, val_loss, self.model)
         self.log.write(step=self.step, train_loss=train_loss, val_loss=val_loss, seconds=seconds)

@@ -8,7 +8,8 @@
 #   bash benchmarks/bench_peer.sh                            # Baron, seeds 0 1, outputs in checkpoint/peer/
 #   SEEDS=0 EXTRA_DATASETS="pbmc:data/pbmc.h5ad:bulk_labels" bash benchmarks/bench_peer.sh checkpoint/peer
 #
-# DATASETS (default baron = dataset/baron_human.h5ad, label key cell_type1) names built-in datasets; EXTRA_DATASETS
+# DATASETS (default baron = dataset/baron_human.h5ad, label key cell_type1; also pbmc3k = dataset/pbmc3k.h5ad,
+# cell_type) names built-in datasets; EXTRA_DATASETS
 # adds specs NAME:PATH:LABEL_KEY (space-separated; the file's X must hold raw counts). SPLIT_baron=FOLDER (SPLIT_NAME
 # for any dataset) reuses an existing split folder (train.h5ad, heldout.h5ad) instead of OUT/NAME/split.
 # MAX_EPOCHS (300), N_LATENT (30), THREADS (1) are passed on; a run whose evaluation exists is reused (delete
@@ -45,6 +46,7 @@ specs=""
 for name in $DATASETS; do
   case $name in
     baron) specs="$specs baron:dataset/baron_human.h5ad:cell_type1" ;;
+    pbmc3k) specs="$specs pbmc3k:dataset/pbmc3k.h5ad:cell_type" ;;
     *) echo "error: unknown dataset $name; give it as NAME:PATH:LABEL_KEY in EXTRA_DATASETS" >&2; exit 2 ;;
   esac
 done

@@ -10,8 +10,11 @@
 # A recipe is [VARIANT-]AUTOENCODER:DIFFUSION_STEPS; AUTOENCODER is `last` (the model after AE_STEPS steps, today's
 # demo) or `best` (early stopping: the weights of the lowest validation loss; an early-stopped run with patience P
 # would have stopped at best step + P, which the summary reports as the autoencoder steps that recipe needs);
-# VARIANT (optional) trains its own autoencoder with extra flags: noise02 / noise05 = --latent_noise 0.02 / 0.05. Every stage is
+# VARIANT (optional) trains its own autoencoder with extra flags: noise02 / noise05 = --latent_noise 0.02 / 0.05, or one
+# named in VARIANTS ("name:flags|name:flags", e.g. VARIANTS="kl03:--kl_weight 0.3|small:--hidden_dims 256 256"). DATASET
+# is baron (dataset/baron_human.h5ad, cell_type1) or pbmc3k (dataset/pbmc3k.h5ad, cell_type). Every stage is
 # pinned to THREADS threads (default 1); stage wall times go to OUT/seed*/times.tsv. Runs already done are reused.
+# GAP=1 also runs exp_script/gap_analysis.py per run (decoded training latents and held-out reconstructions).
 # SAMPLER_FLAGS (default: the sampler's defaults) are passed to cell_sample.py, e.g. "--timestep_respacing 50".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,8 +24,24 @@ SEEDS=${SEEDS:-"0 1 2"}
 RECIPES=${RECIPES:-"last:8000 best:8000 best:16000"}
 AE_STEPS=${AE_STEPS:-600}
 PATIENCE=${PATIENCE:-150}
+STOP_PATIENCE=${STOP_PATIENCE:-$AE_STEPS}  # the autoencoder runs stop after this many steps without improvement
 THREADS=${THREADS:-1}
 SAMPLER_FLAGS=${SAMPLER_FLAGS:-}
+DATASET=${DATASET:-baron}
+VARIANTS=${VARIANTS:-}
+case $DATASET in
+  baron) DATA=dataset/baron_human.h5ad; LABEL=cell_type1 ;;
+  pbmc3k) DATA=dataset/pbmc3k.h5ad; LABEL=cell_type ;;
+  *) echo "error: DATASET is baron or pbmc3k, not $DATASET" >&2; exit 2 ;;
+esac
+variant_flags() {  # variant_flags NAME: the autoencoder flags of a variant named in VARIANTS
+  local entry
+  IFS='|' read -ra entries <<< "$VARIANTS"
+  for entry in "${entries[@]}"; do
+    if [ "${entry%%:*}" = "$1" ]; then echo "${entry#*:}"; return 0; fi
+  done
+  return 1
+}
 export OMP_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
 
@@ -34,7 +53,7 @@ timed() {  # timed TIMES_FILE NAME COMMAND...
 }
 
 if [ ! -f "$OUT/split/heldout.h5ad" ]; then
-  "$PY" exp_script/split.py --data_dir dataset/baron_human.h5ad --label_key cell_type1 --out "$OUT/split" \
+  "$PY" exp_script/split.py --data_dir "$DATA" --label_key "$LABEL" --out "$OUT/split" \
     --heldout_fraction 0.2 --seed 0
 fi
 for seed in $SEEDS; do
@@ -50,14 +69,14 @@ for seed in $SEEDS; do
       "") ;;
       noise02) ae_flags="--latent_noise 0.02" ;;
       noise05) ae_flags="--latent_noise 0.05" ;;
-      *) echo "error: recipe $recipe: unknown autoencoder variant $variant" >&2; exit 2 ;;
+      *) ae_flags=$(variant_flags "$variant") || { echo "error: recipe $recipe: unknown autoencoder variant $variant" >&2; exit 2; } ;;
     esac
     ae_dir="$run/autoencoder${variant:+_$variant}"
-    if [ ! -f "$ae_dir/model_seed=${seed}_step=$AE_STEPS.pt" ]; then
+    if [ ! -f "$ae_dir/model_seed=${seed}_best.pt" ]; then
       # shellcheck disable=SC2086
       timed "$times" "autoencoder${variant:+ $variant}" "$PY" VAE/VAE_train.py --data_dir "$OUT/split/train.h5ad" \
         --save_dir "$ae_dir" --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --log_interval 20 \
-        --early_stopping_patience "$AE_STEPS" --seed "$seed" --threads "$THREADS" --progress False --overwrite True $ae_flags
+        --early_stopping_patience "$STOP_PATIENCE" --seed "$seed" --threads "$THREADS" --progress False --overwrite True $ae_flags
     fi
     case $choice in
       last) ae="$ae_dir/model_seed=${seed}_step=$AE_STEPS.pt" ;;
@@ -66,10 +85,10 @@ for seed in $SEEDS; do
     esac
     choice="${variant:+$variant-}$choice"
     folder="$run/${choice}_d$steps"
-    model=$(printf "%s/diffusion/baron/model%06d.pt" "$folder" "$steps")
+    model=$(printf "%s/diffusion/%s/model%06d.pt" "$folder" "$DATASET" "$steps")
     if [ ! -f "$model" ]; then
       timed "$times" "diffusion ${choice}_d$steps" "$PY" cell_train.py --data_dir "$OUT/split/train.h5ad" \
-        --vae_path "$ae" --model_name baron --save_dir "$folder/diffusion" --lr_anneal_steps "$steps" \
+        --label_key "$LABEL" --vae_path "$ae" --model_name "$DATASET" --save_dir "$folder/diffusion" --lr_anneal_steps "$steps" \
         --save_interval "$steps" --lr 1e-3 --seed "$seed" --threads "$THREADS" --progress False --overwrite True
     fi
     if [ ! -f "$folder/evaluation/metrics.json" ]; then
@@ -78,8 +97,13 @@ for seed in $SEEDS; do
       "$PY" cell_sample.py --model_path "$model" --sample_dir "$folder/samples" --match_counts --seed "$seed" \
         --progress False $SAMPLER_FLAGS > /dev/null
       timed "$times" "evaluation ${choice}_d$steps" "$PY" exp_script/evaluate.py --real "$OUT/split/heldout.h5ad" \
-        --train "$OUT/split/train.h5ad" --generated "$folder/samples/generated.h5ad" --label_key cell_type1 \
+        --train "$OUT/split/train.h5ad" --generated "$folder/samples/generated.h5ad" --label_key "$LABEL" \
         --out "$folder/evaluation" --seed "$seed" --plots False --progress False > /dev/null
+    fi
+    if [ -n "${GAP:-}" ] && [ ! -f "$folder/gap/gap_analysis.json" ]; then  # GAP=1: also the gap analysis
+      timed "$times" "gap ${choice}_d$steps" "$PY" exp_script/gap_analysis.py --train "$OUT/split/train.h5ad" \
+        --heldout "$OUT/split/heldout.h5ad" --vae_path "$ae" --samples "$folder/samples" --label_key "$LABEL" \
+        --out "$folder/gap" --seed "$seed" --threads "$THREADS" --progress False > /dev/null
     fi
   done
 done

@@ -12,8 +12,9 @@ import statistics
 
 from guided_diffusion.cli import ArgumentParser, HelpFormatter, command
 
-FIGURES = ["knn_auc", "rf_auc", "ilisi", "celltypist_accuracy", "de_lfc_pearson"]
-COLUMNS = FIGURES + ["novelty_fraction_closer", "novelty_distance_ratio", "tstr_macro_f1"]
+FIGURES = ["knn_auc", "rf_auc", "ilisi", "celltypist_accuracy", "de_lfc_pearson", "marker_jaccard"]
+COLUMNS = FIGURES + ["labels_not_below_collapsed", "novelty_fraction_closer", "novelty_distance_ratio", "tstr_macro_f1", "decoded_train_knn_auc",
+                     "gap_control_knn_auc"]
 
 
 def run_figures(metrics):
@@ -25,9 +26,25 @@ def run_figures(metrics):
     generated["novelty_passes"] = novelty["passes"]
     useful = metrics.get("usefulness", {}).get("train_on_synthetic", {})
     generated["tstr_macro_f1"] = useful.get("generated", {}).get("macro_f1")
+    generated["labels_not_below_collapsed"] = labels_not_below_collapsed(metrics)
     control = dict(metrics["train_vs_heldout"]["overall"])
     control["tstr_macro_f1"] = useful.get("real training cells", {}).get("macro_f1")
     return generated, control
+
+
+def labels_not_below_collapsed(metrics, min_heldout=10):
+    """How many labels with at least ``min_heldout`` held-out cells (both halves: the reference and the held-out
+    control) have a generated kNN AUC not below the collapsed control's (None without the controls)."""
+    collapsed = metrics.get("collapsed", {}).get("per_label")
+    if not collapsed:
+        return None
+    control = metrics.get("real_vs_real", {}).get("per_label", {})
+    failing = 0
+    for label, figures in metrics["generated"]["per_label"].items():
+        heldout = figures.get("n_reference", 0) + control.get(label, {}).get("n_compared", 0)
+        if heldout >= min_heldout and label in collapsed:
+            failing += int(not figures["knn_auc"] < collapsed[label]["knn_auc"])
+    return failing
 
 
 def best_step(log_path):
@@ -60,12 +77,21 @@ def summarize(out, patience, ae_steps):
         log = os.path.join(seed_folder, "autoencoder", "train_log.csv")
         times = stage_seconds(os.path.join(seed_folder, "times.tsv"))
         if os.path.exists(log):
-            autoencoder[seed] = best_step(log)
+            autoencoder[seed] = str(best_step(log))
+        for variant_log in sorted(glob.glob(os.path.join(seed_folder, "autoencoder_*", "train_log.csv"))):
+            variant = os.path.basename(os.path.dirname(variant_log)).split("_", 1)[1]
+            autoencoder[seed] = f"{autoencoder.get(seed, '—')}, {variant} {best_step(variant_log)}"
         for metrics_path in sorted(glob.glob(os.path.join(seed_folder, "*_d*", "evaluation", "metrics.json"))):
             recipe = os.path.basename(os.path.dirname(os.path.dirname(metrics_path)))
             with open(metrics_path) as stream:
                 generated, control = run_figures(json.load(stream))
             generated["diffusion_seconds"] = times.get(f"diffusion {recipe}")
+            gap_path = os.path.join(os.path.dirname(os.path.dirname(metrics_path)), "gap", "gap_analysis.json")
+            if os.path.exists(gap_path):  # GAP=1: decoded training latents and the control, against all held-out cells
+                with open(gap_path) as stream:
+                    expression = json.load(stream)["expression"]
+                generated["decoded_train_knn_auc"] = expression["reconstructed_train_counts"]["overall"]["knn_auc"]
+                generated["gap_control_knn_auc"] = expression["train"]["overall"]["knn_auc"]
             recipes.setdefault(recipe, []).append((seed, generated))
             controls.setdefault(seed, control)
     lines = [f"Held-out protocol, {len(autoencoder)} training seed(s); autoencoder best steps by validation loss: "

@@ -159,8 +159,9 @@ def encoded_latents(settings, autoencoder, sets, progress):
         finally:
             dataset.close()
     latents["generated"] = generated_latents(settings.samples, len(sets["generated"].labels))
-    norms = np.linalg.norm(latents["generated"], axis=1, keepdims=True)
-    latents["generated_on_sphere"] = (latents["generated"] / np.maximum(norms, 1e-12)).astype(np.float32)
+    if not getattr(autoencoder.model, "variational", False):  # a variational encoder's latents are not on a sphere
+        norms = np.linalg.norm(latents["generated"], axis=1, keepdims=True)
+        latents["generated_on_sphere"] = (latents["generated"] / np.maximum(norms, 1e-12)).astype(np.float32)
     return latents
 
 
@@ -195,7 +196,8 @@ def latent_section(settings, sets, latents, progress):
     training latents; and generated vs training latents."""
     reference = latents["heldout"]
     section = {}
-    for name in tqdm(("train", "generated", "generated_on_sphere"), desc="latent space", disable=not progress):
+    for name in tqdm([n for n in ("train", "generated", "generated_on_sphere") if n in latents], desc="latent space",
+                     disable=not progress):
         labels = sets["generated" if name.startswith("generated") else name].labels
         section[name] = metrics.two_sample(reference, sets["heldout"].labels, latents[name], labels,
                                            seed=settings.seed, use_rf=settings.random_forest)
@@ -217,7 +219,7 @@ def per_label_table(sets, expression, latent):
                                   for name in ("train", "heldout", "generated")}}
         for name, result in expression.items():
             row[f"expression_{name}_knn_auc"] = result["per_label"].get(label, {}).get("knn_auc", float("nan"))
-        for name in ("train", "generated", "generated_on_sphere"):
+        for name in [n for n in ("train", "generated", "generated_on_sphere") if n in latent]:
             row[f"latent_{name}_knn_auc"] = latent[name]["per_label"].get(label, {}).get("knn_auc", float("nan"))
         rows.append(row)
     return rows
@@ -250,18 +252,20 @@ def gap_analysis(settings):
                              f"(real files with counts in X, samples drawn with --observation counts)")
     autoencoder, _ = load_autoencoder(settings.vae_path, device=resolve_device(settings.device))
     latents = encoded_latents(settings, autoencoder, sets, progress)
-    sets["generated_on_sphere"], _ = read_set(decode_on_sphere(settings, autoencoder, latents["generated_on_sphere"],
-                                                               progress), settings.label_key, "generated_on_sphere")
+    if "generated_on_sphere" in latents:
+        sets["generated_on_sphere"], _ = read_set(decode_on_sphere(settings, autoencoder,
+                                                                   latents["generated_on_sphere"], progress),
+                                                  settings.label_key, "generated_on_sphere")
     poisson = poisson_from_means(sets["reconstructed_heldout_means"].x, heldout.counts.sum(axis=1), settings.seed)
     sets["reconstructed_heldout_poisson"] = CellSet(x=log_normalize(poisson), counts=poisson, labels=heldout.labels)
     expression = {}
-    for name in tqdm(EXPRESSION_SETS, desc="expression space", disable=not progress):
+    for name in tqdm([n for n in EXPRESSION_SETS if n in sets], desc="expression space", disable=not progress):
         expression[name] = metrics.expression_two_sample(heldout.x, heldout.labels, sets[name].x,
                                                          sets[name].labels, genes, seed=settings.seed,
                                                          use_rf=settings.random_forest)
     latent = latent_section(settings, sets, latents, progress)
     observation = {name: metrics.observation_comparison(heldout.counts, sets[name].counts)
-                   for name in OBSERVATION_SETS}
+                   for name in OBSERVATION_SETS if name in sets}
     results = json_ready({"settings": asdict(settings), "expression": expression, "latent": latent,
                           "observation": observation, "per_label": per_label_table(sets, expression, latent),
                           "expression_sets": EXPRESSION_SETS})

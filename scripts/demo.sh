@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=dataset/baron_human.h5ad
 ROOT=checkpoint/demo
-AE_STEPS=${AE_STEPS:-600}  # the cap; early stopping on the autoencoder's validation loss ends it sooner
+AE_STEPS=${AE_STEPS:-2000}  # the cap; early stopping on the autoencoder's validation loss ends it sooner
 AE_PATIENCE=${AE_PATIENCE:-150}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-16000}  # the autoencoder time early stopping saves, spent here (benchmarks/bench_recipes.sh)
 SEED=${SEED:-0}

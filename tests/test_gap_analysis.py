@@ -143,3 +143,28 @@ def test_cli_refuses_a_folder_without_samples_in_one_line(pipeline, tmp_path, ca
     message = capsys.readouterr().err.strip()
     assert message.startswith("error:") and "generated.h5ad" in message and "\n" not in message
     assert not (tmp_path / "out" / "gap_analysis.json").exists()
+
+
+def test_a_variational_autoencoder_runs_end_to_end_without_the_sphere_projection(tmp_path):
+    """--kl_weight > 0: the diffusion model trains on posterior means, the sampler decodes them, and the gap
+    analysis leaves out the unit-sphere sets (a variational latent is not normalized)."""
+    data = tmp_path / "counts.h5ad"
+    make_counts_adata(n_cells=150, n_genes=40, seed=4).write_h5ad(data)
+    split.main(["--data_dir", str(data), "--out", str(tmp_path / "split"), "--seed", "0"])
+    train = str(tmp_path / "split" / "train.h5ad")
+    vae = VAE_train.main(["--data_dir", train, "--save_dir", str(tmp_path / "ae"), "--max_steps", "20",
+                          "--hidden_dims", "32", "--latent_dim", "6", "--kl_weight", "1", "--batch_size", "64",
+                          "--progress", "False"])
+    model = cell_train.main(["--data_dir", train, "--vae_path", vae, "--model_name", "tiny", "--save_dir",
+                             str(tmp_path / "diffusion"), "--lr_anneal_steps", "10", "--save_interval", "10",
+                             "--num_classes", "3", "--progress", "False", "--hidden_dims", "32", "16"])
+    cell_sample.main(["--model_path", model, "--sample_dir", str(tmp_path / "samples"), "--match_counts",
+                      "--progress", "False"])
+    pipeline = {"train": train, "heldout": str(tmp_path / "split" / "heldout.h5ad"), "vae": vae,
+                "samples": str(tmp_path / "samples")}
+    run(pipeline, tmp_path / "gap", "--random_forest", "False")
+    results = json.loads((tmp_path / "gap" / "gap_analysis.json").read_text())
+    assert "generated_on_sphere" not in results["expression"] and "generated_on_sphere" not in results["latent"]
+    assert {"train", "generated", "reconstructed_train_counts"} <= set(results["expression"])
+    assert results["latent"]["heldout_norm"]["q50"] != pytest.approx(1.0, abs=1e-3)
+    assert "(b) Latent" in (tmp_path / "gap" / "gap_analysis.md").read_text()

@@ -34,3 +34,15 @@ def test_summary_has_mean_and_sd_per_recipe_and_the_control(tmp_path):
     assert rows["train vs held-out (positive control)"].split(" | ")[2] == "0.505 ± 0.007"
     assert (tmp_path / "summary.md").read_text() == text
     assert text.index("| last_d8000") < text.index("| best_d16000")
+
+
+def test_labels_not_below_the_collapsed_control_counts_only_labels_with_enough_heldout_cells():
+    def label(n, knn):
+        return {"n_reference": n, "n_compared": n, "knn_auc": knn}
+
+    metrics = {"generated": {"per_label": {"a": label(6, 0.7), "b": label(6, 0.5), "rare": label(2, 0.99)}},
+               "real_vs_real": {"per_label": {"a": label(6, 0.5), "b": label(6, 0.5), "rare": label(2, 0.5)}},
+               "collapsed": {"per_label": {"a": label(6, 0.6), "b": label(6, 0.9), "rare": label(2, 0.6)}}}
+    assert recipe_summary.labels_not_below_collapsed(metrics) == 1  # a fails; rare has 4 held-out cells
+    assert recipe_summary.labels_not_below_collapsed(metrics, min_heldout=4) == 2
+    assert recipe_summary.labels_not_below_collapsed({"generated": {"per_label": {}}}) is None

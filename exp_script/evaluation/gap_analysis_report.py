@@ -19,6 +19,8 @@ def _table(header, rows):
 def _expression(results):
     rows = []
     for name, title in results["expression_sets"].items():
+        if name not in results["expression"]:
+            continue  # e.g. no unit-sphere projection for a variational autoencoder
         overall = results["expression"][name]["overall"]
         rows.append([title, _f(overall["n_compared"]), _f(overall.get("knn_auc")), _f(overall.get("rf_auc"))])
     return ["## (a) Expression space: each set vs the held-out real cells", "",
@@ -33,6 +35,8 @@ def _latent(results):
               "generated_vs_train": "generated latents vs encoded training latents"}
     rows = []
     for name, title in titles.items():
+        if name not in latent:
+            continue
         overall, moments = latent[name]["overall"], latent[name]["moments"]
         rows.append([title, _f(overall.get("knn_auc")), _f(overall.get("rf_auc")), _f(moments["mean_shift"]),
                      _f(moments["log2_var_ratio_median"]),

@@ -102,11 +102,12 @@ class DataConfig:
 @dataclass
 class AutoencoderModelConfig:
     num_genes: Optional[int] = None  # checked against the data when given
-    latent_dim: int = 128
-    hidden_dims: List[int] = field(default_factory=lambda: [1024, 1024, 1024])
+    latent_dim: int = 10  # the cfDiffusion paper's: 128
+    hidden_dims: List[int] = field(default_factory=lambda: [128])  # the paper's: 1024 1024 1024
     dropout: float = 0.0
     loss_ae: str = "auto"
     decoder_activation: str = "ReLU"
+    kl_weight: float = 0.0  # 0: the deterministic autoencoder (L2-normalized latent); > 0: a variational one
 
     def validate(self):
         check_int(self.num_genes, "num_genes", 1, optional=True)
@@ -115,6 +116,7 @@ class AutoencoderModelConfig:
         check_float(self.dropout, "dropout", 0, 1, high_open=True)
         check_str(self.loss_ae, "loss_ae", ("auto", "nb", "mse"))
         check_str(self.decoder_activation, "decoder_activation", ("ReLU", "linear"))
+        check_float(self.kl_weight, "kl_weight", 0)
 
 
 @dataclass

@@ -1,0 +1,182 @@
+r"""Screen autoencoder levers on validation cells inside the training split (the held-out cells are never read).
+
+    python benchmarks/bench_decoder_levers.py --train R/split/train.h5ad --label_key cell_type1 \
+        --out R/levers --seeds 0 1 --variants baseline kl_0.1 noise_0.05 [--ae_flags "--num_genes 20125"]
+
+The training split is split again (stratified by label, ``--val_fraction``, seed ``--split_seed``) into fitting
+cells and validation cells. Per variant and seed the autoencoder is trained on the fitting cells only
+(`VAE/VAE_train.py`, early stopping on its own validation loss inside the fitting cells), then the fitting cells
+and the validation cells are reconstructed with drawn counts and scored against the validation cells with the
+evaluation's two-sample AUCs (`exp_script/evaluation/metrics.expression_two_sample`), beside the positive
+control (fitting cells vs validation cells). The figure that bounds the generator is "decoded fitting latents"
+(a perfect latent model through this decoder); "reconstructed validation" is the decoder on unseen cells.
+
+Writes OUT/levers.tsv (one row per variant and seed) and OUT/summary.md (mean ± sd over seeds). A variant is
+``name`` from VARIANTS or ``name=--flag value ...``. Runs whose row exists are reused (delete the row's folder to
+redo). Every process runs on --threads threads.
+"""
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+VARIANTS = {
+    "baseline": "",
+    "noise_0.05": "--latent_noise 0.05",
+    "noise_0.2": "--latent_noise 0.2",
+    "kl_0.01": "--kl_weight 0.01",
+    "kl_0.1": "--kl_weight 0.1",
+    "kl_1": "--kl_weight 1",
+    "small": "--hidden_dims 256 256 --latent_dim 32",
+    "small_kl_0.1": "--hidden_dims 256 256 --latent_dim 32 --kl_weight 0.1",
+    "small_kl_1": "--hidden_dims 256 256 --latent_dim 32 --kl_weight 1",
+    "tiny": "--hidden_dims 128 --latent_dim 10",
+    "tiny_kl_1": "--hidden_dims 128 --latent_dim 10 --kl_weight 1",
+    "mid": "--hidden_dims 512 512 --latent_dim 64",
+    "tiny_latent20": "--hidden_dims 128 --latent_dim 20",
+    "tiny_latent5": "--hidden_dims 128 --latent_dim 5",
+    "tiny_h64": "--hidden_dims 64 --latent_dim 10",
+    "tiny_h256": "--hidden_dims 256 --latent_dim 10",
+    "tiny_2layers": "--hidden_dims 128 128 --latent_dim 10",
+    "scvi_like": "--hidden_dims 128 --latent_dim 30 --kl_weight 1 --dropout 0.1",
+    "small_latent16": "--hidden_dims 256 256 --latent_dim 16",
+    "small_latent64": "--hidden_dims 256 256 --latent_dim 64",
+    "small_dropout_0.1": "--hidden_dims 256 256 --latent_dim 32 --dropout 0.1",
+    "dropout_0.2": "--dropout 0.2",
+}
+COLUMNS = ["variant", "seed", "best_step", "train_seconds", "control_knn_auc", "control_rf_auc",
+           "decoded_fit_knn_auc", "decoded_fit_rf_auc", "reconstructed_val_knn_auc", "reconstructed_val_rf_auc",
+           "val_loss"]
+
+
+def parse_variant(text):
+    name, _, flags = text.partition("=")
+    if not flags and name not in VARIANTS:
+        raise SystemExit(f"error: unknown variant {name!r}; known: {', '.join(VARIANTS)} (or name=--flags)")
+    return name, flags if flags else VARIANTS[name]
+
+
+def run(command, threads):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT)
+    subprocess.run(command, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+
+
+def split(args):
+    fit, val = os.path.join(args.out, "split", "train.h5ad"), os.path.join(args.out, "split", "heldout.h5ad")
+    if not os.path.isfile(val):
+        run([sys.executable, "exp_script/split.py", "--data_dir", args.train, "--label_key", args.label_key,
+             "--out", os.path.join(args.out, "split"), "--heldout_fraction", str(args.val_fraction),
+             "--seed", str(args.split_seed)], args.threads)
+    return fit, val
+
+
+def score(args, vae_path, fit, val, folder, seed):
+    from exp_script.evaluation import metrics, reconstruction
+    from exp_script.gap_analysis import read_set
+    from guided_diffusion.data import load_dataset
+    from VAE.VAE_model import load_autoencoder
+
+    sets = {}
+    for name, source in (("decoded_fit", fit), ("reconstructed_val", val)):
+        path = os.path.join(folder, f"{name}.h5ad")
+        autoencoder, _ = load_autoencoder(vae_path)
+        dataset = load_dataset(source, label_keys=[args.label_key], backed="auto")
+        reconstruction.reconstruct(autoencoder, dataset, path, observation="counts", seed=seed, progress=False,
+                                   data_path=source, vae_path=vae_path)
+        sets[name], genes = read_set(path, args.label_key, name)
+    reference, genes = read_set(val, args.label_key, "validation")
+    sets["control"], _ = read_set(fit, args.label_key, "fitting")
+    row = {}
+    for name, cells in sets.items():
+        result = metrics.expression_two_sample(reference.x, reference.labels, cells.x, cells.labels, genes,
+                                               seed=seed, use_rf=True)
+        row[f"{name}_knn_auc"], row[f"{name}_rf_auc"] = result["overall"]["knn_auc"], result["overall"]["rf_auc"]
+    return row
+
+
+def one_run(args, name, flags, seed, fit, val, done):
+    if (name, seed) in done:
+        return done[(name, seed)]
+    folder = os.path.join(args.out, f"{name}_seed{seed}")
+    start = time.time()
+    run([sys.executable, "VAE/VAE_train.py", "--data_dir", fit, "--save_dir", folder, "--max_steps",
+         str(args.max_steps), "--checkpoint_freq", str(args.max_steps), "--log_interval", "20",
+         "--early_stopping_patience", str(args.patience), "--seed", str(seed), "--threads", str(args.threads),
+         "--progress", "False", "--overwrite", "True"] + shlex.split(args.ae_flags) + shlex.split(flags), args.threads)
+    seconds = time.time() - start
+    vae_path = os.path.join(folder, f"model_seed={seed}_best.pt")
+    from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
+
+    best = AutoencoderCheckpoint.load(vae_path)
+    row = {"variant": name, "seed": seed, "best_step": best.step, "train_seconds": round(seconds, 1),
+           "val_loss": best.selection["val_loss"], **score(args, vae_path, fit, val, folder, seed)}
+    with open(os.path.join(args.out, "levers.tsv"), "a") as stream:
+        stream.write("\t".join(str(row[c]) for c in COLUMNS) + "\n")
+    return row
+
+
+def summary(rows, names):
+    keys = [c for c in COLUMNS if c.endswith("_auc")] + ["best_step", "train_seconds"]
+    lines = ["| variant | " + " | ".join(keys) + " | seeds |", "|---" * (len(keys) + 2) + "|"]
+    for name in names:
+        chosen = [r for r in rows if r["variant"] == name]
+        cells = []
+        for key in keys:
+            values = np.array([float(r[key]) for r in chosen])
+            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(chosen)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train", required=True, help="the training split (the held-out file is never given)")
+    parser.add_argument("--label_key", default="cell_type1")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--variants", nargs="+", default=["baseline"])
+    parser.add_argument("--ae_flags", default="", help="flags every autoencoder run gets (e.g. --layer ...)")
+    parser.add_argument("--max_steps", type=int, default=600)
+    parser.add_argument("--patience", type=int, default=150)
+    parser.add_argument("--val_fraction", type=float, default=0.15)
+    parser.add_argument("--split_seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    fit, val = split(args)
+    table = os.path.join(args.out, "levers.tsv")
+    done = {}
+    if os.path.isfile(table):
+        for line in open(table).read().splitlines()[1:]:
+            row = dict(zip(COLUMNS, line.split("\t")))
+            done[(row["variant"], int(row["seed"]))] = row
+    else:
+        with open(table, "w") as stream:
+            stream.write("\t".join(COLUMNS) + "\n")
+    variants = [parse_variant(v) for v in args.variants]
+    rows = []
+    for seed in args.seeds:
+        for name, flags in variants:
+            row = one_run(args, name, flags, seed, fit, val, done)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    text = summary(rows, [name for name, _ in variants])
+    with open(os.path.join(args.out, "summary.md"), "w") as stream:
+        stream.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
