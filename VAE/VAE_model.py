@@ -1,8 +1,8 @@
 """The gene-expression autoencoder: all genes -> L2-normalized latent -> all genes.
 
 An MLP encoder genes -> hidden layers -> latent with BatchNorm + PReLU (dropout configurable), the latent
-L2-normalized; the decoder mirrored. The default is one hidden layer of 128 and a 10-d latent
-(``hidden_dims=(128,)``, ``latent_dim=10``): on held-out cells its decoded cells are much closer to real ones than
+L2-normalized; the decoder mirrored. The default is one hidden layer of 128 and a 20-d latent
+(``hidden_dims=(128,)``, ``latent_dim=20``): on held-out cells its decoded cells are much closer to real ones than
 those of the cfDiffusion paper's architecture (``hidden_dims=(1024, 1024, 1024)``, ``latent_dim=128``), which
 memorizes the training cells within a few epochs (docs/fidelity.md). The encoder always reads log-normalized
 expression. Two decoders (``loss_ae``):
@@ -56,7 +56,7 @@ class VAE(nn.Module):
     The name VAE is the original project's (checkpoints and callers use it);
     :data:`DeterministicAutoencoder` is the same class. :class:`Autoencoder` wraps a trained one."""
 
-    def __init__(self, num_genes, latent_dim=10, hidden_dims=(128,), dropout=0.0,
+    def __init__(self, num_genes, latent_dim=20, hidden_dims=(128,), dropout=0.0,
                  decoder_activation="ReLU", loss_ae="mse", target_sum=1e4, variational=False):
         super().__init__()
         if decoder_activation not in DECODER_ACTIVATIONS:

@@ -7,6 +7,7 @@
 #   bash benchmarks/bench_unseen.sh                      # both combinations, seeds 0 1
 #   COMBOS="beta:human4" SEEDS="0" bash benchmarks/bench_unseen.sh
 #   STAGE=sample bash benchmarks/bench_unseen.sh         # reuse the trained models, sample and score again
+#   AE_FLAGS="--latent_dim 20" ROOT=checkpoint/bench_unseen_l20 bash benchmarks/bench_unseen.sh   # another autoencoder
 #
 # Results: $ROOT/<type>_<donor>/seed<S>/<setting>/score/unseen_combination.json; the summary table
 # (mean +- sd over seeds) is printed by benchmarks/unseen_summary.py at the end.
@@ -17,11 +18,12 @@ DATA=${DATA:-dataset/baron_human.h5ad}
 ROOT=${ROOT:-checkpoint/bench_unseen}
 COMBOS=${COMBOS:-"beta:human4 alpha:human2"}
 SEEDS=${SEEDS:-"0 1"}
-AE_STEPS=${AE_STEPS:-300}
+AE_STEPS=${AE_STEPS:-600}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-3000}
 THREADS=${THREADS:-1}
 STAGE=${STAGE:-all}
 NUM=${NUM:-100}
+AE_FLAGS=${AE_FLAGS:-}  # extra autoencoder flags, e.g. "--hidden_dims 1024 1024 1024 --latent_dim 128" (the paper's)
 # name=flags; "default" is the sampler with no guidance flags
 SETTINGS=${SETTINGS:-"default=|nested_w0.5=--guidance_form nested"}
 
@@ -36,7 +38,7 @@ for combo in $COMBOS; do
     run="$dir/seed$seed"
     if [ "$STAGE" = all ] && [ ! -f "$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt" ]; then
       "$PY" VAE/VAE_train.py --data_dir "$dir/train.h5ad" --num_genes 20125 --save_dir "$run/autoencoder" \
-        --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --seed "$seed" --threads "$THREADS"
+        --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --seed "$seed" --threads "$THREADS" $AE_FLAGS
       "$PY" cell_train.py --data_dir "$dir/train.h5ad" --vae_path "$run/autoencoder/model_seed=${seed}_step=$AE_STEPS.pt" \
         --label_key cell_type1 --label_key donor --model_name unseen --save_dir "$run/diffusion" \
         --lr_anneal_steps "$DIFFUSION_STEPS" --save_interval "$DIFFUSION_STEPS" --lr 1e-3 --seed "$seed" \

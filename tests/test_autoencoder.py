@@ -49,7 +49,7 @@ def test_loss_falls_and_checkpoint_rebuilds_model(tmp_path, counts_h5ad, loss_ae
     again, _ = load_autoencoder(path)
     dataset = load_dataset(str(counts_h5ad), label_keys=[])
     latents = autoencoder.encode_dataset(dataset, batch_size=64, progress=False)
-    assert latents.shape == (150, 10)  # the default latent_dim
+    assert latents.shape == (150, 20)  # the default latent_dim
     np.testing.assert_array_equal(latents, again.encode_dataset(dataset, batch_size=64, progress=False))
     np.testing.assert_allclose(latents, again.encode_dataset(dataset, batch_size=7, progress=False), atol=1e-5)
 

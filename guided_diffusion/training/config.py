@@ -102,7 +102,7 @@ class DataConfig:
 @dataclass
 class AutoencoderModelConfig:
     num_genes: Optional[int] = None  # checked against the data when given
-    latent_dim: int = 10  # the cfDiffusion paper's: 128
+    latent_dim: int = 20  # the cfDiffusion paper's: 128
     hidden_dims: List[int] = field(default_factory=lambda: [128])  # the paper's: 1024 1024 1024
     dropout: float = 0.0
     loss_ae: str = "auto"
