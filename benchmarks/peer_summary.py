@@ -7,7 +7,7 @@ import glob
 import json
 import os
 
-from benchmarks.recipe_summary import mean_sd, run_figures, stage_seconds
+from benchmarks.recipe_summary import figures_cells, mean_sd, novelty_passes, run_figures, stage_seconds, write_table
 from guided_diffusion.cli import ArgumentParser, HelpFormatter, command
 
 COLUMNS = ["knn_auc", "rf_auc", "ilisi", "celltypist_accuracy", "de_lfc_pearson", "marker_jaccard", "tstr_macro_f1"]
@@ -40,16 +40,10 @@ def summarize(out, names):
             lines.append(f"| {name} | (no evaluated run) |" + " |" * (len(COLUMNS) + 3))
             continue
         lines.append(f"| {name} | train vs held-out (positive control) | {len(controls)} | "
-                     + " | ".join(mean_sd([c.get(k) for c in controls]) for k in COLUMNS) + " | — | — |")
-        passes = sum(bool(figures["novelty_passes"]) for figures in peer)
-        lines.append(f"| {name} | scVI (peer) | {len(peer)} | "
-                     + " | ".join(mean_sd([f.get(k) for f in peer]) for k in COLUMNS)
-                     + f" | {passes}/{len(peer)} | {mean_sd(seconds, digits=0)} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "summary.md"), "w") as stream:
-        stream.write(text)
-    print(text)
-    return text
+                     f"{figures_cells(controls, COLUMNS)} | — | — |")
+        lines.append(f"| {name} | scVI (peer) | {len(peer)} | {figures_cells(peer, COLUMNS)} | {novelty_passes(peer)} | "
+                     f"{mean_sd(seconds, digits=0)} |")
+    return write_table(out, lines)
 
 
 @command

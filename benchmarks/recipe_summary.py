@@ -70,6 +70,25 @@ def mean_sd(values, digits=3):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def novelty_passes(runs):
+    """'k/n': how many of the runs' generated cells pass the novelty check."""
+    return f"{sum(bool(figures['novelty_passes']) for figures in runs)}/{len(runs)}"
+
+
+def figures_cells(runs, columns):
+    """The mean ± sd of each column over ``runs`` (dicts of figures), as table cells joined by ' | '."""
+    return " | ".join(mean_sd([figures.get(k) for figures in runs]) for k in columns)
+
+
+def write_table(out, lines):
+    """Write the table's lines to OUT/summary.md, print it and return its text."""
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "summary.md"), "w") as stream:
+        stream.write(text)
+    print(text)
+    return text
+
+
 def summarize(out, patience, ae_steps):
     recipes, controls, autoencoder = {}, {}, {}  # controls: one per seed (the same cells for every recipe)
     for seed_folder in sorted(glob.glob(os.path.join(out, "seed*"))):
@@ -105,14 +124,9 @@ def summarize(out, patience, ae_steps):
     order = sorted(recipes, key=lambda name: (not name.startswith("last"), int(re.sub(r"\D", "", name) or 0)))
     for recipe in order:
         runs = [figures for _, figures in recipes[recipe]]
-        passes = sum(bool(figures["novelty_passes"]) for figures in runs)
-        lines.append(f"| {recipe} | {len(runs)} | " + " | ".join(mean_sd([f.get(k) for f in runs]) for k in COLUMNS)
-                     + f" | {passes}/{len(runs)} | {mean_sd([f.get('diffusion_seconds') for f in runs], digits=0)} |")
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "summary.md"), "w") as stream:
-        stream.write(text)
-    print(text)
-    return text
+        lines.append(f"| {recipe} | {len(runs)} | {figures_cells(runs, COLUMNS)} | {novelty_passes(runs)} | "
+                     f"{mean_sd([f.get('diffusion_seconds') for f in runs], digits=0)} |")
+    return write_table(out, lines)
 
 
 @command
