@@ -34,6 +34,14 @@ def build_parser():
     parser.add_argument("--batch_size", type=positive_int, default=DEFAULTS["batch_size"],
                         help="global batch (at least 2: BatchNorm), split across processes when distributed")
     parser.add_argument("--lr", type=positive_float, default=DEFAULTS["lr"], help="AdamW learning rate")
+    parser.add_argument("--dispersion_lr", type=positive_float, default=DEFAULTS["dispersion_lr"],
+                        help="learning rate of the negative-binomial decoder's per-gene dispersion (--loss_ae nb); "
+                             "default: --lr")
+    parser.add_argument("--refit_dispersion", type=str2bool, default=DEFAULTS["refit_dispersion"],
+                        help="after training, refit the negative-binomial decoder's per-gene dispersion to maximum "
+                             "likelihood on (at most 2,048 of) the training cells, every other weight frozen, and "
+                             "store it in the model file to use (the learned one is kept in its dispersion_fit); "
+                             "the mse decoder has none")
     parser.add_argument("--weight_decay", type=non_negative_float, default=DEFAULTS["weight_decay"], help="AdamW weight decay")
     parser.add_argument("--seed", type=non_negative_int, default=DEFAULTS["seed"],
                         help="seed of the initial weights, the validation split and the data order")

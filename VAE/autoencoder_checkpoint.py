@@ -69,6 +69,8 @@ class AutoencoderCheckpoint:
     selection: Optional[dict] = None
     data_fingerprint: Optional[dict] = None  # the training data's (guided_diffusion.data.fingerprint); None before
     data_changes: list = field(default_factory=list)  # resumes on new data (--resume_on_new_data True)
+    # --refit_dispersion: how the per-gene dispersion was refitted, with the learned one it replaced
+    dispersion_fit: Optional[dict] = None
     path: str = ""
 
     def save(self, path):
@@ -85,6 +87,8 @@ class AutoencoderCheckpoint:
             payload["data_fingerprint"] = self.data_fingerprint
         if self.selection is not None:
             payload["selection"] = self.selection
+        if self.dispersion_fit is not None:
+            payload["dispersion_fit"] = self.dispersion_fit
         # one set: both written to temporaries, then renamed (the model file last); a failure leaves neither
         save_checkpoint_set(files + [(payload, path, "autoencoder")])
         self.path = path
@@ -110,4 +114,5 @@ class AutoencoderCheckpoint:
                    val_fraction=float(payload.get("val_fraction", 0.1)),
                    train_config=dict(payload.get("train_config", {})), training_state=state,
                    selection=payload.get("selection"), data_fingerprint=payload.get("data_fingerprint"),
-                   data_changes=list(payload.get("data_changes") or []), path=path)
+                   data_changes=list(payload.get("data_changes") or []),
+                   dispersion_fit=payload.get("dispersion_fit"), path=path)

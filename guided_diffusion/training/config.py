@@ -126,6 +126,7 @@ class AutoencoderTrainingConfig:
     max_minutes: Optional[float] = None
     batch_size: int = 128
     lr: float = 1e-3
+    dispersion_lr: Optional[float] = None  # the per-gene NB dispersion's learning rate (None: lr)
     weight_decay: float = 1e-5
     precision: str = "auto"
     seed: int = 0
@@ -137,6 +138,7 @@ class AutoencoderTrainingConfig:
     val_fraction: float = 0.1
     early_stopping_patience: int = 0  # 0: off; else stop when the validation loss has not improved for this many steps
     latent_noise: float = 0.0  # sd of Gaussian noise on the latent the decoder reads in training (0: the original)
+    refit_dispersion: bool = True  # after training, fit the NB dispersion to the training cells, the rest frozen
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
@@ -150,6 +152,8 @@ class AutoencoderTrainingConfig:
         check_float(self.val_fraction, "val_fraction", 0, 1, high_open=True)
         check_int(self.early_stopping_patience, "early_stopping_patience", 0)
         check_float(self.latent_noise, "latent_noise", 0)
+        check_float(self.dispersion_lr, "dispersion_lr", 0, low_open=True, optional=True)
+        check_bool(self.refit_dispersion, "refit_dispersion")
 
 
 @dataclass

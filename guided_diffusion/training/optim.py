@@ -6,8 +6,10 @@ def adamw(parameters, lr, weight_decay):
     """AdamW with the fused kernel where the parameters' device has one (CPU and CUDA): on CPU it is
     ~6x faster than the default per-tensor loop (measured: 0.03 s vs 0.17 s per step for the
     autoencoder's 45M parameters), which matters for the autoencoder's 20,125-gene layers."""
-    parameters = list(parameters)
-    fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
+    parameters = list(parameters)  # tensors, or parameter groups (dicts with "params")
+    tensors = [p for group in parameters for p in group["params"]] if parameters and isinstance(parameters[0], dict) \
+        else parameters
+    fused = all(p.device.type in ("cpu", "cuda") for p in tensors)
     return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 

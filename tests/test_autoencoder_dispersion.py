@@ -1,0 +1,132 @@
+"""--dispersion_lr: the NB decoder's per-gene dispersion learns at its own rate, is recorded, and resumes across
+a change of the optimizer's parameter groups."""
+import numpy as np
+import pytest
+import torch
+
+from guided_diffusion.core.container import load_checkpoint
+from guided_diffusion.training.config import AutoencoderTrainingConfig
+from VAE import VAE_train
+from VAE.autoencoder_training import parameter_groups, regroup_optimizer_state
+from VAE.VAE_model import VAE
+from guided_diffusion.training.optim import adamw
+
+
+def train(counts_h5ad, save_dir, *extra):
+    argv = ["--data_dir", str(counts_h5ad), "--save_dir", str(save_dir), "--progress", "False",
+            "--batch_size", "32", "--log_interval", "5", "--hidden_dims", "16", "--latent_dim", "4", *extra]
+    return VAE_train.main(argv)
+
+
+def log_theta(path):
+    return load_checkpoint(path)["state_dict"]["log_theta"].numpy()
+
+
+def test_poisson_counts_drive_the_dispersion_up_at_its_own_rate(tmp_path, counts_h5ad):
+    # the synthetic counts are Poisson draws: no overdispersion, so the likelihood pushes theta upwards
+    slow = train(counts_h5ad, tmp_path / "slow", "--max_steps", "40", "--checkpoint_freq", "40",
+                 "--refit_dispersion", "False")
+    fast = train(counts_h5ad, tmp_path / "fast", "--max_steps", "40", "--checkpoint_freq", "40",
+                 "--dispersion_lr", "0.1", "--refit_dispersion", "False")
+    assert np.abs(log_theta(slow)).max() < 0.05, "at lr 1e-3 AdamW moves it by about 1e-3 a step"
+    assert np.median(log_theta(fast)) > 0.2 and log_theta(fast).max() > 1.0
+    assert load_checkpoint(fast)["train_config"]["dispersion_lr"] == 0.1
+    assert load_checkpoint(slow)["train_config"]["dispersion_lr"] is None
+
+
+def test_groups_put_the_dispersion_apart_only_when_asked():
+    model = VAE(num_genes=12, latent_dim=3, hidden_dims=(8,), loss_ae="nb")
+    config = AutoencoderTrainingConfig(save_dir="unused")
+    assert len(parameter_groups(model, config)) == 1
+    config.dispersion_lr = 0.05
+    groups = parameter_groups(model, config)
+    assert len(groups) == 2 and groups[1]["params"] == [model.log_theta] and groups[1]["lr"] == 0.05
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    mse = VAE(num_genes=12, latent_dim=3, hidden_dims=(8,), loss_ae="mse")
+    assert len(parameter_groups(mse, config)) == 1, "an mse decoder has no dispersion"
+
+
+@pytest.mark.parametrize("before, after", [(None, 0.05), (0.05, None)])
+def test_regrouped_state_keeps_every_parameters_moments(before, after):
+    torch.manual_seed(0)
+    model = VAE(num_genes=12, latent_dim=3, hidden_dims=(8,), loss_ae="nb")
+    config = AutoencoderTrainingConfig(save_dir="unused", dispersion_lr=before)
+    optimizer = adamw(parameter_groups(model, config), lr=1e-3, weight_decay=0.0)
+    model(torch.rand(5, 12))[0].pow(2).mean().add(model.log_theta.sum()).backward()
+    optimizer.step()
+    moments = {name: optimizer.state[p]["exp_avg"].clone() for name, p in model.named_parameters()}
+    config.dispersion_lr = after
+    resumed = adamw(parameter_groups(model, config), lr=1e-3, weight_decay=0.0)
+    resumed.load_state_dict(regroup_optimizer_state(optimizer.state_dict(), model, resumed))
+    assert len(resumed.param_groups) == (1 if after is None else 2)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(resumed.state[p]["exp_avg"], moments[name])
+    if after is not None:
+        assert resumed.param_groups[1]["lr"] == after
+
+
+def test_a_run_resumes_with_the_dispersion_rate_added(tmp_path, counts_h5ad):
+    first = train(counts_h5ad, tmp_path / "a", "--max_steps", "10", "--checkpoint_freq", "10",
+                  "--refit_dispersion", "False")
+    resumed = train(counts_h5ad, tmp_path / "a", "--max_steps", "30", "--checkpoint_freq", "10",
+                    "--state_dict", str(first), "--dispersion_lr", "0.1", "--refit_dispersion", "False")
+    assert load_checkpoint(resumed)["step"] == 30
+    assert np.abs(log_theta(first)).max() < 0.02 and np.median(log_theta(resumed)) > 0.05
+
+
+def test_non_positive_dispersion_rate_is_refused(tmp_path, counts_h5ad, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        train(counts_h5ad, tmp_path, "--max_steps", "5", "--dispersion_lr", "0")
+    assert stopped.value.code != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dispersion_lr" in err[0]
+
+
+# ---- --refit_dispersion -------------------------------------------------------------------------------------
+def test_refit_is_each_genes_maximum_likelihood(counts_h5ad):
+    from guided_diffusion.data import load_dataset
+    from VAE.autoencoder_training import refit_dispersion
+    from VAE.count_model import negative_binomial_nll
+
+    dataset = load_dataset(str(counts_h5ad), label_keys=[])
+    torch.manual_seed(0)
+    model = VAE(num_genes=dataset.n_genes, latent_dim=4, hidden_dims=(16,), loss_ae="nb")
+    index = np.arange(dataset.n_cells)
+    fitted, record = refit_dispersion(model, dataset, index, seed=0)
+    assert record["nll_after"] < record["nll_before"] and record["cells"] == dataset.n_cells
+    assert record["learned_log_theta"] == pytest.approx(model.log_theta.detach().tolist())
+    # brute force: each gene's likelihood over a grid of log theta, the decoder's means fixed
+    x, counts, totals = (torch.from_numpy(a) for a in dataset.rows_and_counts(index))
+    model.eval()
+    with torch.no_grad():
+        log_mean = torch.log_softmax(model(x)[0], dim=1) + torch.log(totals)[:, None]
+        grid = torch.linspace(-4, 8, 481)
+        for gene in (0, 7, 21):
+            losses = [float(negative_binomial_nll(log_mean[:, gene:gene + 1], value.view(1), counts[:, gene:gene + 1]))
+                      for value in grid]
+            best = float(grid[int(np.argmin(losses))])
+            if -4 < best < 8:  # an interior optimum: the fit finds it
+                assert float(fitted[gene]) == pytest.approx(best, abs=0.05)
+            else:  # no overdispersion in this gene: theta runs up to the grid's end
+                assert float(fitted[gene]) >= 7.9
+
+
+def test_training_refits_the_best_weights_and_keeps_the_learned_dispersion(tmp_path, counts_h5ad):
+    train(counts_h5ad, tmp_path, "--max_steps", "20", "--checkpoint_freq", "20", "--early_stopping_patience", "50")
+    best, last = load_checkpoint(str(tmp_path / "model_seed=0_best.pt")), load_checkpoint(
+        str(tmp_path / "model_seed=0_step=20.pt"))
+    fit = best["dispersion_fit"]
+    assert fit["nll_after"] < fit["nll_before"]
+    np.testing.assert_allclose(best["state_dict"]["log_theta"].numpy() != np.asarray(fit["learned_log_theta"]), True)
+    assert "dispersion_fit" not in last, "the resumable checkpoint keeps the learned dispersion"
+    assert best["train_config"]["refit_dispersion"] is True
+
+
+def test_refit_can_be_turned_off_and_the_mse_decoder_has_none(tmp_path, counts_h5ad, log_h5ad):
+    off = train(counts_h5ad, tmp_path / "off", "--max_steps", "5", "--checkpoint_freq", "5",
+                "--refit_dispersion", "False")
+    assert "dispersion_fit" not in load_checkpoint(off)
+    mse = VAE_train.main(["--data_dir", str(log_h5ad), "--input_is_log", "True", "--save_dir", str(tmp_path / "mse"),
+                          "--progress", "False", "--max_steps", "5", "--checkpoint_freq", "5", "--hidden_dims", "16",
+                          "--latent_dim", "4", "--batch_size", "32"])
+    assert "dispersion_fit" not in load_checkpoint(mse)
