@@ -17,6 +17,18 @@ combinations the model knows) as many cells as the validation has, at most --max
 
 Writes guidance_sweep.csv (one row per setting and seed), guidance_sweep.md (mean ± sd over seeds),
 guidance_sweep.png, and prints the recommended setting with the rule that chose it (RULE below).
+
+Unseen combinations (a two-key model trained without some combinations whose real cells are kept):
+
+    python exp_script/guidance_sweep.py --model_path M --validation full.h5ad --out checkpoint/sweep_unseen \
+        --unseen_weights cell_type1=0.5,donor=2 cell_type1=0.5,donor=4 cell_type1=0.5,donor=6 --record True
+
+compares --unseen_guide_w settings on the validation cells' combinations the model never saw (or those named
+by --unseen_condition), scoring as exp_script/unseen_combination.py does (a classifier of the second key
+fitted on the real cells of the type; kNN AUC vs the real cells of the combination; the sampler's default
+settings otherwise), writes unseen_sweep.csv / unseen_sweep.md and, with --record True, stores the chosen
+weights in the checkpoint (and its EMA file): the sampler then uses them for every unseen combination unless
+--unseen_guide_w is given (exp_script/evaluation/unseen_guidance.py, RULE there).
 """
 import argparse
 import os
@@ -39,9 +51,10 @@ from guided_diffusion.core.atomic import atomic_output
 from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, command, positive_int, str2bool
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.core.device import resolve_device
-from guided_diffusion.checkpoints import load_diffusion_model, resolve_autoencoder
-from guided_diffusion.sampling.settings import (SAMPLERS, SamplerSettings, format_guide_w, parse_guide_w,
-                                                resolve_guide_w, resolve_settings)
+from exp_script.evaluation import unseen_guidance
+from guided_diffusion.checkpoints import load_diffusion_model, record_unseen_guidance, resolve_autoencoder
+from guided_diffusion.sampling.settings import (SAMPLERS, UNSEEN_SOURCES, SamplerSettings, check_weights,
+                                                format_guide_w, parse_guide_w, resolve_guide_w, resolve_settings)
 from guided_diffusion.sampling.pipeline import generate
 
 ACCURACY_TOLERANCE = 0.02
@@ -198,6 +211,63 @@ def sweep(model_path, validation, weights, out, label_key=None, seeds=(0,), max_
     return table, summary, chosen
 
 
+def sweep_unseen(model_path, validation, weights, out, conditions=None, seeds=(0, 1), max_per_condition=100,
+                 input_is_log=False, vae_path="", sampler=None, timestep_respacing=None, device="auto", record=False,
+                 log=print):
+    """Sample every --unseen_guide_w setting on the validation combinations the model never saw, score them,
+    write unseen_sweep.csv/.md, and with ``record`` store the chosen weights in the checkpoint; returns
+    (table, summary, chosen row)."""
+    device = resolve_device(device)
+    loaded = load_diffusion_model(model_path, device=device)
+    keys = loaded.label_keys
+    if len(keys) != 2:
+        raise UsageError(f"--unseen_weights chooses the weights of a two-key model (cell type x donor); this model "
+                         f"has {len(keys)} label key(s): {', '.join(keys)}")
+    candidates = [unseen_guidance.as_weights(resolve_guide_w(w, keys), keys) for w in weights]
+    for candidate in candidates:
+        check_weights(candidate, "--unseen_weights")
+    expression, genes, obs = read_cells(validation, keys, input_is_log=input_is_log)
+    combinations = unseen_guidance.validation_combinations(loaded, obs, conditions)
+    plan = [(row, int(min(count, max_per_condition))) for row, _, count in combinations]
+    autoencoder = resolve_autoencoder(loaded, vae_path, device)
+    base = replace(SamplerSettings(), sampler=sampler, **({"timestep_respacing": timestep_respacing}
+                                                           if timestep_respacing else {}))
+    log(f"validation combinations never seen in training: " + ", ".join(
+        f"{', '.join(f'{k}={v}' for k, v in values.items())} ({count} cells)" for _, values, count in combinations))
+    rows = []
+    with tempfile.TemporaryDirectory() as work_dir:
+        for index, candidate in enumerate(candidates):
+            settings = replace(base, unseen_guide_w=candidate, unseen_guide_w_source=UNSEEN_SOURCES["flag"])
+            settings = resolve_settings(settings, loaded.checkpoint.sampling_defaults, device,
+                                        schedule_steps=int(loaded.checkpoint.diffusion["steps"]))
+            for seed in seeds:
+                generated, generated_genes, generated_obs = sample_setting(
+                    loaded, autoencoder, plan, replace(settings, seed=seed), os.path.join(work_dir, f"{index}_{seed}"))
+                scores = unseen_guidance.score_combinations(
+                    expression, obs, align_to(generated_genes, generated, genes), generated_obs, keys,
+                    combinations, seed)
+                for entry in scores:
+                    rows.append({"unseen_guide_w": format_guide_w(candidate), "seed": seed, **entry})
+                    log(f"--unseen_guide_w {rows[-1]['unseen_guide_w']} seed {seed} {entry['combination']}: called "
+                        f"right {entry['called_right']:.3f} (real {entry['real_called_right']:.3f}), kNN AUC "
+                        f"{entry['knn_auc']:.3f}")
+    table, summary = pd.DataFrame(rows), unseen_guidance.summarize(rows)
+    unseen_guidance.check_mean_finite(summary)
+    chosen = unseen_guidance.recommend(summary)
+    os.makedirs(out, exist_ok=True)
+    with atomic_output(os.path.join(out, "unseen_sweep.md")) as temp_path, open(temp_path, "w") as stream:
+        stream.write(unseen_guidance.markdown(summary, chosen, combinations))
+    with atomic_output(os.path.join(out, "unseen_sweep.csv")) as temp_path:
+        table.to_csv(temp_path, index=False)
+    log(f"chosen: --unseen_guide_w {chosen['unseen_guide_w']} (rule: {unseen_guidance.RULE})")
+    if record:
+        weights = candidates[[format_guide_w(c) for c in candidates].index(chosen["unseen_guide_w"])]
+        written = record_unseen_guidance(model_path, weights, unseen_guidance.choice_record(
+            chosen, combinations, validation, seeds))
+        log(f"recorded in {', '.join(written)}: the sampler uses these weights for unseen combinations by default")
+    return table, summary, chosen
+
+
 def write_outputs(out, table, summary, real_accuracy, chosen):
     os.makedirs(out, exist_ok=True)
     csv_path, md_path, png_path = (os.path.join(out, name) for name in FILES)
@@ -215,8 +285,18 @@ def build_parser():
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_path", required=True, help="model{step}.pt from cell_train.py (EMA weights used)")
     parser.add_argument("--validation", required=True, help="held-out real cells (.h5ad, raw counts by default)")
-    parser.add_argument("--weights", nargs="+", type=parse_guide_w, required=True, metavar="W|KEY=W[,KEY=W]",
+    parser.add_argument("--weights", nargs="+", type=parse_guide_w, default=None, metavar="W|KEY=W[,KEY=W]",
                         help="the --guide_w settings to compare, e.g. 0 0.5 1 2 cell_type1=1,donor=3")
+    parser.add_argument("--unseen_weights", nargs="+", type=parse_guide_w, default=None, metavar="W|KEY=W[,KEY=W]",
+                        help="instead of --weights: the --unseen_guide_w settings to compare on the validation "
+                             "cells' combinations the model never saw in training (two-key models), e.g. "
+                             "cell_type1=0.5,donor=2 cell_type1=0.5,donor=4")
+    parser.add_argument("--unseen_condition", action="append", default=None, metavar="KEY=VALUE,KEY=VALUE",
+                        help="with --unseen_weights: choose on this unseen combination only (repeatable; default: "
+                             "every one in the validation cells)")
+    parser.add_argument("--record", type=str2bool, default=False,
+                        help="with --unseen_weights: store the chosen weights in the checkpoint (and its EMA file), "
+                             "where the sampler takes them by default for unseen combinations")
     parser.add_argument("--out", required=True, help="folder for guidance_sweep.csv/.md/.png")
     parser.add_argument("--label_key", default=None, help="the key whose label accuracy is scored (default: the "
                                                           "model's first)")
@@ -227,7 +307,8 @@ def build_parser():
     parser.add_argument("--vae_path", default="", help="autoencoder (default: the one recorded in the checkpoint)")
     parser.add_argument("--sampler", default=None, choices=list(SAMPLERS),
                         help="the reverse process (as cell_sample.py); default: ddpm, dpmpp2m_sde on logsnrN steps")
-    parser.add_argument("--timestep_respacing", default="50", help="sampling steps (as cell_sample.py)")
+    parser.add_argument("--timestep_respacing", default=None,
+                        help="sampling steps (as cell_sample.py); default 50, with --unseen_weights the sampler's")
     add_device_arg(parser)
     add_debug_arg(parser)
     return parser
@@ -236,9 +317,20 @@ def build_parser():
 @command
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if (args.weights is None) == (args.unseen_weights is None):
+        raise UsageError("give either --weights (guidance of seen conditions) or --unseen_weights (of combinations "
+                         "never seen in training)")
+    if args.unseen_weights is None and (args.record or args.unseen_condition):
+        raise UsageError("--record and --unseen_condition go with --unseen_weights")
+    if args.unseen_weights is not None:
+        return sweep_unseen(args.model_path, args.validation, args.unseen_weights, args.out,
+                            conditions=args.unseen_condition, seeds=args.seeds,
+                            max_per_condition=args.max_per_condition, input_is_log=args.input_is_log,
+                            vae_path=args.vae_path, sampler=args.sampler, timestep_respacing=args.timestep_respacing,
+                            device=args.device, record=args.record)
     return sweep(args.model_path, args.validation, args.weights, args.out, label_key=args.label_key,
                  seeds=args.seeds, max_per_condition=args.max_per_condition, input_is_log=args.input_is_log,
-                 vae_path=args.vae_path, timestep_respacing=args.timestep_respacing, device=args.device,
+                 vae_path=args.vae_path, timestep_respacing=args.timestep_respacing or "50", device=args.device,
                  sampler=args.sampler)
 
 

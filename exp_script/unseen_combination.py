@@ -27,8 +27,7 @@ import anndata
 import numpy as np
 
 from exp_script.evaluation.guidance_inputs import align_to, generated_cells, read_cells
-from exp_script.evaluation.label_classifier import fit_label_classifier, out_of_fold_labels
-from exp_script.evaluation.metrics import knn_auc
+from exp_script.evaluation.unseen_guidance import donor_calls
 from guided_diffusion.core.atomic import atomic_output
 from guided_diffusion.cli import ArgumentParser, UsageError, add_debug_arg, command
 from guided_diffusion.data import read_h5ad
@@ -65,42 +64,6 @@ def exclude_combination(data, out, type_key, donor_key, cell_type, donor):
 
 
 # ---- score -----------------------------------------------------------------------------------------
-def donor_calls(real_x, real_obs, generated_x, generated_obs, type_key, donor_key, cell_type, donor, seed=0):
-    """The held-out combination's figures and the seen combinations', from one donor classifier of the type."""
-    of_type = (real_obs[type_key] == cell_type).to_numpy()
-    if not of_type.any():
-        raise UsageError(f"no real cells of {type_key}={cell_type}")
-    type_x, type_donors = real_x[of_type], real_obs[donor_key].to_numpy()[of_type]
-    if donor not in set(type_donors):
-        raise UsageError(f"no real cells of {type_key}={cell_type},{donor_key}={donor}: nothing to compare with")
-    out_of_fold = out_of_fold_labels(type_x, type_donors, seed=seed)
-    classifier = fit_label_classifier(type_x, type_donors, seed=seed)
-    generated_type = (generated_obs[type_key] == cell_type).to_numpy()
-    generated_donors = generated_obs[donor_key].to_numpy()
-    called = classifier.predict(generated_x[generated_type]) if generated_type.any() else np.array([])
-    features = classifier[:-1]  # the classifier's own feature space: variable genes, standardized, PCA
-    real_features = features.transform(type_x)
-    generated_features = features.transform(generated_x[generated_type]) if generated_type.any() else None
-    rows = []
-    for each_donor in sorted(set(type_donors)):
-        real_rows = type_donors == each_donor
-        generated_rows = generated_donors[generated_type] == each_donor
-        rows.append({
-            "donor": each_donor, "held_out": each_donor == donor,
-            "real_cells": int(real_rows.sum()),
-            "real_called_correctly": float(np.mean(out_of_fold[real_rows] == each_donor)),
-            "generated_cells": int(generated_rows.sum()),
-            "generated_called_correctly": float(np.mean(called[generated_rows] == each_donor))
-            if generated_rows.any() else None,
-            # a donor-blind generator: this type's cells of the other donors, out of fold
-            "donor_blind_called_this_donor": float(np.mean(out_of_fold[~real_rows] == each_donor)),
-            # fidelity: kNN real-vs-generated AUC of this combination's cells (0.5 = indistinguishable)
-            "knn_auc": knn_auc(real_features[real_rows], generated_features[generated_rows], seed)
-            if generated_rows.sum() >= 2 else None,
-        })
-    return rows, classifier
-
-
 def blind_sample_calls(classifier, blind_x, blind_obs, type_key, cell_type, donor):
     """The fraction of a donor-unconditioned generated sample of the type that is called the held-out donor."""
     rows = (blind_obs[type_key] == cell_type).to_numpy()

@@ -176,6 +176,11 @@ class DiffusionCheckpoint:
         if type(interval) is not int or interval < 1 or type(branch) is not int or branch < 0 or \
                 type(defaults.get("non_uniform")) is not bool:
             fail(f"sampling_defaults {defaults} are not a cache interval >= 1, a branch >= 0 and non_uniform")
+        unseen = defaults.get("unseen_guide_w")
+        if unseen is not None and (not isinstance(unseen, dict) or sorted(unseen) != sorted(self.label_keys) or any(
+                isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
+                for w in unseen.values())):
+            fail(f"sampling_defaults' unseen_guide_w {unseen!r} is not a weight >= 0 per label key")
 
 
 def _check_names(names, what, fail):
@@ -274,6 +279,30 @@ class LoadedModel:
     @property
     def vocabularies(self):
         return self.checkpoint.vocabularies
+
+
+def record_unseen_guidance(path, weights, choice):
+    """Record ``weights`` ({label key: weight}) as the guidance weights of conditions never seen in training in
+    the diffusion checkpoint ``path`` and, for a ``model{step}.pt``, its EMA sibling (the file the sampler
+    reads by default): ``sampling_defaults["unseen_guide_w"]``, with ``choice`` (how they were chosen) beside
+    them. Each file is rewritten atomically and otherwise unchanged; returns the files written."""
+    checkpoint = DiffusionCheckpoint.load(path)
+    paths = [path]
+    if checkpoint.kind == "diffusion_model":
+        sibling = ema_file(os.path.dirname(path), checkpoint.ema_rate, checkpoint.step)
+        if os.path.exists(sibling):
+            paths.append(sibling)
+    for each in paths:
+        target = checkpoint if each == path else DiffusionCheckpoint.load(each, kinds=("diffusion_ema",))
+        unknown = sorted(set(weights) ^ set(target.label_keys))
+        if unknown:
+            raise UsageError(f"the weights name keys {sorted(weights)}, {each} has label keys {target.label_keys}")
+        target.sampling_defaults = dict(target.sampling_defaults, unseen_guide_w={k: float(weights[k])
+                                                                                  for k in target.label_keys},
+                                        unseen_guide_w_choice=choice)
+        target.validate(each)
+        target.save(each)
+    return paths
 
 
 def load_diffusion_model(path, use_ema=True, device="cpu"):

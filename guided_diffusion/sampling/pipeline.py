@@ -40,7 +40,7 @@ from guided_diffusion.sampling.request import check_sampling_inputs
 from guided_diffusion.sampling.reverse import condition_noise, sample_latents
 from guided_diffusion.sampling.settings import (build_sampling_diffusion, check_settings, record,
                                                 resolve_decoder_precision, resolve_guide_w, resolve_observation,
-                                                resolve_unseen_guide_w,
+                                                resolve_unseen_guide_w, unseen_guide_w_source,
                                                 resolve_settings)
 
 # a generated latent further than this many training ranges (0.1%-99.9% quantiles) outside it is "far out"
@@ -117,7 +117,7 @@ def draw_latents(loaded, autoencoder, plan, settings, progress=True, context=Non
     composed_rows, forms = guidance_forms(plan, loaded.checkpoint.condition_counts, sizes, settings)
     latents = run_reverse_process(loaded, cond_rows, noise, settings, progress, context, composed_rows)
     if composed_rows is None:  # nothing was guided with the unseen conditions' weights: record none
-        settings = replace(settings, unseen_guide_w=None)
+        settings = replace(settings, unseen_guide_w=None, unseen_guide_w_source=None)
     check_finite_latents(latents)
     return observation, settings, library_sizes, cond_rows, latents, forms
 
@@ -303,8 +303,10 @@ def prepare_run(request, settings, device, loaded=None, autoencoder=None):
                          f"({' '.join(map(str, sizes))}); omit it")
     settings = replace(settings, guide_w=resolve_guide_w(settings.guide_w, loaded.label_keys))
     if len(loaded.label_keys) > 1 and settings.guidance_form != "nested":
-        settings = replace(settings, unseen_guide_w=resolve_unseen_guide_w(settings.unseen_guide_w,
-                                                                           settings.guide_w, loaded.label_keys))
+        recorded = loaded.checkpoint.sampling_defaults.get("unseen_guide_w")
+        settings = replace(settings, unseen_guide_w=resolve_unseen_guide_w(settings.unseen_guide_w, settings.guide_w,
+                                                                           loaded.label_keys, recorded),
+                           unseen_guide_w_source=unseen_guide_w_source(settings.unseen_guide_w, recorded))
     settings = resolve_settings(settings,
                                 loaded.checkpoint.sampling_defaults, device,
                                 schedule_steps=int(loaded.checkpoint.diffusion["steps"]))

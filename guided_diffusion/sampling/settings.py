@@ -60,6 +60,8 @@ class SamplerSettings:
     guidance_form: str = "auto"
     # the weights of the conditions never seen in training (composed form); None: resolve_unseen_guide_w's rule
     unseen_guide_w: Optional[Union[float, Dict[str, float]]] = None
+    # where the resolved unseen_guide_w came from (unseen_guide_w_source); set by the sampler, recorded
+    unseen_guide_w_source: Optional[str] = None
 
     def describe(self):
         cache = f"cache {self.cache_interval}"
@@ -156,13 +158,29 @@ def resolve_guide_w(guide_w, label_keys):
 UNSEEN_KEY_WEIGHT = 4.0
 
 
-def resolve_unseen_guide_w(unseen_guide_w, guide_w, label_keys):
+UNSEEN_SOURCES = {"flag": "--unseen_guide_w", "checkpoint": "the checkpoint (chosen on validation combinations)",
+                  "rule": "the default rule (first key: --guide_w, later keys: UNSEEN_KEY_WEIGHT)"}
+
+
+def unseen_guide_w_source(unseen_guide_w, recorded=None):
+    """Where the weights of unseen conditions come from (a value of UNSEEN_SOURCES): the flag, the weights
+    recorded in the checkpoint, or the default rule."""
+    if unseen_guide_w is not None:
+        return UNSEEN_SOURCES["flag"]
+    return UNSEEN_SOURCES["checkpoint" if recorded else "rule"]
+
+
+def resolve_unseen_guide_w(unseen_guide_w, guide_w, label_keys, recorded=None):
     """The per-key weights of the conditions never seen in training: as given (one weight or per key, like
-    ``--guide_w``), or by default the first label key's weight from ``guide_w`` and ``UNSEEN_KEY_WEIGHT`` for
-    every later key (the keys that make the combination new: a donor, a perturbation)."""
+    ``--guide_w``); else the weights ``recorded`` in the checkpoint (``sampling_defaults["unseen_guide_w"]``,
+    chosen on validation combinations by ``exp_script/guidance_sweep.py --unseen_weights ... --record True``);
+    else the first label key's weight from ``guide_w`` and ``UNSEEN_KEY_WEIGHT`` for every later key (the keys
+    that make the combination new: a donor, a perturbation)."""
     if unseen_guide_w is not None:
         resolved = resolve_guide_w(unseen_guide_w, label_keys)
         return resolved if isinstance(resolved, dict) else {key: float(resolved) for key in label_keys}
+    if recorded:
+        return {key: float(recorded[key]) for key in label_keys}
     first = guide_w[label_keys[0]] if isinstance(guide_w, dict) else guide_w
     return {key: float(first) if index == 0 else UNSEEN_KEY_WEIGHT for index, key in enumerate(label_keys)}
 
@@ -302,7 +320,8 @@ def record(settings, steps):
         entry.update(branch=settings.branch, non_uniform=settings.non_uniform)
     entry.update(clip_denoised=settings.clip_denoised, batch_size=settings.batch_size, seed=settings.seed,
                  guide_w=settings.guide_w, guidance_form=settings.guidance_form,
-                 unseen_guide_w=settings.unseen_guide_w, precision=settings.precision,
+                 unseen_guide_w=settings.unseen_guide_w, unseen_guide_w_source=settings.unseen_guide_w_source,
+                 precision=settings.precision,
                  decoder_precision=settings.decoder_precision)
     return entry
 

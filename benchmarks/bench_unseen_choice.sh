@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Unseen-combination weights chosen per checkpoint on a validation combination, judged on another: a two-key model
+# (cell_type1 x donor) is trained without both CHOOSE and JUDGE (type:donor); exp_script/guidance_sweep.py
+# --unseen_weights compares CANDIDATES on CHOOSE only and records the chosen weights in the checkpoint
+# (--record True); then the sampler, at its defaults (so with the recorded weights), generates JUDGE and the
+# type's seen combinations, scored by exp_script/unseen_combination.py score; CHOOSE is scored the same way.
+#
+#   bash benchmarks/bench_unseen_choice.sh                         # seeds 0 1
+#   SEEDS=0 ROOT=checkpoint/unseen_choice bash benchmarks/bench_unseen_choice.sh
+#
+# Results: $ROOT/seed<S>/{sweep/unseen_sweep.md, judge/score, choose/score}; summary by benchmarks/unseen_summary.py.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-dataset/baron_human.h5ad}
+ROOT=${ROOT:-checkpoint/unseen_choice}
+CHOOSE=${CHOOSE:-beta:human4}
+JUDGE=${JUDGE:-alpha:human2}
+SEEDS=${SEEDS:-"0 1"}
+AE_STEPS=${AE_STEPS:-600}
+DIFFUSION_STEPS=${DIFFUSION_STEPS:-3000}
+THREADS=${THREADS:-1}
+NUM=${NUM:-100}
+CANDIDATES=${CANDIDATES:-"cell_type1=0.5,donor=1 cell_type1=0.5,donor=2 cell_type1=0.5,donor=3 cell_type1=0.5,donor=4 cell_type1=0.5,donor=6"}
+export OMP_NUM_THREADS=$THREADS
+mkdir -p "$ROOT"
+if [ ! -f "$ROOT/train.h5ad" ]; then
+  "$PY" exp_script/unseen_combination.py exclude --data "$DATA" --cell_type "${CHOOSE%%:*}" --donor "${CHOOSE##*:}" \
+    --out "$ROOT/train_without_choose.h5ad"
+  "$PY" exp_script/unseen_combination.py exclude --data "$ROOT/train_without_choose.h5ad" --cell_type "${JUDGE%%:*}" \
+    --donor "${JUDGE##*:}" --out "$ROOT/train.h5ad"
+  rm "$ROOT/train_without_choose.h5ad"
+fi
+donors_of() {
+  "$PY" -c "import anndata as a,sys; d=a.read_h5ad(sys.argv[1],backed='r').obs; print(' '.join(sorted(set(d.loc[d['cell_type1'].astype(str)==sys.argv[2],'donor'].astype(str)))))" "$DATA" "$1"
+}
+for seed in $SEEDS; do
+  run="$ROOT/seed$seed"
+  model="$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt"
+  if [ ! -f "$model" ]; then
+    "$PY" VAE/VAE_train.py --data_dir "$ROOT/train.h5ad" --num_genes 20125 --save_dir "$run/autoencoder" \
+      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --seed "$seed" --threads "$THREADS" --progress False
+    "$PY" cell_train.py --data_dir "$ROOT/train.h5ad" --vae_path "$run/autoencoder/model_seed=${seed}_step=$AE_STEPS.pt" \
+      --label_key cell_type1 --label_key donor --model_name unseen --save_dir "$run/diffusion" \
+      --lr_anneal_steps "$DIFFUSION_STEPS" --save_interval "$DIFFUSION_STEPS" --lr 1e-3 --seed "$seed" \
+      --threads "$THREADS"
+  fi
+  # shellcheck disable=SC2086
+  "$PY" exp_script/guidance_sweep.py --model_path "$model" --validation "$DATA" --out "$run/sweep" \
+    --unseen_weights $CANDIDATES --unseen_condition "cell_type1=${CHOOSE%%:*},donor=${CHOOSE##*:}" \
+    --seeds "$seed" --max_per_condition "$NUM" --record True
+  for role in choose judge; do
+    combo=$CHOOSE; [ "$role" = judge ] && combo=$JUDGE
+    type=${combo%%:*}; donor=${combo##*:}
+    conditions=()
+    for d in $(donors_of "$type"); do conditions+=(--condition "cell_type1=$type,donor=$d"); done
+    "$PY" cell_sample.py --model_path "$model" --sample_dir "$run/$role/samples" --num_samples "$NUM" \
+      "${conditions[@]}" --seed "$seed" --threads "$THREADS"
+    "$PY" exp_script/unseen_combination.py score --real "$DATA" --generated "$run/$role/samples/generated.h5ad" \
+      --cell_type "$type" --donor "$donor" --out "$run/$role/score"
+  done
+done
