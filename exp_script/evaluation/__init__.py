@@ -22,6 +22,8 @@ novelty                    distances of generated cells to their nearest trainin
 usefulness                 train-on-synthetic and rare-type augmentation checks
 label_classifier           the one logistic-regression pipeline; the guidance tools' label classifier
 guidance_inputs            reading real and generated cells for the guidance tools; gene alignment
+unseen_guidance            unseen combinations: the donor calls and realism of their cells; choosing
+                           their guidance weights on validation combinations (the rule, the record)
 plots                      the evaluation's figures
 report                     the evaluation report (report.md) and the notebooks' tables
 gap_analysis_report        the gap analysis' report (gap_analysis.md)
