@@ -154,13 +154,17 @@ def refit_dispersion(model, dataset, indices, seed, max_cells=REFIT_CELLS, max_i
     return fitted, record
 
 
-def apply_dispersion_refit(path, dataset, indices, seed):
+def apply_dispersion_refit(path, dataset, indices, seed, device="cpu"):
     """Refit the dispersion of the autoencoder saved at ``path`` on the training cells ``indices`` and rewrite
-    the file (atomically) with it, recording the fit and the learned dispersion in ``dispersion_fit``."""
+    the file (atomically) with it, recording the fit and the learned dispersion in ``dispersion_fit`` (a file
+    refitted before, e.g. a best file a resumed run did not replace, is refitted from its learned one)."""
     checkpoint = AutoencoderCheckpoint.load(path, with_training_state=True)
     model = VAE(**VAE.complete_config(checkpoint.model_config))
     model.load_state_dict(checkpoint.state_dict)
-    fitted, record = refit_dispersion(model, dataset, indices, seed)
+    if checkpoint.dispersion_fit is not None:
+        with torch.no_grad():
+            model.log_theta.copy_(torch.as_tensor(checkpoint.dispersion_fit["learned_log_theta"]))
+    fitted, record = refit_dispersion(model.to(device), dataset, indices, seed)
     checkpoint.state_dict = {**checkpoint.state_dict, "log_theta": fitted.cpu()}
     checkpoint.dispersion_fit = record
     checkpoint.save(path)
@@ -203,7 +207,7 @@ def train_autoencoder(data, model_config, training):
         if training.refit_dispersion and task.model.models_counts and context.is_main:
             target = task.early_stopping.path if task.early_stopping is not None and \
                 os.path.exists(task.early_stopping.path) else path
-            fit = apply_dispersion_refit(target, dataset, task.train_index, training.seed)
+            fit = apply_dispersion_refit(target, dataset, task.train_index, training.seed, task.device)
             print(f"dispersion refitted on {fit['cells']} training cells: NB loss {fit['nll_before']:.5f} -> "
                   f"{fit['nll_after']:.5f} ({target})", flush=True)
         seconds = time.monotonic() - started

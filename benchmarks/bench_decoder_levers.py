@@ -51,8 +51,10 @@ VARIANTS = {
     "small_latent64": "--hidden_dims 256 256 --latent_dim 64",
     "small_dropout_0.1": "--hidden_dims 256 256 --latent_dim 32 --dropout 0.1",
     "dropout_0.2": "--dropout 0.2",
-    "dispersion_lr_0.01": "--hidden_dims 128 --latent_dim 20 --dispersion_lr 0.01",
-    "dispersion_lr_0.1": "--hidden_dims 128 --latent_dim 20 --dispersion_lr 0.1",
+    "dispersion_lr_0.01": "--hidden_dims 128 --latent_dim 20 --dispersion_lr 0.01 --refit_dispersion False",
+    "dispersion_lr_0.1": "--hidden_dims 128 --latent_dim 20 --dispersion_lr 0.1 --refit_dispersion False",
+    "refit_dispersion": "--hidden_dims 128 --latent_dim 20 --refit_dispersion True",
+    "no_refit_dispersion": "--hidden_dims 128 --latent_dim 20 --refit_dispersion False",
 }
 COLUMNS = ["variant", "seed", "best_step", "train_seconds", "control_knn_auc", "control_rf_auc",
            "decoded_fit_knn_auc", "decoded_fit_rf_auc", "reconstructed_val_knn_auc", "reconstructed_val_rf_auc",

@@ -130,3 +130,19 @@ def test_refit_can_be_turned_off_and_the_mse_decoder_has_none(tmp_path, counts_h
                           "--progress", "False", "--max_steps", "5", "--checkpoint_freq", "5", "--hidden_dims", "16",
                           "--latent_dim", "4", "--batch_size", "32"])
     assert "dispersion_fit" not in load_checkpoint(mse)
+
+
+def test_a_refitted_file_is_refitted_from_its_learned_dispersion(tmp_path, counts_h5ad):
+    from guided_diffusion.data import load_dataset
+    from VAE.autoencoder_training import apply_dispersion_refit
+
+    path = train(counts_h5ad, tmp_path, "--max_steps", "10", "--checkpoint_freq", "10")
+    learned = load_checkpoint(path)["dispersion_fit"]["learned_log_theta"]
+    dataset = load_dataset(str(counts_h5ad), label_keys=[])
+    cells = np.arange(0, dataset.n_cells, 2)
+    apply_dispersion_refit(path, dataset, cells, seed=0)
+    first = load_checkpoint(path)
+    apply_dispersion_refit(path, dataset, cells, seed=0)
+    again = load_checkpoint(path)
+    assert first["dispersion_fit"]["learned_log_theta"] == again["dispersion_fit"]["learned_log_theta"] == learned
+    torch.testing.assert_close(again["state_dict"]["log_theta"], first["state_dict"]["log_theta"])
