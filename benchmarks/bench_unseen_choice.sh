@@ -8,7 +8,9 @@
 #   bash benchmarks/bench_unseen_choice.sh                         # seeds 0 1
 #   SEEDS=0 ROOT=checkpoint/unseen_choice bash benchmarks/bench_unseen_choice.sh
 #
-# Results: $ROOT/seed<S>/{sweep/unseen_sweep.md, judge/score, choose/score}; summary by benchmarks/unseen_summary.py.
+# FIXED (default "2 3 4") also samples and scores both combinations with --unseen_guide_w cell_type1=0.5,donor=W on
+# the same models, for comparison with the recorded choice.
+# Results: $ROOT/seed<S>/{sweep/unseen_sweep.md, judge/score, choose/score, judge_donorW/score, choose_donorW/score}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -20,6 +22,7 @@ SEEDS=${SEEDS:-"0 1"}
 AE_STEPS=${AE_STEPS:-600}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-3000}
 THREADS=${THREADS:-1}
+FIXED=${FIXED:-"2 3 4"}
 NUM=${NUM:-100}
 CANDIDATES=${CANDIDATES:-"cell_type1=0.5,donor=1 cell_type1=0.5,donor=2 cell_type1=0.5,donor=3 cell_type1=0.5,donor=4 cell_type1=0.5,donor=6"}
 export OMP_NUM_THREADS=$THREADS
@@ -54,9 +57,14 @@ for seed in $SEEDS; do
     type=${combo%%:*}; donor=${combo##*:}
     conditions=()
     for d in $(donors_of "$type"); do conditions+=(--condition "cell_type1=$type,donor=$d"); done
-    "$PY" cell_sample.py --model_path "$model" --sample_dir "$run/$role/samples" --num_samples "$NUM" \
-      "${conditions[@]}" --seed "$seed" --threads "$THREADS"
-    "$PY" exp_script/unseen_combination.py score --real "$DATA" --generated "$run/$role/samples/generated.h5ad" \
-      --cell_type "$type" --donor "$donor" --out "$run/$role/score"
+    for setting in recorded $FIXED; do  # recorded: the sampler's defaults, so the weights the sweep recorded
+      out="$run/$role"; flags=()
+      if [ "$setting" != recorded ]; then out="$run/${role}_donor$setting"; flags=(--unseen_guide_w "cell_type1=0.5,donor=$setting"); fi
+      [ -f "$out/score/unseen_combination.json" ] && continue
+      "$PY" cell_sample.py --model_path "$model" --sample_dir "$out/samples" --num_samples "$NUM" \
+        "${conditions[@]}" --seed "$seed" --threads "$THREADS" --progress False "${flags[@]}"
+      "$PY" exp_script/unseen_combination.py score --real "$DATA" --generated "$out/samples/generated.h5ad" \
+        --cell_type "$type" --donor "$donor" --out "$out/score"
+    done
   done
 done
