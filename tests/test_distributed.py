@@ -149,6 +149,12 @@ def test_autoencoder_two_processes_equal_one(reference, launcher):
     assert two["step"] == AE_STEPS and states[1]["sampler"] == states[0]["sampler"]
     loose = set(zero_gradient_entries(VAE(**one["model_config"])))
     for name, value in one["state_dict"].items():
+        if name == "log_theta":  # refitted after training (rank 0): compare the trained one and the fit's likelihood
+            np.testing.assert_allclose(two["dispersion_fit"]["learned_log_theta"],
+                                       one["dispersion_fit"]["learned_log_theta"], atol=1e-5, rtol=1e-4)
+            # where the likelihood is flat (these Poisson counts: theta -> infinity) the fitted values may differ
+            assert two["dispersion_fit"]["nll_after"] == pytest.approx(one["dispersion_fit"]["nll_after"], rel=1e-4)
+            continue
         tolerance = AE_LR * AE_STEPS if name in loose else 1e-5
         np.testing.assert_allclose(two["state_dict"][name].double(), value.double(), atol=tolerance, rtol=1e-4,
                                    err_msg=name)
