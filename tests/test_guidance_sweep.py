@@ -142,3 +142,20 @@ def test_the_sweep_refuses_an_unknown_label_key(tmp_path, capsys):
         "--model_path", str(LEGACY / MODEL), "--vae_path", str(LEGACY / VAE), "--validation",
         str(LEGACY / "counts.h5ad"), "--weights", "batch=1", "--out", str(tmp_path / "s")])
     assert line == "error: --guide_w key 'batch' is not a label key of this model; label keys: cell_type1, donor"
+
+
+def test_other_real_cells_are_as_diverse_as_the_validation_cells():
+    # real cells of the same kind score ~1 (a PCA fitted on the cells it measures would inflate their spread)
+    rng = np.random.default_rng(1)
+    n_genes, per_label = 300, 80
+
+    def cells(seed):
+        r = np.random.default_rng(seed)
+        centers = np.repeat(np.eye(3, n_genes) * 3, per_label, axis=0)
+        return (centers + r.normal(size=(3 * per_label, n_genes))).astype(np.float32)
+
+    labels = np.repeat(["a", "b", "c"], per_label)
+    reference = guidance_sweep.Reference(cells(0), labels, n_hvg=200, n_pcs=30)
+    assert reference.score(cells(1), labels)["diversity_ratio"] == pytest.approx(1.0, abs=0.08)
+    collapsed = np.repeat(np.eye(3, n_genes) * 3, per_label, axis=0).astype(np.float32)
+    assert reference.score(collapsed, labels)["diversity_ratio"] < 0.05
