@@ -10,7 +10,9 @@
 #
 # FIXED (default "2 3 4") also samples and scores both combinations with --unseen_guide_w cell_type1=0.5,donor=W on
 # the same models, for comparison with the recorded choice.
-# Results: $ROOT/seed<S>/{sweep/unseen_sweep.md, judge/score, choose/score, judge_donorW/score, choose_donorW/score}.
+# Results: $ROOT/seed<S>/{sweep/unseen_sweep.md, judge/score, choose/score, judge_donorW/score, choose_donorW/score};
+# the table (mean ± sd over seeds, one row per scored combination and setting) is printed by
+# benchmarks/unseen_summary.py at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -68,3 +70,4 @@ for seed in $SEEDS; do
     done
   done
 done
+"$PY" benchmarks/unseen_summary.py "$ROOT"

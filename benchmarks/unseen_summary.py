@@ -19,13 +19,18 @@ FIGURES = (("held_out_generated_called_correctly", "unseen called right"),
 
 
 def collect(root):
-    """{(combination, setting): {figure: [value per seed]}} from ROOT/<combination>/seed<S>/<setting>/score."""
+    """{(combination, setting): {figure: [value per seed]}} from ROOT/<combination>/seed<S>/<setting>/score
+    (bench_unseen.sh) or ROOT/seed<S>/<setting>/score (bench_unseen_choice.sh); the combination is the scored one,
+    <type>_<donor>."""
     table = defaultdict(lambda: defaultdict(list))
-    for path in sorted(glob.glob(os.path.join(root, "*", "seed*", "*", "score", "unseen_combination.json"))):
-        parts = path.split(os.sep)
-        combination, setting = parts[-5], parts[-3]
+    paths = glob.glob(os.path.join(root, "*", "seed*", "*", "score", "unseen_combination.json")) + \
+        glob.glob(os.path.join(root, "seed*", "*", "score", "unseen_combination.json"))
+    for path in sorted(paths):
+        setting = path.split(os.sep)[-3]
         with open(path) as stream:
-            summary = json.load(stream)["summary"]
+            result = json.load(stream)
+        summary = result["summary"]
+        combination = f"{result['setting']['cell_type']}_{result['setting']['donor']}"
         for key, _ in FIGURES:
             if summary.get(key) is not None:
                 table[(combination, setting)][key].append(float(summary[key]))
