@@ -16,6 +16,8 @@
 # OUT/NAME/seedS to redo it). Wall times per stage: OUT/NAME/seedS/times.tsv; the table: OUT/summary.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benchmarks/lib.sh
+source benchmarks/lib.sh
 PY=${PY:-.venv/bin/python}
 PEER_PY=${PEER_PY:-.venv-peer/bin/python}
 OUT=${1:-checkpoint/peer}
@@ -35,12 +37,6 @@ if [ ! -x "$PEER_PY" ]; then
 fi
 mkdir -p "$OUT"
 
-timed() {  # timed TIMES_FILE NAME COMMAND...
-  local file=$1 name=$2; shift 2
-  local start=$SECONDS
-  "$@"
-  printf "%s\t%s\n" "$name" "$((SECONDS - start))" >> "$file"
-}
 
 specs=""
 for name in $DATASETS; do

@@ -18,6 +18,8 @@
 # SAMPLER_FLAGS (default: the sampler's defaults) are passed to cell_sample.py, e.g. "--timestep_respacing 50".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benchmarks/lib.sh
+source benchmarks/lib.sh
 PY=${PY:-.venv/bin/python}
 OUT=${1:-checkpoint/recipes}
 SEEDS=${SEEDS:-"0 1 2"}
@@ -45,12 +47,6 @@ variant_flags() {  # variant_flags NAME: the autoencoder flags of a variant name
 export OMP_NUM_THREADS=$THREADS
 mkdir -p "$OUT"
 
-timed() {  # timed TIMES_FILE NAME COMMAND...
-  local file=$1 name=$2; shift 2
-  local start=$SECONDS
-  "$@"
-  printf "%s\t%s\n" "$name" "$((SECONDS - start))" >> "$file"
-}
 
 if [ ! -f "$OUT/split/heldout.h5ad" ]; then
   "$PY" exp_script/split.py --data_dir "$DATA" --label_key "$LABEL" --out "$OUT/split" \

@@ -13,6 +13,8 @@
 # (mean +- sd over seeds) is printed by benchmarks/unseen_summary.py at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benchmarks/lib.sh
+source benchmarks/lib.sh
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-dataset/baron_human.h5ad}
 ROOT=${ROOT:-checkpoint/bench_unseen}
@@ -33,7 +35,6 @@ for combo in $COMBOS; do
   mkdir -p "$dir"
   [ -f "$dir/train.h5ad" ] || "$PY" exp_script/unseen_combination.py exclude --data "$DATA" --cell_type "$type" \
     --donor "$donor" --out "$dir/train.h5ad"
-  donors=$("$PY" -c "import anndata as a,sys; d=a.read_h5ad(sys.argv[1],backed='r').obs; print(' '.join(sorted(set(d.loc[d['cell_type1'].astype(str)==sys.argv[2],'donor'].astype(str)))))" "$DATA" "$type")
   for seed in $SEEDS; do
     run="$dir/seed$seed"
     if [ "$STAGE" = all ] && [ ! -f "$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt" ]; then
@@ -45,17 +46,11 @@ for combo in $COMBOS; do
         --threads "$THREADS"
     fi
     model="$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt"
-    conditions=()
-    for d in $donors; do conditions+=(--condition "cell_type1=$type,donor=$d"); done
     IFS='|' read -ra settings <<< "$SETTINGS"
     for setting in "${settings[@]}"; do
       name=${setting%%=*}; flags=${setting#*=}
-      out="$run/$name"
       # shellcheck disable=SC2086
-      "$PY" cell_sample.py --model_path "$model" --sample_dir "$out/samples" --num_samples "$NUM" \
-        "${conditions[@]}" --seed "$seed" --threads "$THREADS" $flags
-      "$PY" exp_script/unseen_combination.py score --real "$DATA" --generated "$out/samples/generated.h5ad" \
-        --cell_type "$type" --donor "$donor" --out "$out/score"
+      sample_and_score "$model" "$run/$name" "$type" "$donor" "$seed" $flags
     done
   done
 done

@@ -15,6 +15,8 @@
 # benchmarks/unseen_summary.py at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benchmarks/lib.sh
+source benchmarks/lib.sh
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-dataset/baron_human.h5ad}
 ROOT=${ROOT:-checkpoint/unseen_choice}
@@ -36,9 +38,6 @@ if [ ! -f "$ROOT/train.h5ad" ]; then
     --donor "${JUDGE##*:}" --out "$ROOT/train.h5ad"
   rm "$ROOT/train_without_choose.h5ad"
 fi
-donors_of() {
-  "$PY" -c "import anndata as a,sys; d=a.read_h5ad(sys.argv[1],backed='r').obs; print(' '.join(sorted(set(d.loc[d['cell_type1'].astype(str)==sys.argv[2],'donor'].astype(str)))))" "$DATA" "$1"
-}
 for seed in $SEEDS; do
   run="$ROOT/seed$seed"
   model="$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt"
@@ -57,16 +56,11 @@ for seed in $SEEDS; do
   for role in choose judge; do
     combo=$CHOOSE; [ "$role" = judge ] && combo=$JUDGE
     type=${combo%%:*}; donor=${combo##*:}
-    conditions=()
-    for d in $(donors_of "$type"); do conditions+=(--condition "cell_type1=$type,donor=$d"); done
     for setting in recorded $FIXED; do  # recorded: the sampler's defaults, so the weights the sweep recorded
       out="$run/$role"; flags=()
       if [ "$setting" != recorded ]; then out="$run/${role}_donor$setting"; flags=(--unseen_guide_w "cell_type1=0.5,donor=$setting"); fi
       [ -f "$out/score/unseen_combination.json" ] && continue
-      "$PY" cell_sample.py --model_path "$model" --sample_dir "$out/samples" --num_samples "$NUM" \
-        "${conditions[@]}" --seed "$seed" --threads "$THREADS" --progress False "${flags[@]}"
-      "$PY" exp_script/unseen_combination.py score --real "$DATA" --generated "$out/samples/generated.h5ad" \
-        --cell_type "$type" --donor "$donor" --out "$out/score"
+      sample_and_score "$model" "$out" "$type" "$donor" "$seed" "${flags[@]}"
     done
   done
 done
