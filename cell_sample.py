@@ -29,7 +29,7 @@ from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg,
                                   terminate_as_exception)
 from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.core.errors import settings_worded_as_flags
-from guided_diffusion.sampling.settings import ETA_SAMPLERS, GUIDANCE_FORMS, SAMPLERS, SOLVERS, parse_guide_w
+from guided_diffusion.sampling.settings import ETA_SAMPLERS, GUIDANCE_FORMS, SAMPLERS, SOLVERS, parse_guide_w, parse_interval
 from guided_diffusion.sampling.writer import COMPRESSIONS
 from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, OBSERVATIONS, SamplerSettings
 from guided_diffusion.core.device import PRECISIONS
@@ -117,8 +117,14 @@ def build_parser():
     parser.add_argument("--unseen_guide_w", type=parse_unseen_guide_w, default=None,
                         help="the guidance weights of conditions never seen in training (composed form; not with "
                              "--guidance_form nested): one number or KEY=W[,KEY=W] as --guide_w; default (auto): "
-                             "the first label key's --guide_w weight and 4 for every later key (docs/sampling.md, "
-                             "'Unseen combinations')")
+                             "the weights recorded in the checkpoint by exp_script/guidance_sweep.py --record True, "
+                             "else the first label key's --guide_w weight and 4 for every later key "
+                             "(docs/sampling.md, 'Unseen combinations')")
+    parser.add_argument("--unseen_guidance_interval", type=parse_unseen_interval, default=None,
+                        help="LO,HI: the part of the noise schedule (fractions: 0 = no noise, 1 = pure noise) where "
+                             "--unseen_guide_w applies; at the other steps unseen conditions take the composed form "
+                             "with every weight 0; 0,1 guides every step. Default (auto): the interval recorded with "
+                             "the checkpoint's weights, else 0,0.5 (docs/sampling.md, 'Unseen combinations')")
     parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of every random stream (noise, count draws, library sizes)")
     parser.add_argument("--compression", default="none", choices=COMPRESSIONS,
@@ -136,6 +142,11 @@ def parse_unseen_guide_w(text):
     return None if str(text).strip().lower() == "auto" else parse_guide_w(text)
 
 
+def parse_unseen_interval(text):
+    """``--unseen_guidance_interval``: ``auto`` (the checkpoint's or the default) or ``LO,HI``."""
+    return None if str(text).strip().lower() == "auto" else parse_interval(text)
+
+
 def settings_from_args(args):
     return SamplerSettings(guide_w=args.guide_w, sampler=args.sampler, use_ddim=args.use_ddim,
                            timestep_respacing=args.timestep_respacing,
@@ -143,7 +154,8 @@ def settings_from_args(args):
                            non_uniform=args.non_uniform, clip_denoised=args.clip_denoised,
                            batch_size=args.batch_size, seed=args.seed, observation=args.observation,
                            precision=args.precision, solver=args.solver, decoder_precision=args.decoder_precision,
-                           guidance_form=args.guidance_form, unseen_guide_w=args.unseen_guide_w)
+                           guidance_form=args.guidance_form, unseen_guide_w=args.unseen_guide_w,
+                           unseen_guidance_interval=args.unseen_guidance_interval)
 
 
 def request_from_args(args):

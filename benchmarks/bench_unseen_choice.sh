@@ -9,7 +9,8 @@
 #   SEEDS=0 ROOT=checkpoint/unseen_choice bash benchmarks/bench_unseen_choice.sh
 #
 # FIXED (default "2 3 4") also samples and scores both combinations with --unseen_guide_w cell_type1=0.5,donor=W on
-# the same models, for comparison with the recorded choice.
+# the same models, for comparison with the recorded choice. INTERVAL (default: the sampler's, 0,0.5) is the
+# --unseen_guidance_interval of the sweep and of every sample (0,1: guidance at every step).
 # Results: $ROOT/seed<S>/{sweep/unseen_sweep.md, judge/score, choose/score, judge_donorW/score, choose_donorW/score};
 # the table (mean ± sd over seeds, one row per scored combination and setting) is printed by
 # benchmarks/unseen_summary.py at the end.
@@ -28,6 +29,8 @@ DIFFUSION_STEPS=${DIFFUSION_STEPS:-3000}
 THREADS=${THREADS:-1}
 FIXED=${FIXED:-"2 3 4"}
 NUM=${NUM:-100}
+INTERVAL=${INTERVAL:-}
+INTERVAL_FLAGS=(); [ -n "$INTERVAL" ] && INTERVAL_FLAGS=(--unseen_guidance_interval "$INTERVAL")
 CANDIDATES=${CANDIDATES:-"cell_type1=0.5,donor=1 cell_type1=0.5,donor=2 cell_type1=0.5,donor=3 cell_type1=0.5,donor=4 cell_type1=0.5,donor=6"}
 export OMP_NUM_THREADS=$THREADS
 mkdir -p "$ROOT"
@@ -52,7 +55,7 @@ for seed in $SEEDS; do
   # shellcheck disable=SC2086
   "$PY" exp_script/guidance_sweep.py --model_path "$model" --validation "$DATA" --out "$run/sweep" \
     --unseen_weights $CANDIDATES --unseen_condition "cell_type1=${CHOOSE%%:*},donor=${CHOOSE##*:}" \
-    --seeds "$seed" --max_per_condition "$NUM" --record True
+    --seeds "$seed" --max_per_condition "$NUM" --record True "${INTERVAL_FLAGS[@]}"
   for role in choose judge; do
     combo=$CHOOSE; [ "$role" = judge ] && combo=$JUDGE
     type=${combo%%:*}; donor=${combo##*:}
@@ -60,7 +63,7 @@ for seed in $SEEDS; do
       out="$run/$role"; flags=()
       if [ "$setting" != recorded ]; then out="$run/${role}_donor$setting"; flags=(--unseen_guide_w "cell_type1=0.5,donor=$setting"); fi
       [ -f "$out/score/unseen_combination.json" ] && continue
-      sample_and_score "$model" "$out" "$type" "$donor" "$seed" "${flags[@]}"
+      sample_and_score "$model" "$out" "$type" "$donor" "$seed" "${flags[@]}" "${INTERVAL_FLAGS[@]}"
     done
   done
 done

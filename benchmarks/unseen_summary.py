@@ -15,6 +15,7 @@ FIGURES = (("held_out_generated_called_correctly", "unseen called right"),
            ("held_out_real_called_correctly", "real cells of it called right"),
            ("seen_generated_called_wrong_mean", "seen called wrong"),
            ("held_out_knn_auc", "unseen kNN AUC"),
+           ("held_out_other_donors_real_knn_auc", "other donors' real cells kNN AUC"),
            ("seen_knn_auc_mean", "seen kNN AUC"))
 
 

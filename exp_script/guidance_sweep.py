@@ -27,8 +27,9 @@ Unseen combinations (a two-key model trained without some combinations whose rea
 compares --unseen_guide_w settings on the validation cells' combinations the model never saw (or those named
 by --unseen_condition), scoring as exp_script/unseen_combination.py does (a classifier of the second key
 fitted on the real cells of the type; kNN AUC vs the real cells of the combination; the sampler's default
-settings otherwise), writes unseen_sweep.csv / unseen_sweep.md and, with --record True, stores the chosen
-weights in the checkpoint (and its EMA file): the sampler then uses them for every unseen combination unless
+settings otherwise, the weights guiding the part of the noise schedule --unseen_guidance_interval names, default
+0,0.5), writes unseen_sweep.csv / unseen_sweep.md and, with --record True, stores the chosen weights and that
+interval in the checkpoint (and its EMA file): the sampler then uses them for every unseen combination unless
 --unseen_guide_w is given (exp_script/evaluation/unseen_guidance.py, RULE there).
 """
 import argparse
@@ -55,8 +56,9 @@ from guided_diffusion.core.errors import UsageError
 from guided_diffusion.core.device import resolve_device
 from exp_script.evaluation import unseen_guidance
 from guided_diffusion.checkpoints import load_diffusion_model, record_unseen_guidance, resolve_autoencoder
-from guided_diffusion.sampling.settings import (SAMPLERS, UNSEEN_SOURCES, SamplerSettings, check_weights,
-                                                format_guide_w, parse_guide_w, resolve_guide_w, resolve_settings)
+from guided_diffusion.sampling.settings import (SAMPLERS, UNSEEN_SOURCES, SamplerSettings, check_interval,
+                                                check_weights, format_guide_w, parse_guide_w, parse_interval,
+                                                resolve_guide_w, resolve_settings, resolve_unseen_guidance_interval)
 from guided_diffusion.sampling.pipeline import generate
 
 ACCURACY_TOLERANCE = 0.02
@@ -220,10 +222,13 @@ def sweep(model_path, validation, weights, out, label_key=None, seeds=(0,), max_
 
 def sweep_unseen(model_path, validation, weights, out, conditions=None, seeds=(0, 1), max_per_condition=100,
                  input_is_log=False, vae_path="", sampler=None, timestep_respacing=None, device="auto", record=False,
-                 log=print):
-    """Sample every --unseen_guide_w setting on the validation combinations the model never saw, score them,
-    write unseen_sweep.csv/.md, and with ``record`` store the chosen weights in the checkpoint; returns
+                 log=print, interval=None):
+    """Sample every --unseen_guide_w setting on the validation combinations the model never saw, guided over
+    ``interval`` of the noise schedule (default: the sampler's UNSEEN_GUIDANCE_INTERVAL), score them, write
+    unseen_sweep.csv/.md, and with ``record`` store the chosen weights and the interval in the checkpoint; returns
     (table, summary, chosen row)."""
+    interval = resolve_unseen_guidance_interval(interval)
+    check_interval(interval)
     device = resolve_device(device)
     loaded = load_diffusion_model(model_path, device=device)
     keys = loaded.label_keys
@@ -237,8 +242,8 @@ def sweep_unseen(model_path, validation, weights, out, conditions=None, seeds=(0
     combinations = unseen_guidance.validation_combinations(loaded, obs, conditions)
     plan = [(row, int(min(count, max_per_condition))) for row, _, count in combinations]
     autoencoder = resolve_autoencoder(loaded, vae_path, device)
-    base = replace(SamplerSettings(), sampler=sampler, **({"timestep_respacing": timestep_respacing}
-                                                           if timestep_respacing else {}))
+    base = replace(SamplerSettings(), sampler=sampler, unseen_guidance_interval=interval,
+                   **({"timestep_respacing": timestep_respacing} if timestep_respacing else {}))
     log(f"validation combinations never seen in training: " + ", ".join(
         f"{', '.join(f'{k}={v}' for k, v in values.items())} ({count} cells)" for _, values, count in combinations))
     rows = []
@@ -270,7 +275,7 @@ def sweep_unseen(model_path, validation, weights, out, conditions=None, seeds=(0
     if record:
         weights = candidates[[format_guide_w(c) for c in candidates].index(chosen["unseen_guide_w"])]
         written = record_unseen_guidance(model_path, weights, unseen_guidance.choice_record(
-            chosen, combinations, validation, seeds))
+            chosen, combinations, validation, seeds), interval=interval)
         log(f"recorded in {', '.join(written)}: the sampler uses these weights for unseen combinations by default")
     return table, summary, chosen
 
@@ -301,6 +306,9 @@ def build_parser():
     parser.add_argument("--unseen_condition", action="append", default=None, metavar="KEY=VALUE,KEY=VALUE",
                         help="with --unseen_weights: choose on this unseen combination only (repeatable; default: "
                              "every one in the validation cells)")
+    parser.add_argument("--unseen_guidance_interval", type=parse_interval, default=None, metavar="LO,HI",
+                        help="with --unseen_weights: the part of the noise schedule the weights guide (as "
+                             "cell_sample.py's flag; default 0,0.5), recorded with the chosen weights")
     parser.add_argument("--record", type=str2bool, default=False,
                         help="with --unseen_weights: store the chosen weights in the checkpoint (and its EMA file), "
                              "where the sampler takes them by default for unseen combinations")
@@ -327,14 +335,14 @@ def main(argv=None):
     if (args.weights is None) == (args.unseen_weights is None):
         raise UsageError("give either --weights (guidance of seen conditions) or --unseen_weights (of combinations "
                          "never seen in training)")
-    if args.unseen_weights is None and (args.record or args.unseen_condition):
-        raise UsageError("--record and --unseen_condition go with --unseen_weights")
+    if args.unseen_weights is None and (args.record or args.unseen_condition or args.unseen_guidance_interval):
+        raise UsageError("--record, --unseen_condition and --unseen_guidance_interval go with --unseen_weights")
     if args.unseen_weights is not None:
         return sweep_unseen(args.model_path, args.validation, args.unseen_weights, args.out,
                             conditions=args.unseen_condition, seeds=args.seeds,
                             max_per_condition=args.max_per_condition, input_is_log=args.input_is_log,
                             vae_path=args.vae_path, sampler=args.sampler, timestep_respacing=args.timestep_respacing,
-                            device=args.device, record=args.record)
+                            device=args.device, record=args.record, interval=args.unseen_guidance_interval)
     return sweep(args.model_path, args.validation, args.weights, args.out, label_key=args.label_key,
                  seeds=args.seeds, max_per_condition=args.max_per_condition, input_is_log=args.input_is_log,
                  vae_path=args.vae_path, timestep_respacing=args.timestep_respacing or "50", device=args.device,

@@ -85,6 +85,9 @@ def summarize(rows, donor, blind_sample=None):
         if seen else None,
         "seen_real_called_correctly_mean": float(np.mean([r["real_called_correctly"] for r in seen])) if seen else None,
         "held_out_knn_auc": held_out["knn_auc"],
+        # the same figure for the type's real cells of the other donors (a generator right about the type, blind to
+        # the donor, drawing real cells): the realism reachable without the combination's own cells is near it
+        "held_out_other_donors_real_knn_auc": held_out["other_donors_real_knn_auc"],
         # the same two figures for the seen combinations of the same model: the reference the held-out
         # combination's cells are judged against (caricatures score high donor calls but a high kNN AUC)
         "seen_generated_called_wrong_mean": None if not seen else
@@ -102,14 +105,16 @@ def render(result):
              "Donor classifier: logistic regression on PCA of the real cells of the type (all donors); real "
              "figures out of fold.", "",
              "| donor | held out | real cells | real called correctly | generated cells | generated called "
-             "correctly | donor-blind (other donors' real cells) called this donor | kNN AUC generated vs real |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "correctly | donor-blind (other donors' real cells) called this donor | kNN AUC generated vs real | "
+             "kNN AUC other donors' real cells vs real |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for row in result["donors"]:
         generated = "" if row["generated_called_correctly"] is None else f"{row['generated_called_correctly']:.3f}"
         lines.append(f"| {row['donor']} | {'yes' if row['held_out'] else ''} | {row['real_cells']} | "
                      f"{row['real_called_correctly']:.3f} | {row['generated_cells']} | {generated} | "
                      f"{row['donor_blind_called_this_donor']:.3f} | "
-                     f"{'' if row['knn_auc'] is None else format(row['knn_auc'], '.3f')} |")
+                     f"{'' if row['knn_auc'] is None else format(row['knn_auc'], '.3f')} | "
+                     f"{'' if row['other_donors_real_knn_auc'] is None else format(row['other_donors_real_knn_auc'], '.3f')} |")
     lines += ["", *(f"- {key}: {value if not isinstance(value, float) else f'{value:.3f}'}"
                     for key, value in summary.items())]
     return "\n".join(lines) + "\n"

@@ -181,6 +181,12 @@ class DiffusionCheckpoint:
                 isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0
                 for w in unseen.values())):
             fail(f"sampling_defaults' unseen_guide_w {unseen!r} is not a weight >= 0 per label key")
+        interval = defaults.get("unseen_guidance_interval")
+        if interval is not None and (not isinstance(interval, (list, tuple)) or len(interval) != 2 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in interval)
+                or not 0 <= interval[0] < interval[1] <= 1):
+            fail(f"sampling_defaults' unseen_guidance_interval {interval!r} is not (low, high) with "
+                 f"0 <= low < high <= 1")
 
 
 def _check_names(names, what, fail):
@@ -281,10 +287,11 @@ class LoadedModel:
         return self.checkpoint.vocabularies
 
 
-def record_unseen_guidance(path, weights, choice):
+def record_unseen_guidance(path, weights, choice, interval=(0.0, 1.0)):
     """Record ``weights`` ({label key: weight}) as the guidance weights of conditions never seen in training in
     the diffusion checkpoint ``path`` and, for a ``model{step}.pt``, its EMA sibling (the file the sampler
-    reads by default): ``sampling_defaults["unseen_guide_w"]``, with ``choice`` (how they were chosen) beside
+    reads by default): ``sampling_defaults["unseen_guide_w"]``, with ``choice`` (how they were chosen) and
+    ``interval`` (the part of the noise schedule they were chosen to guide, ``unseen_guidance_interval``) beside
     them. Each file is rewritten atomically and otherwise unchanged; returns the files written."""
     checkpoint = DiffusionCheckpoint.load(path)
     paths = [path]
@@ -299,7 +306,8 @@ def record_unseen_guidance(path, weights, choice):
             raise UsageError(f"the weights name keys {sorted(weights)}, {each} has label keys {target.label_keys}")
         target.sampling_defaults = dict(target.sampling_defaults, unseen_guide_w={k: float(weights[k])
                                                                                   for k in target.label_keys},
-                                        unseen_guide_w_choice=choice)
+                                        unseen_guide_w_choice=choice,
+                                        unseen_guidance_interval=[float(interval[0]), float(interval[1])])
         target.validate(each)
         target.save(each)
     return paths

@@ -214,6 +214,7 @@ def test_cell_sample_guides_an_unseen_combination_by_the_rule_and_records_it(two
     record = default.uns["cfdiffusion"]
     assert dict(record["guidance_forms"]) == {"composed": 1, "nested": 1}
     assert dict(record["unseen_guide_w"]) == {"cell_type1": 0.5, "donor": 4.0}
+    assert list(record["unseen_guidance_interval"]) == [0.0, 0.5]
     assert nested.uns["cfdiffusion"].get("unseen_guide_w") in (None, "None")
     folder = tmp_path / "default"
     unseen_file = next(p.name for p in folder.glob("cell2_1_*.npy"))
@@ -221,3 +222,95 @@ def test_cell_sample_guides_an_unseen_combination_by_the_rule_and_records_it(two
     assert not np.allclose(np.load(folder / unseen_file), np.load(tmp_path / "nested" / unseen_file), atol=1e-3)
     # the seen cells: the same guidance; the batch's stacked forward differs, so equal up to float rounding
     np.testing.assert_allclose(np.load(folder / seen_file), np.load(tmp_path / "nested" / seen_file), atol=1e-4)
+
+
+# ---- the guidance interval of the composed rows --------------------------------------------------------------
+def _eps_at(model, cond, step, **kwargs):
+    eps_fn = guided_eps_fn(model, cond, 0.5, **kwargs)
+    x = torch.randn(cond.shape[0], LATENT, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        return eps_fn(x, torch.full((cond.shape[0],), step, dtype=torch.long), 0)
+
+
+@pytest.mark.parametrize("step", [10, 700])
+def test_the_interval_switches_the_unseen_weights_off_outside_it(step):
+    model, (_, _, cond) = tiny_model(), inputs()
+    rows = torch.tensor([True, False] * 5)
+    common = dict(composed_rows=rows, composed_weights=[0.5, 4.0])
+    inside, outside = _eps_at(model, cond, step, **common), _eps_at(model, cond, step, composed_rows=rows,
+                                                                     composed_weights=[0.0, 0.0])
+    limited = _eps_at(model, cond, step, composed_interval=(0.0, 500.0), **common)
+    torch.testing.assert_close(limited, inside if step < 500 else outside, atol=1e-5, rtol=0)
+    torch.testing.assert_close(limited[~rows], inside[~rows], atol=1e-5, rtol=0)  # seen rows: guided at every step
+
+
+def test_an_interval_over_every_step_is_no_interval():
+    model, (_, _, cond) = tiny_model(), inputs()
+    diffusion = create_diffusion(1000, "12")
+    noise = torch.randn(cond.shape[0], LATENT, generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([True, False] * 5)
+
+    def sample(**extra):
+        eps_fn = guided_eps_fn(model, cond, 0.5, composed_rows=rows, composed_weights=[0.5, 4.0], **extra)
+        with torch.no_grad():
+            return diffusion.p_sample_loop(eps_fn, noise.shape, noise=noise,
+                                           generator=torch.Generator().manual_seed(4))
+
+    torch.testing.assert_close(sample(composed_interval=(0.0, float("inf"))), sample(), atol=1e-5, rtol=0)
+    assert not torch.allclose(sample(composed_interval=(0.0, 500.0)), sample(), atol=1e-3)
+
+
+@pytest.mark.parametrize("all_unseen", [True, False])
+def test_the_interval_keeps_one_batch_shape_with_a_zero_term(all_unseen):
+    """A weight of -1 drops its term from the composed form; with an interval every term is kept, so the stacked
+    batch (and a feature cache filled at step 0) is the same inside and outside the interval."""
+    model, (_, _, cond) = tiny_model(), inputs()
+    rows = torch.ones(10, dtype=torch.bool) if all_unseen else torch.tensor([True, False] * 5)
+    sizes = []
+    forward = model.forward
+    model.forward = lambda x, *args, **kwargs: sizes.append(x.shape[0]) or forward(x, *args, **kwargs)
+    eps_fn = guided_eps_fn(model, cond, 0.5, composed_rows=rows, composed_weights=[-1.0, 2.0],
+                           composed_interval=(0.0, 500.0))
+    x = torch.randn(10, LATENT, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        inside = eps_fn(x, torch.full((10,), 100, dtype=torch.long), 0)
+        outside = eps_fn(x, torch.full((10,), 900, dtype=torch.long), 1)
+        plain = guided_eps(model, x, torch.full((10,), 900, dtype=torch.long), cond, [0.0, 0.0], form="composed")
+        weighted = guided_eps(model, x, torch.full((10,), 100, dtype=torch.long), cond, [-1.0, 2.0], form="composed")
+    assert sizes[0] == sizes[1]
+    torch.testing.assert_close(outside[rows], plain[rows], atol=1e-5, rtol=0)
+    torch.testing.assert_close(inside[rows], weighted[rows], atol=1e-5, rtol=0)
+
+
+def test_interval_settings_are_checked_and_resolved():
+    import argparse
+
+    from guided_diffusion.core.errors import UsageError
+    from guided_diffusion.sampling.settings import (UNSEEN_GUIDANCE_INTERVAL, SamplerSettings, check_settings,
+                                                    interval_timesteps, parse_interval,
+                                                    resolve_unseen_guidance_interval)
+
+    assert parse_interval("0,0.5") == (0.0, 0.5)
+    with pytest.raises(argparse.ArgumentTypeError, match="LO,HI"):
+        parse_interval("0.5")
+    for bad in [(0.5, 0.2), (-0.1, 0.5), (0.0, 1.5), (0.0, float("nan"))]:
+        with pytest.raises(UsageError, match="--unseen_guidance_interval"):
+            check_settings(SamplerSettings(unseen_guidance_interval=bad))
+    with pytest.raises(UsageError, match="--guidance_form nested"):
+        check_settings(SamplerSettings(guidance_form="nested", unseen_guidance_interval=(0.0, 0.5)))
+    assert resolve_unseen_guidance_interval(None) == UNSEEN_GUIDANCE_INTERVAL == (0.0, 0.5)
+    assert resolve_unseen_guidance_interval(None, [0.0, 1.0]) == (0.0, 1.0)
+    assert resolve_unseen_guidance_interval((0.2, 0.4), [0.0, 1.0]) == (0.2, 0.4)
+    assert interval_timesteps((0.0, 0.5), 1000) == (0.0, 500.0)
+    assert interval_timesteps((0.5, 1.0), 1000) == (500.0, float("inf"))  # the last timestep (999) included
+
+
+def test_a_bad_interval_flag_is_one_line(two_key_model, tmp_path, capsys):
+    import cell_sample
+    from test_checkpoints import refused
+
+    line = refused(capsys, cell_sample.main, ["--model_path", str(two_key_model), "--sample_dir", str(tmp_path / "s"),
+                                              "--condition", "cell_type1=type_2,donor=donor1",
+                                              "--unseen_guidance_interval", "0.7,0.2"])
+    assert line.startswith("error: --unseen_guidance_interval 0.7,0.2:")
+    assert not (tmp_path / "s" / "generated.h5ad").exists()

@@ -96,6 +96,9 @@ def test_a_faithful_generator_passes_and_a_donor_blind_one_fails(tmp_path):
     assert summary["held_out_generated_called_correctly"] < 0.1 and not summary["passes_half_of_real"]
     assert summary["donor_blind_sample_called_held_out"] < 0.1
     assert summary["held_out_knn_auc"] > 0.9  # the held-out donor's cells look like another donor's
+    # ... and so they score as the other donors' real cells do (the reference the score reports beside it)
+    assert summary["held_out_other_donors_real_knn_auc"] > 0.9
+    assert abs(summary["held_out_other_donors_real_knn_auc"] - summary["held_out_knn_auc"]) < 0.1
     assert summary["seen_knn_auc_mean"] < 0.75  # the seen combinations stay faithful: the reference
     held_out = next(row for row in result["donors"] if row["held_out"])
     assert held_out["donor"] == "d2" and held_out["real_cells"] == 30 and held_out["generated_cells"] == 30

@@ -72,6 +72,40 @@ def test_the_sweep_records_its_choice_and_the_sampler_takes_it(two_key_model, tm
     assert recorded["unseen_guide_w_source"].startswith("the checkpoint")
     assert dict(flagged["unseen_guide_w"]) == {"cell_type1": 0.0, "donor": 2.0}
     assert flagged["unseen_guide_w_source"] == "--unseen_guide_w"
+    # the interval the weights were chosen under is recorded with them and sampled with them
+    for path in (model, ema):
+        assert DiffusionCheckpoint.load(str(path)).sampling_defaults["unseen_guidance_interval"] == [0.0, 0.5]
+    assert list(recorded["unseen_guidance_interval"]) == [0.0, 0.5]
+    assert list(flagged["unseen_guidance_interval"]) == [0.0, 0.5]  # explicit weights: the default interval
+    given = sample("interval", "--unseen_guidance_interval", "0.2,1")
+    assert list(given["unseen_guidance_interval"]) == [0.2, 1.0]
+
+
+def test_weights_recorded_without_an_interval_keep_guiding_every_step(two_key_model, tmp_path):
+    """Weights recorded before the interval existed were chosen guiding every step: sampled that way."""
+    import cell_sample
+
+    model = tmp_path / "m" / two_key_model.name
+    shutil.copytree(two_key_model.parent, model.parent)
+    record_unseen_guidance(str(model), {"cell_type1": 0.5, "donor": 2.0}, {"rule": "test"})
+    for path in [model, *model.parent.glob("ema_*.pt")]:
+        checkpoint = DiffusionCheckpoint.load(str(path))
+        if "unseen_guidance_interval" in checkpoint.sampling_defaults:
+            del checkpoint.sampling_defaults["unseen_guidance_interval"]
+            checkpoint.save(str(path))
+    cell_sample.main(["--model_path", str(model), "--sample_dir", str(tmp_path / "old"), "--num_samples", "4",
+                      "--progress", "False", "--condition", "cell_type1=type_2,donor=donor1"])
+    record = anndata.read_h5ad(tmp_path / "old" / "generated.h5ad").uns["cfdiffusion"]
+    assert list(record["unseen_guidance_interval"]) == [0.0, 1.0]
+    assert dict(record["unseen_guide_w"]) == {"cell_type1": 0.5, "donor": 2.0}
+
+
+def test_a_bad_recorded_interval_is_refused(two_key_model, tmp_path):
+    model = tmp_path / "m" / two_key_model.name
+    shutil.copytree(two_key_model.parent, model.parent)
+    with pytest.raises(UsageError, match="unseen_guidance_interval"):
+        record_unseen_guidance(str(model), {"cell_type1": 0.5, "donor": 2.0}, {}, interval=(0.6, 0.2))
+    assert "unseen_guide_w" not in DiffusionCheckpoint.load(str(model)).sampling_defaults, "nothing written"
 
 
 def test_recorded_weights_are_checked(two_key_model, tmp_path):
@@ -94,4 +128,4 @@ def test_the_unseen_sweep_needs_two_keys_and_one_mode(tmp_path, capsys):
     line = refused(capsys, guidance_sweep.main, [
         "--model_path", str(LEGACY / MODEL), "--vae_path", str(LEGACY / VAE), "--validation",
         str(LEGACY / "counts.h5ad"), "--out", str(tmp_path / "s"), "--weights", "1", "--record", "True"])
-    assert line == "error: --record and --unseen_condition go with --unseen_weights"
+    assert line == "error: --record, --unseen_condition and --unseen_guidance_interval go with --unseen_weights"

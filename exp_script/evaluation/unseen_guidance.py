@@ -59,8 +59,22 @@ def donor_calls(real_x, real_obs, generated_x, generated_obs, type_key, donor_ke
             # fidelity: kNN real-vs-generated AUC of this combination's cells (0.5 = indistinguishable)
             "knn_auc": knn_auc(real_features[real_rows], generated_features[generated_rows], seed)
             if generated_rows.sum() >= 2 else None,
+            # a reference for that figure: the type's real cells of the other donors against this combination's
+            # (as many as were generated, else as many as it has): what a generator that draws the right type
+            # from another donor's cells would score
+            "other_donors_real_knn_auc": _other_donors_auc(real_features, real_rows, int(generated_rows.sum()),
+                                                           seed),
         })
     return rows, classifier
+
+
+def _other_donors_auc(real_features, real_rows, count, seed):
+    others = np.flatnonzero(~real_rows)
+    count = min(len(others), count if count >= 2 else int(real_rows.sum()))
+    if count < 2 or real_rows.sum() < 2:
+        return None
+    chosen = np.sort(np.random.default_rng([seed, 17]).choice(others, count, replace=False))
+    return knn_auc(real_features[real_rows], real_features[chosen], seed)
 
 
 def validation_combinations(loaded, obs, requested=None, min_cells=MIN_VALIDATION_CELLS):

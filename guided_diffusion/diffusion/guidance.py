@@ -21,6 +21,12 @@ the single-key predictions the per-key dropout also trains, and never queries th
 For a combination never seen in training (a cell type in a donor) the network's eps(type, donor) is an
 extrapolation; eps(type only) and eps(donor only) were trained on many cells each. With one key both
 forms are the single-weight formula.
+
+A guidance interval (``composed_interval`` of :func:`guided_eps_fn`, model timesteps ``[lo, hi)``) applies the
+composed rows' weights only to steps whose timestep lies in it; at the other steps those rows take the composed
+form with every weight 0 (the plain product of the single-key experts, no amplification). For unseen combinations
+of the bundled data, guiding the low-noise half only ([0, T/2)) called the intended donor more often than guiding
+every step, at the same realism (docs/sampling.md).
 """
 
 from typing import List, Optional, Sequence, Tuple, Union
@@ -100,10 +106,11 @@ def prefix_condition(cond: torch.Tensor, condition_sizes: Sequence[int], prefix:
     return torch.cat([cond[:, :prefix], null_condition(cond, condition_sizes)[:, prefix:]], dim=1)
 
 
-def composed_coefficients(weights: Sequence[float]) -> List[Tuple[Optional[int], float]]:
+def composed_coefficients(weights: Sequence[float], keep_all: bool = False) -> List[Tuple[Optional[int], float]]:
     """The (kept key, coefficient) terms of the composed form: one per key k with a non-zero ``1 + w_k``
-    (key k conditioned alone), then the unconditioned term (kept key None) with ``1 − Σ_k (1 + w_k)``."""
-    terms = [(key, 1.0 + w) for key, w in enumerate(weights) if 1.0 + w != 0]
+    (key k conditioned alone; every key with ``keep_all``, so that the terms do not depend on the weights), then
+    the unconditioned term (kept key None) with ``1 − Σ_k (1 + w_k)``."""
+    terms = [(key, 1.0 + w) for key, w in enumerate(weights) if keep_all or 1.0 + w != 0]
     return terms + [(None, 1.0 - sum(c for _, c in terms))]
 
 
@@ -116,10 +123,11 @@ def single_key_condition(cond: torch.Tensor, condition_sizes: Sequence[int], key
     return null
 
 
-def composed_batch(cond: torch.Tensor, condition_sizes: Sequence[int], weights: Sequence[float]) -> torch.Tensor:
+def composed_batch(cond: torch.Tensor, condition_sizes: Sequence[int], weights: Sequence[float],
+                   keep_all: bool = False) -> torch.Tensor:
     """The condition rows of one composed forward: one copy per term of :func:`composed_coefficients`."""
     return torch.cat([single_key_condition(cond, condition_sizes, key)
-                      for key, _ in composed_coefficients(weights)])
+                      for key, _ in composed_coefficients(weights, keep_all)])
 
 
 def guidance_batch(cond: torch.Tensor, condition_sizes: Sequence[int], guide_w: Weights = 1.0) -> torch.Tensor:
@@ -140,6 +148,7 @@ def guided_eps(
     form: str = "nested",
     composed_rows: Optional[torch.Tensor] = None,
     composed_weights: Optional[Weights] = None,
+    keep_all_terms: bool = False,
 ) -> torch.Tensor:
     """Classifier-free guided noise prediction: ``(1 + w)·eps_cond − w·eps_uncond`` for one weight, the
     nested per-key form (module docstring) for one weight per key, or the composed form (``form``).
@@ -148,18 +157,20 @@ def guided_eps(
     stacked batch. With all weights 0 only the conditional pass of the nested form runs and is returned
     unchanged. ``composed_rows`` (a boolean (B,) tensor) takes the composed form with ``composed_weights``
     (default: ``guide_w``) for those rows, and ``form`` with ``guide_w`` for the others, in one stacked forward.
+    ``keep_all_terms``: the composed form evaluates every single-key term, even one whose coefficient is 0.
     """
     check_form(form)
     n_keys = len(model.condition_sizes)
     if composed_rows is not None and n_keys > 1:
         special = key_weights(guide_w if composed_weights is None else composed_weights, n_keys)
         if bool(composed_rows.all()):
-            return composed_eps(model, x, t, cond, special, cache, cond_scales)
+            return composed_eps(model, x, t, cond, special, cache, cond_scales, keep_all_terms)
         if bool(composed_rows.any()):
             return mixed_eps(model, x, t, cond, key_weights(guide_w, n_keys), form, composed_rows, special, cache,
-                             cond_scales)
+                             cond_scales, keep_all_terms)
     if form == "composed" and n_keys > 1:
-        return composed_eps(model, x, t, cond, key_weights(guide_w, len(model.condition_sizes)), cache, cond_scales)
+        return composed_eps(model, x, t, cond, key_weights(guide_w, len(model.condition_sizes)), cache, cond_scales,
+                            keep_all_terms)
     terms = prefix_coefficients(key_weights(guide_w, len(model.condition_sizes)))
     if len(terms) == 1:
         return model(x, t, cond, cache=cache, cond_scales=cond_scales)
@@ -175,11 +186,12 @@ def guided_eps(
     return guided
 
 
-def composed_eps(model, x, t, cond, weights, cache=None, cond_scales=None):
+def composed_eps(model, x, t, cond, weights, cache=None, cond_scales=None, keep_all=False):
     """The composed form's prediction: every term in one stacked forward, combined with its coefficient."""
-    terms = composed_coefficients(weights)
+    terms = composed_coefficients(weights, keep_all)
     copies = len(terms)
-    eps = model(torch.cat([x] * copies), torch.cat([t] * copies), composed_batch(cond, model.condition_sizes, weights),
+    eps = model(torch.cat([x] * copies), torch.cat([t] * copies),
+                composed_batch(cond, model.condition_sizes, weights, keep_all),
                 cache=cache, cond_scales=cond_scales).chunk(copies)
     return combine(terms, eps)
 
@@ -203,20 +215,21 @@ def form_batch(cond, condition_sizes, form, weights):
     return guidance_batch(cond, condition_sizes, weights)
 
 
-def mixed_rows(cond, condition_sizes, weights, form, composed_weights):
+def mixed_rows(cond, condition_sizes, weights, form, composed_weights, keep_all=False):
     """The condition rows of a batch where some rows take ``form`` with ``weights`` and the others the composed
     form with ``composed_weights``: the first group's copies, then the second's, stacked for one forward."""
     return torch.cat([form_batch(cond, condition_sizes, form, weights),
-                      composed_batch(cond, condition_sizes, composed_weights)])
+                      composed_batch(cond, condition_sizes, composed_weights, keep_all)])
 
 
-def mixed_eps(model, x, t, cond, weights, form, composed_rows, composed_weights, cache=None, cond_scales=None):
+def mixed_eps(model, x, t, cond, weights, form, composed_rows, composed_weights, cache=None, cond_scales=None,
+              keep_all=False):
     """Per row, the composed form with ``composed_weights`` where ``composed_rows``, else ``form`` with
     ``weights``, from one forward."""
-    base_terms, composed_terms = form_terms(form, weights), composed_coefficients(composed_weights)
+    base_terms, composed_terms = form_terms(form, weights), composed_coefficients(composed_weights, keep_all)
     copies = len(base_terms) + len(composed_terms)
     eps = model(torch.cat([x] * copies), torch.cat([t] * copies),
-                mixed_rows(cond, model.condition_sizes, weights, form, composed_weights),
+                mixed_rows(cond, model.condition_sizes, weights, form, composed_weights, keep_all),
                 cache=cache, cond_scales=cond_scales).chunk(copies)
     base = combine(base_terms, eps[:len(base_terms)])
     composed = combine(composed_terms, eps[len(base_terms):])
@@ -232,12 +245,16 @@ def guided_eps_fn(
     form: str = "nested",
     composed_rows: Optional[torch.Tensor] = None,
     composed_weights: Optional[Weights] = None,
+    composed_interval: Optional[Tuple[float, float]] = None,
 ):
     """An ``eps_fn(x, t, step_index)`` for the diffusion samplers.
 
     ``guide_w`` is one weight or one per label key (the model's key order); ``form`` the guidance form
     (``nested`` or ``composed``, module docstring); ``composed_rows`` a boolean (B,) tensor of the rows that take
-    the composed form with ``composed_weights`` (default ``guide_w``; the others take ``form``). With a cache,
+    the composed form with ``composed_weights`` (default ``guide_w``; the others take ``form``).
+    ``composed_interval`` ``(lo, hi)`` (model timesteps): the composed rows' weights apply at steps with
+    ``lo <= t < hi`` only, every weight 0 at the others (the guidance interval; no effect without composed rows,
+    the other rows are guided at every step). With a cache,
     ``refresh[step_index]`` (e.g. from ``refresh_schedule``) decides whether the step runs a full pass;
     the cache branch is checked against the model here, before sampling starts.
     """
@@ -250,18 +267,23 @@ def guided_eps_fn(
     check_form(form)
     weights = key_weights(guide_w, len(model.condition_sizes))
     special = key_weights(guide_w if composed_weights is None else composed_weights, len(weights))
+    all_composed = False  # every row is a composed row: ``weights`` are the composed rows' weights
     if composed_rows is not None and len(weights) > 1:
         if bool(composed_rows.all()):
-            form, weights, composed_rows = "composed", special, None
+            form, weights, composed_rows, all_composed = "composed", special, None, True
         elif not bool(composed_rows.any()):
             composed_rows = None
+    if composed_rows is None and not all_composed or len(weights) < 2:
+        composed_interval = None  # no composed rows: nothing to switch off
+    keep_all = composed_interval is not None  # the same terms (and rows) inside and outside the interval
+    off = [0.0] * len(weights)
     terms = prefix_coefficients(weights)
 
     # the condition projections do not depend on the step: compute them once for the whole loop
     if composed_rows is not None and len(weights) > 1:
-        rows = mixed_rows(cond, model.condition_sizes, weights, form, special)
+        rows = mixed_rows(cond, model.condition_sizes, weights, form, special, keep_all)
     elif form == "composed" and len(weights) > 1:
-        rows = composed_batch(cond, model.condition_sizes, weights)
+        rows = composed_batch(cond, model.condition_sizes, weights, keep_all)
     else:
         rows = cond if len(terms) == 1 else guidance_batch(cond, model.condition_sizes, weights)
     cond_scales = model.condition_scales(rows)
@@ -269,7 +291,12 @@ def guided_eps_fn(
     def eps_fn(x: torch.Tensor, t: torch.Tensor, step_index: int) -> torch.Tensor:
         if cache is not None:
             cache.refresh = bool(refresh[step_index])
-        return guided_eps(model, x, t, cond, weights, cache=cache, cond_scales=cond_scales, form=form,
-                          composed_rows=composed_rows, composed_weights=special)
+        step_weights, step_special = weights, special
+        if composed_interval is not None and not composed_interval[0] <= float(t.reshape(-1)[0]) < composed_interval[1]:
+            step_special = off
+            if all_composed:
+                step_weights = off
+        return guided_eps(model, x, t, cond, step_weights, cache=cache, cond_scales=cond_scales, form=form,
+                          composed_rows=composed_rows, composed_weights=step_special, keep_all_terms=keep_all)
 
     return eps_fn

@@ -41,6 +41,7 @@ from guided_diffusion.sampling.reverse import condition_noise, sample_latents
 from guided_diffusion.sampling.settings import (build_sampling_diffusion, check_settings, record,
                                                 resolve_decoder_precision, resolve_guide_w, resolve_observation,
                                                 resolve_unseen_guide_w, unseen_guide_w_source,
+                                                resolve_unseen_guidance_interval,
                                                 resolve_settings)
 
 # a generated latent further than this many training ranges (0.1%-99.9% quantiles) outside it is "far out"
@@ -117,7 +118,7 @@ def draw_latents(loaded, autoencoder, plan, settings, progress=True, context=Non
     composed_rows, forms = guidance_forms(plan, loaded.checkpoint.condition_counts, sizes, settings)
     latents = run_reverse_process(loaded, cond_rows, noise, settings, progress, context, composed_rows)
     if composed_rows is None:  # nothing was guided with the unseen conditions' weights: record none
-        settings = replace(settings, unseen_guide_w=None, unseen_guide_w_source=None)
+        settings = replace(settings, unseen_guide_w=None, unseen_guide_w_source=None, unseen_guidance_interval=None)
     check_finite_latents(latents)
     return observation, settings, library_sizes, cond_rows, latents, forms
 
@@ -259,8 +260,11 @@ def provenance(loaded, autoencoder, settings, observation, n_cells, warnings, fo
         # conditions per guidance form (the composed one for unseen conditions with --guidance_form auto)
         "guidance_forms": dict(forms or {"nested": 0}),
         "guidance_composed": guidance_formula(settings.guide_w, "composed"),
-        # the weights of the conditions never seen in training, where there were any (else None)
+        # the weights of the conditions never seen in training, where there were any (else None), and the part of
+        # the noise schedule (fractions, low to high noise) where they applied
         "unseen_guide_w": settings.unseen_guide_w,
+        "unseen_guidance_interval": None if settings.unseen_guidance_interval is None
+        else list(settings.unseen_guidance_interval),
         "schedule_steps": schedule_steps,
         "unconditioned": "a label key left unconditioned is a missing value (NaN) in obs",
         "warnings": list(warnings),
@@ -303,10 +307,18 @@ def prepare_run(request, settings, device, loaded=None, autoencoder=None):
                          f"({' '.join(map(str, sizes))}); omit it")
     settings = replace(settings, guide_w=resolve_guide_w(settings.guide_w, loaded.label_keys))
     if len(loaded.label_keys) > 1 and settings.guidance_form != "nested":
-        recorded = loaded.checkpoint.sampling_defaults.get("unseen_guide_w")
+        defaults = loaded.checkpoint.sampling_defaults
+        recorded = defaults.get("unseen_guide_w")
+        # a recorded interval goes with the recorded weights (chosen under it; weights recorded without one were
+        # chosen guiding every step); explicit weights take the default
+        recorded_interval = None
+        if settings.unseen_guide_w is None and recorded:
+            recorded_interval = defaults.get("unseen_guidance_interval", (0.0, 1.0))
         settings = replace(settings, unseen_guide_w=resolve_unseen_guide_w(settings.unseen_guide_w, settings.guide_w,
                                                                            loaded.label_keys, recorded),
-                           unseen_guide_w_source=unseen_guide_w_source(settings.unseen_guide_w, recorded))
+                           unseen_guide_w_source=unseen_guide_w_source(settings.unseen_guide_w, recorded),
+                           unseen_guidance_interval=resolve_unseen_guidance_interval(
+                               settings.unseen_guidance_interval, recorded_interval))
     settings = resolve_settings(settings,
                                 loaded.checkpoint.sampling_defaults, device,
                                 schedule_steps=int(loaded.checkpoint.diffusion["steps"]))

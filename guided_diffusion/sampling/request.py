@@ -6,7 +6,7 @@ from typing import Optional
 
 from guided_diffusion.core.checks import (check_bool, check_int, check_int_list, check_path, check_real, check_str,
                                           check_str_list)
-from guided_diffusion.core.errors import UsageError
+from guided_diffusion.core.errors import SettingError, UsageError, literal
 from guided_diffusion.sampling.settings import (GUIDANCE_FORMS, OBSERVATIONS, PRECISIONS, SAMPLERS, SOLVERS,
                                                 SamplerSettings)
 from guided_diffusion.sampling.writer import COMPRESSIONS
@@ -79,6 +79,13 @@ def check_sampling_inputs(request, settings):
             check_real(value, "unseen_guide_w", weight)
     elif settings.unseen_guide_w is not None:
         check_real(settings.unseen_guide_w, "unseen_guide_w", weight)
+    interval = settings.unseen_guidance_interval
+    if interval is not None:
+        if not isinstance(interval, (tuple, list)) or len(interval) != 2:
+            raise SettingError(f"{{unseen_guidance_interval}} must be a pair of numbers (low, high), got "
+                               f"{literal(interval)}", "unseen_guidance_interval")
+        for value in interval:
+            check_real(value, "unseen_guidance_interval", "a pair of numbers (low, high)")
     check_str(settings.decoder_precision, "decoder_precision", PRECISIONS)
 
 

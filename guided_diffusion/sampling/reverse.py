@@ -9,7 +9,8 @@ from guided_diffusion.diffusion.feature_cache import refresh_schedule
 from guided_diffusion.diffusion.guidance import guided_eps_fn
 from guided_diffusion.core.device import matmul_precision
 from guided_diffusion.diffusion.schedules import DIFFUSION_STEPS
-from guided_diffusion.sampling.settings import DPM_SOLVERS, build_sampling_diffusion, guide_weights, sampler_of
+from guided_diffusion.sampling.settings import (DPM_SOLVERS, build_sampling_diffusion, guide_weights,
+                                                interval_timesteps, sampler_of)
 
 
 def condition_noise(seed, condition_index, n_cells, latent_dim):
@@ -31,7 +32,8 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
     The model works on latents multiplied by ``latent_scale`` (recorded at training); the result is
     returned in the autoencoder's latent space (divided by it), in float32. ``composed_rows`` (a boolean tensor,
     one entry per row) marks the rows of conditions never seen in training, guided with the composed form and
-    ``settings.unseen_guide_w`` (diffusion/guidance.py); the others take ``settings.guidance_form`` (auto: nested).
+    ``settings.unseen_guide_w`` on the part of the schedule ``settings.unseen_guidance_interval`` names (every weight
+    0 elsewhere; diffusion/guidance.py); the others take ``settings.guidance_form`` (auto: nested) at every step.
     """
     device = next(model.parameters()).device
     sampler = sampler_of(settings)
@@ -55,7 +57,9 @@ def sample_latents(model, cond_rows, noise, settings, progress=True, batches=Non
                                form="composed" if settings.guidance_form == "composed" else "nested",
                                composed_rows=None if composed_rows is None else composed_rows[part],
                                composed_weights=None if settings.unseen_guide_w is None
-                               else guide_weights(settings.unseen_guide_w))
+                               else guide_weights(settings.unseen_guide_w),
+                               composed_interval=None if settings.unseen_guidance_interval is None
+                               else interval_timesteps(settings.unseen_guidance_interval, schedule_steps))
         generator = seed_streams.torch_generator(settings.seed, seed_streams.STEP_NOISE, batch_index, device)
         common = dict(noise=noise[part].to(device), generator=generator, clip_denoised=settings.clip_denoised,
                       on_step=lambda *_: bar.update(1))
