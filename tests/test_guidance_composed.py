@@ -314,3 +314,9 @@ def test_a_bad_interval_flag_is_one_line(two_key_model, tmp_path, capsys):
                                               "--unseen_guidance_interval", "0.7,0.2"])
     assert line.startswith("error: --unseen_guidance_interval 0.7,0.2:")
     assert not (tmp_path / "s" / "generated.h5ad").exists()
+    line = refused(capsys, cell_sample.main, ["--model_path", str(two_key_model), "--sample_dir", str(tmp_path / "s"),
+                                              "--unseen_guidance_interval", "0.5"])
+    assert line.startswith("error: argument --unseen_guidance_interval: expected LO,HI")
+    line = refused(capsys, cell_sample.main, ["--model_path", str(two_key_model), "--sample_dir", str(tmp_path / "s"),
+                                              "--unseen_guidance_interval", "0,0.5", "--guidance_form", "nested"])
+    assert line.startswith("error: --unseen_guidance_interval applies to the composed form")
