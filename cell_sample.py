@@ -29,7 +29,8 @@ from guided_diffusion.cli import (ArgumentParser, add_debug_arg, add_device_arg,
                                   terminate_as_exception)
 from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.core.errors import settings_worded_as_flags
-from guided_diffusion.sampling.settings import ETA_SAMPLERS, GUIDANCE_FORMS, SAMPLERS, SOLVERS, parse_guide_w, parse_interval
+from guided_diffusion.sampling.settings import (ETA_SAMPLERS, GUIDANCE_FORMS, SAMPLERS, SOLVERS, parse_guide_w,
+                                                parse_interval)
 from guided_diffusion.sampling.writer import COMPRESSIONS
 from guided_diffusion.sampling.settings import DEFAULT_SETTINGS, OBSERVATIONS, SamplerSettings
 from guided_diffusion.core.device import PRECISIONS

@@ -11,6 +11,7 @@
 #
 #   bash benchmarks/bench_fidelity.sh                 # outputs in checkpoint/fidelity/
 #   SEEDS="0 1 2" CONFIGS="faithful default dpmpp2m_logsnr15" DATASETS=baron bash benchmarks/bench_fidelity.sh
+#   BARON_DATA=R/split/train.h5ad ...   # split the training split again: its 20% are validation cells
 #
 # Every heavy process runs on THREADS threads (default 1: OMP_NUM_THREADS, and --threads for training).
 # A run whose evaluation already exists is not sampled again (delete its folder to redo it); the models are
@@ -62,7 +63,7 @@ flags_of() {
 # diffusion flags
 dataset_of() {
   case $1 in
-    baron) DATA=dataset/baron_human.h5ad; LABEL=cell_type1; LAYER_FLAGS=""; AE_STEPS=600
+    baron) DATA=${BARON_DATA:-dataset/baron_human.h5ad}; LABEL=cell_type1; LAYER_FLAGS=""; AE_STEPS=600
       AE_FLAGS="--num_genes 20125"; DIFFUSION_FLAGS="--num_classes 14" ;;
     pbmc) DATA="$OUT/pbmc68k_reduced.h5ad"; LABEL=bulk_labels; LAYER_FLAGS="--layer raw --input_is_log True"
       AE_STEPS=3000; AE_FLAGS="$LAYER_FLAGS"; DIFFUSION_FLAGS="$LAYER_FLAGS --label_key bulk_labels" ;;

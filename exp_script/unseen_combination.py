@@ -108,13 +108,15 @@ def render(result):
              "correctly | donor-blind (other donors' real cells) called this donor | kNN AUC generated vs real | "
              "kNN AUC other donors' real cells vs real |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    def figure(value):
+        return "" if value is None else f"{value:.3f}"
+
     for row in result["donors"]:
-        generated = "" if row["generated_called_correctly"] is None else f"{row['generated_called_correctly']:.3f}"
+        generated = figure(row["generated_called_correctly"])
         lines.append(f"| {row['donor']} | {'yes' if row['held_out'] else ''} | {row['real_cells']} | "
                      f"{row['real_called_correctly']:.3f} | {row['generated_cells']} | {generated} | "
                      f"{row['donor_blind_called_this_donor']:.3f} | "
-                     f"{'' if row['knn_auc'] is None else format(row['knn_auc'], '.3f')} | "
-                     f"{'' if row['other_donors_real_knn_auc'] is None else format(row['other_donors_real_knn_auc'], '.3f')} |")
+                     f"{figure(row['knn_auc'])} | {figure(row.get('other_donors_real_knn_auc'))} |")
     lines += ["", *(f"- {key}: {value if not isinstance(value, float) else f'{value:.3f}'}"
                     for key, value in summary.items())]
     return "\n".join(lines) + "\n"

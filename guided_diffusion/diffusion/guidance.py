@@ -273,7 +273,7 @@ def guided_eps_fn(
             form, weights, composed_rows, all_composed = "composed", special, None, True
         elif not bool(composed_rows.any()):
             composed_rows = None
-    if composed_rows is None and not all_composed or len(weights) < 2:
+    if (composed_rows is None and not all_composed) or len(weights) < 2:
         composed_interval = None  # no composed rows: nothing to switch off
     keep_all = composed_interval is not None  # the same terms (and rows) inside and outside the interval
     off = [0.0] * len(weights)
