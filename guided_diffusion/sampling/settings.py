@@ -190,7 +190,7 @@ def resolve_unseen_guide_w(unseen_guide_w, guide_w, label_keys, recorded=None):
 
 
 # the unseen conditions' weights apply on the low-noise half of the schedule only: on two held-out combinations of
-# the bundled data (two training seeds each) the intended donor was called more often than with guidance at every
+# the bundled data (three training seeds each) the intended donor was called more often than with guidance at every
 # step, at the same realism; guiding only the high-noise half lost the donor (docs/sampling.md)
 UNSEEN_GUIDANCE_INTERVAL = (0.0, 0.5)
 
