@@ -135,9 +135,14 @@ def refit_dispersion(model, dataset, indices, seed, max_cells=REFIT_CELLS, max_i
     log_theta = learned.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([log_theta], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
+    # the objective is the sum over genes of each gene's mean over cells: every gene's own problem at its own
+    # scale. The mean over genes as well would shrink each gradient by the number of genes (~1e-5 for 20,000),
+    # below L-BFGS's tolerances, and the fit could stop after a step or two with the dispersion barely moved.
+    n_genes = log_mean.shape[1]
+
     def closure():
         optimizer.zero_grad()
-        loss = negative_binomial_nll(log_mean, log_theta, counts)
+        loss = negative_binomial_nll(log_mean, log_theta, counts) * n_genes
         loss.backward()
         return loss
 

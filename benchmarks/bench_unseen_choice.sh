@@ -24,7 +24,8 @@ ROOT=${ROOT:-checkpoint/unseen_choice}
 CHOOSE=${CHOOSE:-beta:human4}
 JUDGE=${JUDGE:-alpha:human2}
 SEEDS=${SEEDS:-"0 1"}
-AE_STEPS=${AE_STEPS:-600}
+AE_STEPS=${AE_STEPS:-3000}  # the cap; the autoencoder stops early on its validation loss (AE_PATIENCE; 0: off)
+AE_PATIENCE=${AE_PATIENCE:-300}
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-3000}
 THREADS=${THREADS:-1}
 FIXED=${FIXED:-"2 3 4"}
@@ -46,8 +47,8 @@ for seed in $SEEDS; do
   model="$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt"
   if [ ! -f "$model" ]; then
     "$PY" VAE/VAE_train.py --data_dir "$ROOT/train.h5ad" --num_genes 20125 --save_dir "$run/autoencoder" \
-      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --seed "$seed" --threads "$THREADS" --progress False
-    "$PY" cell_train.py --data_dir "$ROOT/train.h5ad" --vae_path "$run/autoencoder/model_seed=${seed}_step=$AE_STEPS.pt" \
+      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --early_stopping_patience "$AE_PATIENCE" --seed "$seed" --threads "$THREADS" --progress False
+    "$PY" cell_train.py --data_dir "$ROOT/train.h5ad" --vae_path "$(autoencoder_file "$run/autoencoder" "$seed")" \
       --label_key cell_type1 --label_key donor --model_name unseen --save_dir "$run/diffusion" \
       --lr_anneal_steps "$DIFFUSION_STEPS" --save_interval "$DIFFUSION_STEPS" --lr 1e-3 --seed "$seed" \
       --threads "$THREADS"

@@ -1,11 +1,17 @@
 # Shell helpers the benchmark scripts source (after `cd` to the repository root): stage timing and the
-# unseen-combination sampling and scoring. Expects PY (the python), and for sample_and_score DATA, NUM, THREADS.
+# unseen-combination sampling and scoring. Expects PY (the python), for sample_and_score DATA, NUM, THREADS, and for autoencoder_file AE_STEPS and
+# AE_PATIENCE.
 
 timed() {  # timed TIMES_FILE NAME COMMAND...: run COMMAND, append "NAME<TAB>seconds" to TIMES_FILE
   local file=$1 name=$2; shift 2
   local start=$SECONDS
   "$@"
   printf "%s\t%s\n" "$name" "$((SECONDS - start))" >> "$file"
+}
+
+autoencoder_file() {  # autoencoder_file DIR SEED: the autoencoder a run trains on; with early stopping
+  # (AE_PATIENCE > 0) the lowest-validation-loss weights, else the model after AE_STEPS steps
+  if [ "${AE_PATIENCE:-0}" -gt 0 ]; then echo "$1/model_seed=$2_best.pt"; else echo "$1/model_seed=$2_step=$AE_STEPS.pt"; fi
 }
 
 type_donors() {  # type_donors TYPE: the donors of DATA with cells of cell_type1 TYPE, space-separated

@@ -12,9 +12,9 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 DATA=dataset/baron_human.h5ad
 ROOT=checkpoint/demo
-AE_STEPS=${AE_STEPS:-2000}  # the cap; early stopping on the autoencoder's validation loss ends it sooner
-AE_PATIENCE=${AE_PATIENCE:-150}
-DIFFUSION_STEPS=${DIFFUSION_STEPS:-16000}  # the autoencoder time early stopping saves, spent here (benchmarks/bench_recipes.sh)
+AE_STEPS=${AE_STEPS:-3000}  # the cap; early stopping on the autoencoder's validation loss ends it sooner
+AE_PATIENCE=${AE_PATIENCE:-300}
+DIFFUSION_STEPS=${DIFFUSION_STEPS:-12000}  # flat from 8,000 steps on (docs/fidelity.md, "Longer budgets")
 SEED=${SEED:-0}
 mkdir -p "$ROOT"
 OUT="$ROOT/run-$(date -u +%Y%m%d-%H%M%S)"

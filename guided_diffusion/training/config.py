@@ -125,7 +125,7 @@ class AutoencoderTrainingConfig:
     max_steps: int = 200000
     max_minutes: Optional[float] = None
     batch_size: int = 128
-    lr: float = 1e-3
+    lr: float = 3e-4  # chosen on validation cells (docs/fidelity.md); the cfDiffusion paper's: 1e-3
     dispersion_lr: Optional[float] = None  # the per-gene NB dispersion's learning rate (None: lr)
     weight_decay: float = 1e-5
     precision: str = "auto"
