@@ -2,7 +2,8 @@
 # Fidelity of sampler configurations against the faithful 1000-step DDPM (cache 5, fp32), on held-out cells
 # (the demo's protocol, scripts/demo.sh): each dataset is split 80/20 (exp_script/split.py, stratified by
 # label, seed 0), the autoencoder and the diffusion model are trained once on the training cells (the demo's
-# recipe: autoencoder 600 steps on Baron, 3000 on pbmc; diffusion 8,000 steps at lr 1e-3), then every
+# recipe: the default autoencoder stopped early on its validation loss, patience AE_PATIENCE (300), cap 3,000
+# steps; diffusion 8,000 steps at lr 1e-3), then every
 # sampler configuration is sampled with several seeds (`--match_counts`: as many cells per type as training
 # had) and scored by exp_script/evaluate.py against the held-out cells (--real heldout.h5ad --train
 # train.h5ad). Datasets: the bundled Baron data and scanpy's pbmc68k_reduced (log-normalized, so an mse
@@ -24,8 +25,11 @@
 # SCC -0.003 and CellTypist accuracy -0.02 of the faithful configuration's mean, on held-out cells.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=benchmarks/lib.sh
+source benchmarks/lib.sh
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-checkpoint/fidelity}
+AE_PATIENCE=${AE_PATIENCE:-300}  # 0: no early stopping, the autoencoder after its AE_STEPS steps
 SEEDS=${SEEDS:-"0 1 2 3 4"}  # three seeds put the ODE solver inside the CellTypist limit on Baron, five outside
 # "default": cell_sample.py's default: SDE-DPM-Solver++(2M) logsnr10 (= sde_logsnr10), with the count decoder's
 # output layer in bf16 where the CPU has it (decoder_fp32: without); dpmpp2m_logsnr10 is the ODE form and ddpm50
@@ -63,7 +67,7 @@ flags_of() {
 # diffusion flags
 dataset_of() {
   case $1 in
-    baron) DATA=${BARON_DATA:-dataset/baron_human.h5ad}; LABEL=cell_type1; LAYER_FLAGS=""; AE_STEPS=600
+    baron) DATA=${BARON_DATA:-dataset/baron_human.h5ad}; LABEL=cell_type1; LAYER_FLAGS=""; AE_STEPS=3000
       AE_FLAGS="--num_genes 20125"; DIFFUSION_FLAGS="--num_classes 14" ;;
     pbmc) DATA="$OUT/pbmc68k_reduced.h5ad"; LABEL=bulk_labels; LAYER_FLAGS="--layer raw --input_is_log True"
       AE_STEPS=3000; AE_FLAGS="$LAYER_FLAGS"; DIFFUSION_FLAGS="$LAYER_FLAGS --label_key bulk_labels" ;;
@@ -83,10 +87,11 @@ prepare() {  # prepare NAME: split, then train the autoencoder and the diffusion
   if [ ! -f "$dir/diffusion/$name/model008000.pt" ]; then
     # shellcheck disable=SC2086
     "$PY" VAE/VAE_train.py --data_dir "$dir/split/train.h5ad" $AE_FLAGS --save_dir "$dir/autoencoder" \
-      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --progress False --threads "$THREADS"
+      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --early_stopping_patience "$AE_PATIENCE" \
+      --progress False --threads "$THREADS"
     # shellcheck disable=SC2086
     "$PY" cell_train.py --data_dir "$dir/split/train.h5ad" $DIFFUSION_FLAGS \
-      --vae_path "$dir/autoencoder/model_seed=0_step=$AE_STEPS.pt" --model_name "$name" \
+      --vae_path "$(autoencoder_file "$dir/autoencoder" 0)" --model_name "$name" \
       --save_dir "$dir/diffusion" --lr_anneal_steps 8000 --save_interval 8000 --lr 1e-3 \
       --branch 0 --cache_interval 5 --non_uniform False --progress False --threads "$THREADS"
   fi

@@ -1,6 +1,6 @@
 # Shell helpers the benchmark scripts source (after `cd` to the repository root): stage timing and the
-# unseen-combination sampling and scoring. Expects PY (the python), for sample_and_score DATA, NUM, THREADS, and for autoencoder_file AE_STEPS and
-# AE_PATIENCE.
+# unseen-combination sampling and scoring. Expects PY (the python), for sample_and_score DATA, NUM, THREADS,
+# and for autoencoder_file AE_STEPS and AE_PATIENCE.
 
 timed() {  # timed TIMES_FILE NAME COMMAND...: run COMMAND, append "NAME<TAB>seconds" to TIMES_FILE
   local file=$1 name=$2; shift 2
