@@ -149,8 +149,9 @@ def test_a_refitted_file_is_refitted_from_its_learned_dispersion(tmp_path, count
 
 
 def test_refit_moves_the_dispersion_on_a_realistic_number_of_genes(tmp_path):
-    """With ~20,000 genes each gene's share of a mean-over-genes loss is tiny; the fit must still reach every
-    gene's own optimum (it once stopped after a step or two, the dispersion barely moved). Counts are drawn from a
+    """With ~20,000 genes each gene's share of a mean-over-genes loss is tiny (gradients below L-BFGS's
+    tolerances, so a fit on it stops with the dispersion barely moved); the fit must reach every gene's own
+    optimum. Counts are drawn from a
     NB with a known theta per gene, around means the decoder gives exactly (a decoder whose output does not depend
     on the cell: its bias is the log of each gene's share)."""
     import anndata as ad
