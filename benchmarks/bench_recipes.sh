@@ -15,7 +15,10 @@
 # is baron (dataset/baron_human.h5ad, cell_type1) or pbmc3k (dataset/pbmc3k.h5ad, cell_type). Every stage is
 # pinned to THREADS threads (default 1); stage wall times go to OUT/seed*/times.tsv. Runs already done are reused.
 # GAP=1 also runs exp_script/gap_analysis.py per run (decoded training latents and held-out reconstructions).
-# SAMPLER_FLAGS (default: the sampler's defaults) are passed to cell_sample.py, e.g. "--timestep_respacing 50".
+# SAMPLER_FLAGS (default: the sampler's defaults) are passed to cell_sample.py, e.g. "--timestep_respacing 50";
+# DIFFUSION_FLAGS to cell_train.py, e.g. "--dropout 0.1" (use an OUT of its own: runs are reused by recipe name).
+# BARON_DATA / PBMC3K_DATA replace the dataset file, e.g. R/split/train.h5ad: its 20% "held-out" cells are then
+# validation cells inside that training split, for choices.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=benchmarks/lib.sh
@@ -29,11 +32,12 @@ PATIENCE=${PATIENCE:-150}
 STOP_PATIENCE=${STOP_PATIENCE:-$AE_STEPS}  # the autoencoder runs stop after this many steps without improvement
 THREADS=${THREADS:-1}
 SAMPLER_FLAGS=${SAMPLER_FLAGS:-}
+DIFFUSION_FLAGS=${DIFFUSION_FLAGS:-}
 DATASET=${DATASET:-baron}
 VARIANTS=${VARIANTS:-}
 case $DATASET in
-  baron) DATA=dataset/baron_human.h5ad; LABEL=cell_type1 ;;
-  pbmc3k) DATA=dataset/pbmc3k.h5ad; LABEL=cell_type ;;
+  baron) DATA=${BARON_DATA:-dataset/baron_human.h5ad}; LABEL=cell_type1 ;;
+  pbmc3k) DATA=${PBMC3K_DATA:-dataset/pbmc3k.h5ad}; LABEL=cell_type ;;
   *) echo "error: DATASET is baron or pbmc3k, not $DATASET" >&2; exit 2 ;;
 esac
 variant_flags() {  # variant_flags NAME: the autoencoder flags of a variant named in VARIANTS
@@ -83,9 +87,11 @@ for seed in $SEEDS; do
     folder="$run/${choice}_d$steps"
     model=$(printf "%s/diffusion/%s/model%06d.pt" "$folder" "$DATASET" "$steps")
     if [ ! -f "$model" ]; then
+      # shellcheck disable=SC2086
       timed "$times" "diffusion ${choice}_d$steps" "$PY" cell_train.py --data_dir "$OUT/split/train.h5ad" \
         --label_key "$LABEL" --vae_path "$ae" --model_name "$DATASET" --save_dir "$folder/diffusion" --lr_anneal_steps "$steps" \
-        --save_interval "$steps" --lr 1e-3 --seed "$seed" --threads "$THREADS" --progress False --overwrite True
+        --save_interval "$steps" --lr 1e-3 --seed "$seed" --threads "$THREADS" --progress False --overwrite True \
+        $DIFFUSION_FLAGS
     fi
     if [ ! -f "$folder/evaluation/metrics.json" ]; then
       rm -rf "$folder/samples"
