@@ -1,7 +1,8 @@
 """The gene-expression autoencoder: all genes -> L2-normalized latent -> all genes.
 
 An MLP encoder genes -> hidden layers -> latent with BatchNorm + PReLU (dropout configurable), the latent
-L2-normalized; the decoder mirrored. The default is one hidden layer of 128 and a 20-d latent
+L2-normalized (``latent_norm="sphere"``, the original) or left as the encoder's linear output (``"none"``); the
+decoder mirrored. The default is one hidden layer of 128 and a 20-d latent
 (``hidden_dims=(128,)``, ``latent_dim=20``): on held-out cells its decoded cells are much closer to real ones than
 those of the cfDiffusion paper's architecture (``hidden_dims=(1024, 1024, 1024)``, ``latent_dim=128``), which
 memorizes the training cells within a few epochs (docs/fidelity.md). The encoder always reads log-normalized
@@ -38,8 +39,9 @@ from VAE.count_model import negative_binomial_nll
 
 DECODER_ACTIVATIONS = ("ReLU", "linear")
 LOSSES = ("mse", "nb")
+LATENT_NORMS = ("sphere", "none")  # the deterministic latent: L2-normalized (the original) or the encoder's output
 # the settings a checkpoint written before they existed was trained with (its model_config lacks them)
-CONFIG_DEFAULTS = {"variational": False}
+CONFIG_DEFAULTS = {"variational": False, "latent_norm": "sphere"}
 
 
 def _mlp_block(in_features, out_features, dropout):
@@ -57,8 +59,10 @@ class VAE(nn.Module):
     :data:`DeterministicAutoencoder` is the same class. :class:`Autoencoder` wraps a trained one."""
 
     def __init__(self, num_genes, latent_dim=20, hidden_dims=(128,), dropout=0.0,
-                 decoder_activation="ReLU", loss_ae="mse", target_sum=1e4, variational=False):
+                 decoder_activation="ReLU", loss_ae="mse", target_sum=1e4, variational=False, latent_norm="sphere"):
         super().__init__()
+        if latent_norm not in LATENT_NORMS:
+            raise UsageError(f"--latent_norm must be one of {', '.join(LATENT_NORMS)}, got {latent_norm!r}")
         if decoder_activation not in DECODER_ACTIVATIONS:
             raise UsageError(f"--decoder_activation must be one of {', '.join(DECODER_ACTIVATIONS)}, "
                              f"got {decoder_activation!r}")
@@ -72,6 +76,7 @@ class VAE(nn.Module):
         self.decoder_activation = decoder_activation if loss_ae == "mse" else "linear"  # nb: logits
         self.target_sum = float(target_sum)
         self.variational = bool(variational)
+        self.latent_norm = latent_norm  # the deterministic latent's; a variational latent is the posterior mean
 
         encoder, width = [], self.num_genes
         for hidden in self.hidden_dims:
@@ -96,6 +101,11 @@ class VAE(nn.Module):
         self.precision = "fp32"  # of the forward's matmuls; a run setting, not part of config()
 
     @property
+    def latent_on_sphere(self):
+        """Whether every encoded latent has norm 1 (the deterministic encoder with ``latent_norm`` "sphere")."""
+        return not self.variational and self.latent_norm == "sphere"
+
+    @property
     def models_counts(self):
         return self.loss_ae == "nb"
 
@@ -113,7 +123,7 @@ class VAE(nn.Module):
     def config(self):
         return {"num_genes": self.num_genes, "latent_dim": self.latent_dim, "hidden_dims": list(self.hidden_dims),
                 "dropout": self.dropout, "decoder_activation": self.decoder_activation, "loss_ae": self.loss_ae,
-                "target_sum": self.target_sum, "variational": self.variational}
+                "target_sum": self.target_sum, "variational": self.variational, "latent_norm": self.latent_norm}
 
     @staticmethod
     def complete_config(config):
@@ -135,11 +145,12 @@ class VAE(nn.Module):
         return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def posterior(self, x):
-        """(latent, log-variance): the L2-normalized latent and None (deterministic), or the Gaussian
-        posterior's mean and log-variance (variational), float32."""
+        """(latent, log-variance): the latent (L2-normalized with ``latent_norm`` "sphere") and None
+        (deterministic), or the Gaussian posterior's mean and log-variance (variational), float32."""
         with self._matmul_precision(x):
             if not self.variational:
-                return F.normalize(self.encoder(x).float(), dim=1), None
+                latent = self.encoder(x).float()
+                return (F.normalize(latent, dim=1) if self.latent_norm == "sphere" else latent), None
             features = self.encoder[:-1](x)
             mean, log_var = self.encoder[-1](features), self.encoder_log_var(features)
         return mean.float(), log_var.float().clamp(-20.0, 10.0)

@@ -75,6 +75,9 @@ def build_parser():
                              "whose loss adds this weight x the KL divergence of its Gaussian posterior per cell "
                              "(over the number of genes: 1 is the evidence lower bound); its latent is the posterior "
                              "mean")
+    parser.add_argument("--latent_norm", default=DEFAULTS["latent_norm"], choices=["sphere", "none"],
+                        help="the deterministic autoencoder's latent: sphere = L2-normalized (the original), none = "
+                             "the encoder's linear output (ignored with --kl_weight > 0)")
     parser.add_argument("--dropout", type=fraction, default=DEFAULTS["dropout"], help="dropout after each hidden layer")
     parser.add_argument("--precision", default=DEFAULTS["precision"], choices=["auto", "fp32", "bf16"],
                         help="matmuls of the training step: bf16 (autocast, fp32 master weights and loss), fp32, or "

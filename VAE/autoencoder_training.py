@@ -387,7 +387,8 @@ class AutoencoderTask(TrainingTask):
         model = VAE(dataset.n_genes, latent_dim=model_config.latent_dim, hidden_dims=model_config.hidden_dims,
                     dropout=model_config.dropout, decoder_activation=model_config.decoder_activation,
                     loss_ae=resolve_loss(model_config.loss_ae, dataset),
-                    target_sum=dataset.normalization.target_sum, variational=model_config.kl_weight > 0)
+                    target_sum=dataset.normalization.target_sum, variational=model_config.kl_weight > 0,
+                    latent_norm=model_config.latent_norm)
         self.model = context.synchronize_batchnorm(model).to(self.device)
         self.model.set_precision(training.precision, self.device)
         if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step

@@ -149,7 +149,7 @@ OBSERVATION_SETS = ("train", "reconstructed_heldout_counts", "reconstructed_held
 
 def encoded_latents(settings, autoencoder, sets, progress):
     """{name: latents}: the training and held-out cells encoded, the generated latents as sampled and
-    projected onto the unit sphere (where the encoder puts every real cell)."""
+    projected onto the unit sphere (where the default encoder puts every real cell)."""
     latents = {}
     for name, path in (("heldout", settings.heldout), ("train", settings.train)):
         dataset = load_dataset(path, label_keys=[settings.label_key])
@@ -159,7 +159,7 @@ def encoded_latents(settings, autoencoder, sets, progress):
         finally:
             dataset.close()
     latents["generated"] = generated_latents(settings.samples, len(sets["generated"].labels))
-    if not getattr(autoencoder.model, "variational", False):  # a variational encoder's latents are not on a sphere
+    if autoencoder.model.latent_on_sphere:  # a variational encoder's or an unnormalized latent is not on a sphere
         norms = np.linalg.norm(latents["generated"], axis=1, keepdims=True)
         latents["generated_on_sphere"] = (latents["generated"] / np.maximum(norms, 1e-12)).astype(np.float32)
     return latents

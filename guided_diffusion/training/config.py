@@ -108,6 +108,7 @@ class AutoencoderModelConfig:
     loss_ae: str = "auto"
     decoder_activation: str = "ReLU"
     kl_weight: float = 0.0  # 0: the deterministic autoencoder (L2-normalized latent); > 0: a variational one
+    latent_norm: str = "sphere"  # the deterministic latent: L2-normalized (the original) or "none"
 
     def validate(self):
         check_int(self.num_genes, "num_genes", 1, optional=True)
@@ -117,6 +118,7 @@ class AutoencoderModelConfig:
         check_str(self.loss_ae, "loss_ae", ("auto", "nb", "mse"))
         check_str(self.decoder_activation, "decoder_activation", ("ReLU", "linear"))
         check_float(self.kl_weight, "kl_weight", 0)
+        check_str(self.latent_norm, "latent_norm", ("sphere", "none"))
 
 
 @dataclass
