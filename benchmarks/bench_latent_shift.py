@@ -94,7 +94,7 @@ def main():
         z = generated_z[rows]
         if args.shift == "True":
             z = z + donor_offset(means, args.cell_type, source, args.donor)
-        if not autoencoder.model.variational:
+        if autoencoder.model.latent_on_sphere:
             z = z / np.linalg.norm(z, axis=1, keepdims=True)
         moved.append(z)
         moved_library.append(library[rows])
