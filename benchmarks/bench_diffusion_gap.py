@@ -59,7 +59,8 @@ def decoded_means(autoencoder, latents):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae_path", required=True)
-    parser.add_argument("--fit", required=True, help="the cells the autoencoder and the diffusion model were trained on")
+    parser.add_argument("--fit", required=True,
+                        help="the cells the autoencoder and the diffusion model were trained on")
     parser.add_argument("--validation", required=True, help="validation cells inside the training split")
     parser.add_argument("--samples", required=True, help="a cell_sample.py --match_counts output folder")
     parser.add_argument("--label_key", default="cell_type1")
@@ -73,20 +74,15 @@ def main():
     import torch
 
     torch.set_num_threads(1)
-    from benchmarks.bench_observation_levers import decode, library_variants
+    from benchmarks.bench_observation_levers import decode, encoded_cells, library_variants, load_count_autoencoder
     from exp_script.evaluation import metrics
     from exp_script.gap_analysis import read_set
     from guided_diffusion.data import load_dataset
-    from VAE.VAE_model import load_autoencoder
 
-    autoencoder, _ = load_autoencoder(args.vae_path)
-    if not autoencoder.model.models_counts:
-        raise SystemExit("error: --vae_path has no count model (trained with --loss_ae mse)")
+    autoencoder, _ = load_count_autoencoder(args.vae_path)
     dataset = load_dataset(args.fit, label_keys=[args.label_key], backed="auto")
     try:
-        latents = autoencoder.encode_dataset(dataset, progress=False)
-        labels = np.array(dataset.label_strings(args.label_key, dataset.label_codes[:, 0]))
-        library = np.asarray(dataset.library_sizes(), dtype=np.float32)
+        latents, labels, library = encoded_cells(autoencoder, dataset, args.label_key)
     finally:
         dataset.close()
     shuffled = library_variants(latents, labels, library, args.seed)["shuffled_library"]

@@ -36,6 +36,23 @@ NEIGHBOURS = 5
 VARIANTS = ("own_library", "shuffled_library", "neighbour_library", "per_label_dispersion")
 
 
+def load_count_autoencoder(vae_path):
+    """(autoencoder, checkpoint) of ``vae_path``; exits with a one-line error unless it models counts."""
+    from VAE.VAE_model import load_autoencoder
+
+    autoencoder, checkpoint = load_autoencoder(vae_path)
+    if not autoencoder.model.models_counts:
+        raise SystemExit("error: --vae_path has no count model (trained with --loss_ae mse)")
+    return autoencoder, checkpoint
+
+
+def encoded_cells(autoencoder, dataset, label_key):
+    """(latents, labels, library sizes) of every cell of ``dataset``."""
+    latents = autoencoder.encode_dataset(dataset, progress=False)
+    labels = np.array(dataset.label_strings(label_key, dataset.label_codes[:, 0]))
+    return latents, labels, np.asarray(dataset.library_sizes(), dtype=np.float32)
+
+
 def library_variants(latents, labels, library, seed):
     """{variant: library sizes} for the three library-size variants."""
     from sklearn.neighbors import NearestNeighbors
@@ -120,16 +137,11 @@ def main():
     from exp_script.evaluation import metrics
     from exp_script.gap_analysis import read_set
     from guided_diffusion.data import load_dataset
-    from VAE.VAE_model import load_autoencoder
 
-    autoencoder, checkpoint = load_autoencoder(args.vae_path)
-    if not autoencoder.model.models_counts:
-        raise SystemExit("error: --vae_path has no count model (trained with --loss_ae mse)")
+    autoencoder, checkpoint = load_count_autoencoder(args.vae_path)
     dataset = load_dataset(args.fit, label_keys=[args.label_key], backed="auto")
     try:
-        latents = autoencoder.encode_dataset(dataset, progress=False)
-        labels = np.array(dataset.label_strings(args.label_key, dataset.label_codes[:, 0]))
-        library = np.asarray(dataset.library_sizes(), dtype=np.float32)
+        latents, labels, library = encoded_cells(autoencoder, dataset, args.label_key)
         dispersions = per_label_dispersions(autoencoder, checkpoint, dataset, labels, args.min_cells, args.seed)
     finally:
         dataset.close()
