@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from guided_diffusion.core.errors import UsageError
 from guided_diffusion.data import Normalization, check_genes
+from guided_diffusion.data.labels import format_values
 
 from VAE import count_model
 from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
@@ -41,7 +42,7 @@ DECODER_ACTIVATIONS = ("ReLU", "linear")
 LOSSES = ("mse", "nb")
 LATENT_NORMS = ("sphere", "none")  # the deterministic latent: L2-normalized (the original) or the encoder's output
 # the settings a checkpoint written before they existed was trained with (its model_config lacks them)
-CONFIG_DEFAULTS = {"variational": False, "latent_norm": "sphere"}
+CONFIG_DEFAULTS = {"variational": False, "latent_norm": "sphere", "decoder_label_key": None, "decoder_labels": []}
 
 
 def _mlp_block(in_features, out_features, dropout):
@@ -59,8 +60,11 @@ class VAE(nn.Module):
     :data:`DeterministicAutoencoder` is the same class. :class:`Autoencoder` wraps a trained one."""
 
     def __init__(self, num_genes, latent_dim=20, hidden_dims=(128,), dropout=0.0,
-                 decoder_activation="ReLU", loss_ae="mse", target_sum=1e4, variational=False, latent_norm="sphere"):
+                 decoder_activation="ReLU", loss_ae="mse", target_sum=1e4, variational=False, latent_norm="sphere",
+                 decoder_label_key=None, decoder_labels=()):
         super().__init__()
+        if (decoder_label_key is None) != (not decoder_labels):
+            raise UsageError("--decoder_label_key needs the label values the decoder reads (and they need the key)")
         if latent_norm not in LATENT_NORMS:
             raise UsageError(f"--latent_norm must be one of {', '.join(LATENT_NORMS)}, got {latent_norm!r}")
         if decoder_activation not in DECODER_ACTIVATIONS:
@@ -77,6 +81,8 @@ class VAE(nn.Module):
         self.target_sum = float(target_sum)
         self.variational = bool(variational)
         self.latent_norm = latent_norm  # the deterministic latent's; a variational latent is the posterior mean
+        self.decoder_label_key = decoder_label_key
+        self.decoder_labels = [str(label) for label in decoder_labels]
 
         encoder, width = [], self.num_genes
         for hidden in self.hidden_dims:
@@ -96,6 +102,11 @@ class VAE(nn.Module):
         if self.decoder_activation == "ReLU":
             decoder.append(nn.ReLU())
         self.decoder = nn.Sequential(*decoder)
+        if self.decoder_labels:  # a learned shift per label added to every Linear's output, zero at the start
+            widths = [m.out_features for m in self.decoder if isinstance(m, nn.Linear)]
+            self.decoder_label_effects = nn.ModuleList(nn.Embedding(len(self.decoder_labels), w) for w in widths)
+            for effect in self.decoder_label_effects:
+                nn.init.zeros_(effect.weight)
         if loss_ae == "nb":
             self.log_theta = nn.Parameter(torch.zeros(self.num_genes))  # per-gene inverse dispersion
         self.precision = "fp32"  # of the forward's matmuls; a run setting, not part of config()
@@ -104,6 +115,47 @@ class VAE(nn.Module):
     def latent_on_sphere(self):
         """Whether every encoded latent has norm 1 (the deterministic encoder with ``latent_norm`` "sphere")."""
         return not self.variational and self.latent_norm == "sphere"
+
+    @property
+    def reads_labels(self):
+        """Whether the decoder reads each cell's label (``decoder_label_key``) beside its latent."""
+        return bool(self.decoder_labels)
+
+    def _label_codes(self, labels, n_cells, device):
+        """``labels`` (integer codes into ``decoder_labels``, one per cell) as a long tensor, checked; None for a
+        decoder that reads no labels."""
+        if not self.reads_labels:
+            return None
+        if labels is None:
+            raise UsageError(f"this autoencoder's decoder reads each cell's {self.decoder_label_key!r} label "
+                             f"beside its latent; give the labels of the latents to decode")
+        codes = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
+        if len(codes) != n_cells:
+            raise UsageError(f"{len(codes)} labels for {n_cells} latents to decode")
+        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= len(self.decoder_labels)):
+            raise UsageError(f"label codes must lie in 0..{len(self.decoder_labels) - 1} (the autoencoder's "
+                             f"{self.decoder_label_key!r} values)")
+        return codes
+
+    def run_decoder(self, latent, labels=None, stop=None):
+        """The decoder's layers ``[:stop]`` on ``latent`` (all: its output), each Linear's output shifted by the
+        label's learned effect when the decoder reads labels (``labels``: codes, one per latent)."""
+        codes = self._label_codes(labels, len(latent), latent.device)
+        modules = list(self.decoder)[:stop]
+        if codes is None:
+            return nn.Sequential(*modules)(latent) if stop is not None else self.decoder(latent)
+        effects, x = iter(self.decoder_label_effects), latent
+        for module in modules:
+            x = module(x)
+            if isinstance(module, nn.Linear):
+                x = x + next(effects)(codes).to(x.dtype)
+        return x
+
+    def output_label_effect(self, labels):
+        """The label's shift of the output layer (cells x genes; None for a decoder that reads no labels)."""
+        if not self.reads_labels:
+            return None
+        return self.decoder_label_effects[-1](labels)
 
     @property
     def models_counts(self):
@@ -123,7 +175,8 @@ class VAE(nn.Module):
     def config(self):
         return {"num_genes": self.num_genes, "latent_dim": self.latent_dim, "hidden_dims": list(self.hidden_dims),
                 "dropout": self.dropout, "decoder_activation": self.decoder_activation, "loss_ae": self.loss_ae,
-                "target_sum": self.target_sum, "variational": self.variational, "latent_norm": self.latent_norm}
+                "target_sum": self.target_sum, "variational": self.variational, "latent_norm": self.latent_norm,
+                "decoder_label_key": self.decoder_label_key, "decoder_labels": list(self.decoder_labels)}
 
     @staticmethod
     def complete_config(config):
@@ -163,14 +216,15 @@ class VAE(nn.Module):
         """KL(N(mean, exp(log_var)) || N(0, I)) per cell, summed over latent coordinates."""
         return 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).sum(dim=1)
 
-    def forward(self, x, latent_noise=0.0):
+    def forward(self, x, latent_noise=0.0, labels=None):
         """(decoder output, latent): log-normalized expression (mse) or per-gene logits (nb), float32.
 
         ``latent_noise`` (train mode only): the decoder reads the latent plus Gaussian noise of this
         standard deviation per coordinate, so it learns to decode the neighbourhood of each training cell's
         latent, not only the point (the returned latent is the encoder's, without noise). A variational model
         decodes, in train mode, a latent drawn from its posterior, and keeps each cell's KL divergence in
-        ``kl_per_cell`` (the training loss adds it; eval mode decodes the posterior mean)."""
+        ``kl_per_cell`` (the training loss adds it; eval mode decodes the posterior mean). ``labels``: each cell's
+        code into ``decoder_labels``, for a decoder that reads them."""
         latent, log_var = self.posterior(x)
         decoded = latent
         if self.variational:
@@ -180,7 +234,7 @@ class VAE(nn.Module):
         if latent_noise and self.training:
             decoded = decoded + latent_noise * torch.randn_like(latent)
         with self._matmul_precision(decoded):
-            output = self.decoder(decoded)
+            output = self.run_decoder(decoded, labels)
         return output.float(), latent
 
     def reconstruction_loss(self, output, x, counts=None, totals=None):
@@ -210,17 +264,17 @@ class VAE(nn.Module):
         return self._in_eval_mode(self.embed, x)
 
     @torch.inference_mode()
-    def decode(self, latent):
+    def decode(self, latent, labels=None):
         """Mean log-normalized expression from latents (nb: log1p of the expected share x target_sum),
-        computed in eval mode (train mode is restored)."""
-        return self._in_eval_mode(lambda z: self._mean_expression(self.decoder(z)), latent)
+        computed in eval mode (train mode is restored); ``labels`` (codes) for a decoder that reads them."""
+        return self._in_eval_mode(lambda z: self._mean_expression(self.run_decoder(z, labels)), latent)
 
     @torch.inference_mode()
-    def sample_counts(self, latent, totals, generator, precision="fp32"):
+    def sample_counts(self, latent, totals, generator, precision="fp32", labels=None):
         """Raw counts drawn from the decoded negative binomial: mean = share x ``totals`` (one per cell);
-        a sparse CSR tensor (cells x genes); ``precision`` fp32 or bf16 (the output layer's). See
-        :func:`VAE.count_model.sample_counts`."""
-        return count_model.sample_counts(self, latent, totals, generator, precision)
+        a sparse CSR tensor (cells x genes); ``precision`` fp32 or bf16 (the output layer's); ``labels`` (codes)
+        for a decoder that reads them. See :func:`VAE.count_model.sample_counts`."""
+        return count_model.sample_counts(self, latent, totals, generator, precision, labels)
 
 
 DeterministicAutoencoder = VAE
@@ -248,6 +302,41 @@ class Autoencoder:
             raise UsageError(f"the autoencoder was trained on "
                              f"{'log-normalized' if self.normalization.input_is_log else 'raw-count'} "
                              f"input but --input_is_log is {dataset.normalization.input_is_log}")
+
+    def check_conditions(self, dataset):
+        """For a decoder that reads labels: refuse a diffusion dataset not conditioned on its label key, or with
+        values of it the autoencoder was not trained on (the sampler could not decode their cells)."""
+        model = self.model
+        if not model.reads_labels:
+            return
+        key = model.decoder_label_key
+        if key not in dataset.label_keys:
+            raise UsageError(f"the autoencoder {self.path} decodes each cell with its {key!r} label; condition the "
+                             f"diffusion model on it (--label_key {key}; now: "
+                             f"{', '.join(dataset.label_keys) or 'no label key'})")
+        unknown = sorted(set(dataset.vocabularies[key]) - set(model.decoder_labels))
+        if unknown:
+            raise UsageError(f"the autoencoder {self.path} was trained on other {key!r} values than "
+                             f"{format_values(unknown)}; its values: {format_values(model.decoder_labels)}")
+
+    def decoder_codes(self, obs):
+        """The codes of ``obs[decoder_label_key]`` into the decoder's labels (None for a decoder that reads no
+        labels); a value the autoencoder was not trained on, or a missing column, is a one-line error."""
+        model = self.model
+        if not model.reads_labels:
+            return None
+        key = model.decoder_label_key
+        if obs is None or key not in obs.columns:
+            raise UsageError(f"the autoencoder {self.path} decodes each cell with its {key!r} label, but the "
+                             f"cells to decode have no {key!r} column; condition the diffusion model on "
+                             f"--label_key {key}")
+        lookup = {label: code for code, label in enumerate(model.decoder_labels)}
+        values = obs[key].astype(str).to_numpy()
+        unknown = sorted(set(values) - set(lookup))
+        if unknown:
+            raise UsageError(f"the autoencoder {self.path} was trained on other {key!r} values than "
+                             f"{format_values(unknown)}; its values: {format_values(model.decoder_labels)}")
+        return np.array([lookup[value] for value in values], dtype=np.int64)
 
     def encode_dataset(self, dataset, batch_size=1024, progress=True):
         """Latents of every cell, encoded in batches (the matrix is densified one batch at a time)."""

@@ -15,14 +15,14 @@ from guided_diffusion.data import (check_genes, describe_change, fingerprint_dif
                                    make_batch_sampler, split_train_validation)
 from guided_diffusion.core.distributed import setup_distributed
 from guided_diffusion.training.optim import adamw, all_finite
-from guided_diffusion.core.errors import SettingError, literal
+from guided_diffusion.core.errors import SettingError, UsageError, literal
 from guided_diffusion.training.config import plain_dict, validate
 from guided_diffusion.training.loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
 from guided_diffusion.core.memory import reuse_freed_memory
 
 from VAE.autoencoder_checkpoint import (AutoencoderCheckpoint, best_model_path, checkpoint_files, latest_model_path,
                                         model_path)
-from VAE.count_model import negative_binomial_nll
+from VAE.count_model import negative_binomial_nll, negative_binomial_nll_per_gene
 from VAE.VAE_model import VAE
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "seconds"]
@@ -53,11 +53,38 @@ def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weig
         x, counts, totals = (torch.from_numpy(a).to(device) for a in dataset.rows_and_counts(index))
     else:
         x, counts, totals = torch.from_numpy(dataset.rows(index)).to(device), None, None
-    output, _ = forward(x, latent_noise=latent_noise)
+    output, _ = forward(x, latent_noise=latent_noise, labels=decoder_labels(model, dataset, index, device))
     loss = model.reconstruction_loss(output, x, counts, totals)
     if model.variational and kl_weight:
         loss = loss + kl_weight * model.kl_per_cell.mean() / model.num_genes
     return loss, output, x
+
+
+def decoder_label_keys(decoder_label_key, training):
+    """The label keys the autoencoder's data is loaded with: the decoder's (one or none). ``auto`` is the key of
+    the checkpoint a run resumes (or starts from), else the loader's default (``cell_type1`` when obs has it, else
+    none)."""
+    if decoder_label_key == "auto":
+        resume_path = resolve_resume_path(training)
+        if not resume_path:
+            return None
+        decoder_label_key = VAE.complete_config(AutoencoderCheckpoint.load(resume_path).model_config)[
+            "decoder_label_key"]
+    return [] if decoder_label_key in (None, "none") else [decoder_label_key]
+
+
+def decoder_labels(model, dataset, index, device):
+    """The codes (into the decoder's labels) of the cells ``index`` for a decoder that reads labels, from the
+    dataset's column of the decoder's key; None for a decoder that reads none."""
+    if not model.reads_labels:
+        return None
+    key = model.decoder_label_key
+    if key not in dataset.label_keys:
+        raise UsageError(f"the autoencoder's decoder reads each cell's {key!r} label: load the cells with it")
+    lookup = {label: code for code, label in enumerate(model.decoder_labels)}
+    codes = np.array([lookup.get(value, -1) for value in dataset.vocabularies[key]], dtype=np.int64)
+    column = dataset.label_keys.index(key)
+    return torch.from_numpy(codes[dataset.label_codes[np.asarray(index), column]]).to(device)
 
 
 @torch.no_grad()
@@ -109,15 +136,17 @@ def output_bias(dataset, indices, models_counts, seed, max_cells=50000, chunk=10
 # --refit_dispersion: at most this many training cells (seeded draw) enter the fit; a per-gene dispersion needs
 # no more, and their dense counts and means stay below ~0.35 GB for 20,000 genes
 REFIT_CELLS = 2048
+REFIT_ITERATIONS = 25
 LOG_THETA_RANGE = (-15.0, 15.0)  # theta 3e-7 .. 3e6: genes without counts drift towards 0, Poisson-like ones up
 
 
-def refit_dispersion(model, dataset, indices, seed, max_cells=REFIT_CELLS, max_iter=25):
+def refit_dispersion(model, dataset, indices, seed, max_cells=REFIT_CELLS, max_iter=REFIT_ITERATIONS):
     """Maximum-likelihood per-gene log dispersion of the NB decoder for the cells ``indices`` (at most
-    ``max_cells`` of them, drawn with ``seed``), every other weight frozen: L-BFGS on the negative-binomial
-    likelihood of their counts around the decoded means (eval mode). The likelihood is separable by gene,
-    so the fit is each gene's own MLE. Returns (log_theta, record); ``record`` holds the likelihood before
-    and after, the cells used and the learned log dispersion it replaces."""
+    ``max_cells`` of them, drawn with ``seed``), every other weight frozen: the negative-binomial likelihood of
+    their counts around the decoded means (eval mode) is separable by gene, so each gene's log dispersion is
+    fitted on its own (:func:`fit_log_dispersion`); a gene without a count in these cells keeps the learned one.
+    Returns (log_theta, record); ``record`` holds the likelihood before and after, the cells used and the
+    learned log dispersion it replaces."""
     indices = np.asarray(indices)
     if len(indices) > max_cells:
         indices = np.sort(np.random.default_rng([seed, 11]).choice(indices, max_cells, replace=False))
@@ -127,36 +156,55 @@ def refit_dispersion(model, dataset, indices, seed, max_cells=REFIT_CELLS, max_i
     model.eval()
     try:
         with torch.no_grad():
-            log_mean = F.log_softmax(model(x)[0], dim=1) + torch.log(totals)[:, None]
+            output = model(x, labels=decoder_labels(model, dataset, indices, device))[0]
+            log_mean = F.log_softmax(output, dim=1) + torch.log(totals)[:, None]
     finally:
         model.train(was_training)
     del x
     learned = model.log_theta.detach().clone()
-    log_theta = learned.clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([log_theta], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    # the objective is the sum over genes of each gene's mean over cells: every gene's own problem at its own
-    # scale. The mean over genes as well would shrink each gradient by the number of genes (~1e-5 for 20,000),
-    # below L-BFGS's tolerances, and the fit could stop after a step or two with the dispersion barely moved.
-    n_genes = log_mean.shape[1]
-
-    def closure():
-        optimizer.zero_grad()
-        loss = negative_binomial_nll(log_mean, log_theta, counts) * n_genes
-        loss.backward()
-        return loss
-
+    fitted = fit_log_dispersion(lambda log_theta: negative_binomial_nll_per_gene(log_mean, log_theta, counts),
+                                learned, max_iter)
+    # a gene without a count in these cells has no finite maximum (theta -> 0): it keeps the learned dispersion
+    fitted = torch.where((counts != 0).any(dim=0), fitted, learned)
     with torch.no_grad():
         before = float(negative_binomial_nll(log_mean, learned, counts))
-    optimizer.step(closure)
-    fitted = log_theta.detach().clamp(*LOG_THETA_RANGE)
-    with torch.no_grad():
         after = float(negative_binomial_nll(log_mean, fitted, counts))
-    if not after <= before:  # the line search never makes it worse; keep the learned one if it somehow did
-        fitted, after = learned, before
-    record = {"method": "per-gene maximum likelihood (L-BFGS), decoder frozen", "cells": int(len(indices)),
+    record = {"method": "per-gene maximum likelihood (Newton on log theta, each gene's likelihood never worse), "
+                        "decoder frozen", "cells": int(len(indices)),
               "nll_before": before, "nll_after": after, "learned_log_theta": learned.cpu().tolist()}
     return fitted, record
+
+
+def fit_log_dispersion(objective, start, max_iter=REFIT_ITERATIONS, max_step=2.0, tolerance=1e-4):
+    """Minimize a separable objective (``objective(log_theta)``: one value per gene, each depending on its own
+    gene's entry only) from ``start``, every gene on its own: each iteration proposes a Newton step on each
+    gene's log theta (its own first and second derivative, from two backward passes; a gradient-sign step where
+    the curvature is not positive), no longer than that gene's step limit (``max_step`` at first), within
+    ``LOG_THETA_RANGE``, and keeps it only for the genes whose value does not increase: their limit doubles (up
+    to ``max_step``), the others' is quartered. No gene ever ends worse than it started. Stops after
+    ``max_iter`` iterations or once no gene moves by more than ``tolerance``."""
+    low, high = LOG_THETA_RANGE
+    log_theta = start.detach().clone().clamp(low, high)
+    limit = torch.full_like(log_theta, max_step)
+    with torch.no_grad():
+        value = objective(log_theta)
+    for _ in range(max_iter):
+        point = log_theta.clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(objective(point).sum(), point, create_graph=True)
+        (curvature,) = torch.autograd.grad(gradient.sum(), point)  # separable: each gene's own second derivative
+        gradient = gradient.detach()
+        step = torch.where(curvature > 0, -gradient / curvature.clamp_min(1e-12), -torch.sign(gradient))
+        with torch.no_grad():
+            candidate = (log_theta + torch.maximum(torch.minimum(step, limit), -limit)).clamp(low, high)
+            candidate_value = objective(candidate)
+            accept = candidate_value <= value
+            moved = float((candidate - log_theta).abs().masked_fill(~accept, 0.0).max())
+            log_theta = torch.where(accept, candidate, log_theta)
+            value = torch.where(accept, candidate_value, value)
+            limit = torch.where(accept, (limit * 2).clamp(max=max_step), limit / 4)
+        if moved < tolerance and bool(accept.all()):
+            break
+    return log_theta
 
 
 def apply_dispersion_refit(path, dataset, indices, seed, device="cpu"):
@@ -194,7 +242,8 @@ def train_autoencoder(data, model_config, training):
     check_settings(training)
     context = setup_distributed(training.device)
     context.check_batch_size(training.batch_size)
-    dataset = load_dataset(data.data_dir, label_keys=[], layer=data.layer, input_is_log=data.input_is_log,
+    dataset = load_dataset(data.data_dir, label_keys=decoder_label_keys(model_config.decoder_label_key, training),
+                           layer=data.layer, input_is_log=data.input_is_log,
                            filters=data.filter, require_labels=False, backed=data.backed,
                            block_rows=data.block_rows, allow_count_like_log=data.allow_count_like_log)
     try:
@@ -384,11 +433,13 @@ class AutoencoderTask(TrainingTask):
         self.train_index, self.val_index = split_train_validation(dataset.n_cells, training.val_fraction,
                                                                   training.seed)
         torch.manual_seed(training.seed)
+        decoder_key = dataset.label_keys[0] if dataset.label_keys else None
         model = VAE(dataset.n_genes, latent_dim=model_config.latent_dim, hidden_dims=model_config.hidden_dims,
                     dropout=model_config.dropout, decoder_activation=model_config.decoder_activation,
                     loss_ae=resolve_loss(model_config.loss_ae, dataset),
                     target_sum=dataset.normalization.target_sum, variational=model_config.kl_weight > 0,
-                    latent_norm=model_config.latent_norm)
+                    latent_norm=model_config.latent_norm, decoder_label_key=decoder_key,
+                    decoder_labels=dataset.vocabularies[decoder_key] if decoder_key else ())
         self.model = context.synchronize_batchnorm(model).to(self.device)
         self.model.set_precision(training.precision, self.device)
         if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step
@@ -454,6 +505,10 @@ class AutoencoderTask(TrainingTask):
             best = AutoencoderCheckpoint.load(source)
             if best.step == stopping.best_step:
                 stopping.pending = best.state_dict
+                if best.dispersion_fit is not None:  # refitted at the end of that run: carry the learned one
+                    learned = torch.as_tensor(best.dispersion_fit["learned_log_theta"],
+                                              dtype=best.state_dict["log_theta"].dtype)
+                    stopping.pending = {**best.state_dict, "log_theta": learned}
 
     def train_step(self):
         batch_index = self.sampler.next_batch()

@@ -29,7 +29,7 @@ NB_BLOCK_ROWS = 512
 
 
 @torch.inference_mode()
-def sample_counts(model, latent, totals, generator, precision="fp32"):
+def sample_counts(model, latent, totals, generator, precision="fp32", labels=None):
     """Raw counts drawn from ``model``'s decoded negative binomial: mean = share x ``totals`` (one per cell);
     a sparse CSR tensor (cells x genes), drawn in blocks of cells with a random byte per entry
     (:func:`sample_negative_binomial_screened`).
@@ -38,13 +38,18 @@ def sample_counts(model, latent, totals, generator, precision="fp32"):
     bfloat16: its inputs are rounded to bf16 and its product to bf16 before the float32 bias, softmax and
     draws (torch has no bf16 x bf16 -> fp32 product on CPUs), so each logit moves by about 2^-9 of its weight
     term — a relative change of the mean far below the draws' own spread (:func:`output_layer_logits`).
-    ``fp32`` is the exact decoder."""
+    ``fp32`` is the exact decoder. ``labels``: each latent's label code, for a decoder that reads labels (the
+    label's shift of the output layer is added to each block's logits in float32)."""
     if not model.models_counts:
         raise UsageError("this autoencoder was trained with --loss_ae mse and has no count model; "
                          "decode the mean expression instead (--observation mean)")
     theta = torch.exp(model.log_theta.float())
-    hidden = model._in_eval_mode(lambda z: model.decoder[:-1](z), latent)
+    hidden = model._in_eval_mode(lambda z: model.run_decoder(z, labels, stop=-1), latent)
     block_logits = output_layer_logits(model.decoder[-1], hidden, precision)
+    if model.reads_labels:
+        codes, plain_logits = model._label_codes(labels, len(latent), latent.device), block_logits
+        block_logits = lambda start, stop: (plain_logits(start, stop)  # noqa: E731
+                                            + model.output_label_effect(codes[start:stop]).float())
     return sample_negative_binomial_screened(block_logits, totals, theta, generator)
 
 
@@ -87,6 +92,24 @@ def negative_binomial_nll(log_mean, log_theta, counts):
     sparse = ((c * F.softplus(-d) - torch.lgamma(c + torch.exp(log_t)) + torch.lgamma(c + 1)).sum()
               + (nonzero_per_gene * torch.lgamma(theta)).sum())
     return (dense + sparse) / counts.numel()
+
+
+def negative_binomial_nll_per_gene(log_mean, log_theta, counts):
+    """Per gene, the mean over cells of -log NB(counts | mean, theta): :func:`negative_binomial_nll`'s terms summed
+    by gene (their sum over genes is that mean over entries times the number of genes). Each entry of the result
+    depends on its gene's ``log_theta`` only, so one backward pass gives every gene's own derivative."""
+    n_cells, n_genes = log_mean.shape
+    theta = torch.exp(log_theta)
+    dense = F.softplus(log_mean - log_theta).sum(dim=0) * theta
+    flat_counts = counts.reshape(-1)
+    positions = _flat_nonzero(flat_counts.detach() != 0).to(flat_counts.device)
+    genes = positions % n_genes
+    c, log_t = flat_counts.index_select(0, positions), log_theta.index_select(0, genes)
+    d = log_mean.reshape(-1).index_select(0, positions) - log_t
+    terms = c * F.softplus(-d) - torch.lgamma(c + torch.exp(log_t)) + torch.lgamma(c + 1)
+    nonzero_per_gene = torch.bincount(genes, minlength=n_genes).to(theta.dtype)
+    sparse = torch.zeros_like(dense).index_add(0, genes, terms) + nonzero_per_gene * torch.lgamma(theta)
+    return (dense + sparse) / n_cells
 
 
 def _heavy_threshold(theta):

@@ -132,8 +132,15 @@ def sample_negative_binomial(mean, theta, generator):
 
 
 @torch.inference_mode()
-def sample_counts_dense(model, latent, totals, generator, precision="fp32"):
-    """What ``VAE.sample_counts(method="dense")`` drew: the whole mean matrix, a float32 uniform per entry."""
+def _refuse_labels(model):
+    if model.reads_labels:
+        raise ValueError("the timed and dense count draws time a decoder that reads no labels")
+
+
+def sample_counts_dense(model, latent, totals, generator, precision="fp32", labels=None):
+    """What ``VAE.sample_counts(method="dense")`` drew: the whole mean matrix, a float32 uniform per entry (a
+    decoder that reads no labels: the baselines predate them)."""
+    _refuse_labels(model)
     if precision != "fp32":
         raise ValueError("precision bf16 applies to the screened draws; the dense path decodes in fp32")
     theta = torch.exp(model.log_theta.float())
@@ -163,7 +170,8 @@ def writer_variant(count_draws="screened", share_pattern=True, timings=None):
     if count_draws == "dense":
         draw = sample_counts_dense
     elif timings is not None:
-        def draw(model, latent, totals, generator, precision="fp32"):
+        def draw(model, latent, totals, generator, precision="fp32", labels=None):
+            _refuse_labels(model)
             return timed_sample_counts(model, latent, totals, generator, sub_steps, precision)
     else:
         draw = VAE.sample_counts

@@ -45,13 +45,15 @@ def generated_set(samples):
     return obs, generated_latents(samples, len(obs))
 
 
-def decoded_means(autoencoder, latents):
-    """Decoded mean log-normalized expression of ``latents`` (no count draws)."""
+def decoded_means(autoencoder, latents, labels, key):
+    """Decoded mean log-normalized expression of ``latents`` (no count draws; ``labels``, under ``key``, for a
+    decoder that reads them)."""
     import pandas as pd
 
     from guided_diffusion.sampling.writer import decode_to_anndata
 
-    obs = pd.DataFrame(index=pd.Index([f"cell{i}" for i in range(len(latents))], name="cell"))
+    obs = pd.DataFrame({key: pd.Categorical(labels)},
+                       index=pd.Index([f"cell{i}" for i in range(len(latents))], name="cell"))
     data, _ = decode_to_anndata(autoencoder, np.asarray(latents, np.float32), obs, {}, progress=False)
     return np.asarray(data.X.toarray() if hasattr(data.X, "toarray") else data.X, dtype=np.float32)
 
@@ -112,8 +114,9 @@ def main():
             aucs.append((result["overall"]["knn_auc"], result["overall"]["rf_auc"]))
         knn, rf = np.mean(aucs, axis=0)
         print(f"{name}\t{knn:.3f}\t{rf:.3f}", flush=True)
-    means = metrics.expression_two_sample(decoded_means(autoencoder, latents), labels,
-                                          decoded_means(autoencoder, generated), generated_labels, genes,
+    means = metrics.expression_two_sample(decoded_means(autoencoder, latents, labels, args.label_key), labels,
+                                          decoded_means(autoencoder, generated, generated_labels, args.label_key),
+                                          generated_labels, genes,
                                           seed=args.seed)["overall"]
     rows.append(("means_generated_vs_training", 0, means["knn_auc"], means["rf_auc"]))
     print(f"means_generated_vs_training\t{means['knn_auc']:.3f}\t{means['rf_auc']:.3f}", flush=True)

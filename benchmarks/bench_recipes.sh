@@ -12,7 +12,9 @@
 # would have stopped at best step + P, which the summary reports as the autoencoder steps that recipe needs);
 # VARIANT (optional) trains its own autoencoder with extra flags: noise02 / noise05 = --latent_noise 0.02 / 0.05, or one
 # named in VARIANTS ("name:flags|name:flags", e.g. VARIANTS="kl03:--kl_weight 0.3|small:--hidden_dims 256 256"). DATASET
-# is baron (dataset/baron_human.h5ad, cell_type1) or pbmc3k (dataset/pbmc3k.h5ad, cell_type). Every stage is
+# is baron (dataset/baron_human.h5ad, cell_type1) or pbmc3k (dataset/pbmc3k.h5ad, cell_type); the autoencoder's
+# decoder reads that label (--decoder_label_key; a variant's "--decoder_label_key none" trains one that reads
+# none, as every autoencoder did before the flag existed). Every stage is
 # pinned to THREADS threads (default 1); stage wall times go to OUT/seed*/times.tsv. Runs already done are reused.
 # GAP=1 also runs exp_script/gap_analysis.py per run (decoded training latents and held-out reconstructions).
 # SAMPLER_FLAGS (default: the sampler's defaults) are passed to cell_sample.py, e.g. "--timestep_respacing 50";
@@ -76,7 +78,8 @@ for seed in $SEEDS; do
       # shellcheck disable=SC2086
       timed "$times" "autoencoder${variant:+ $variant}" "$PY" VAE/VAE_train.py --data_dir "$OUT/split/train.h5ad" \
         --save_dir "$ae_dir" --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --log_interval 20 \
-        --early_stopping_patience "$STOP_PATIENCE" --seed "$seed" --threads "$THREADS" --progress False --overwrite True $ae_flags
+        --early_stopping_patience "$STOP_PATIENCE" --seed "$seed" --threads "$THREADS" --progress False --overwrite True \
+        --decoder_label_key "$LABEL" $ae_flags
     fi
     case $choice in
       last) ae="$ae_dir/model_seed=${seed}_step=$AE_STEPS.pt" ;;

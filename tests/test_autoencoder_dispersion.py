@@ -138,7 +138,7 @@ def test_a_refitted_file_is_refitted_from_its_learned_dispersion(tmp_path, count
 
     path = train(counts_h5ad, tmp_path, "--max_steps", "10", "--checkpoint_freq", "10")
     learned = load_checkpoint(path)["dispersion_fit"]["learned_log_theta"]
-    dataset = load_dataset(str(counts_h5ad), label_keys=[])
+    dataset = load_dataset(str(counts_h5ad), label_keys=["cell_type1"])  # the decoder reads it (the default)
     cells = np.arange(0, dataset.n_cells, 2)
     apply_dispersion_refit(path, dataset, cells, seed=0)
     first = load_checkpoint(path)
@@ -188,3 +188,45 @@ def test_refit_moves_the_dispersion_on_a_realistic_number_of_genes(tmp_path):
     assert informative.sum() > 1000
     error = np.abs(fitted.numpy()[informative] - true_log_theta[informative])
     assert np.median(error) < 0.15, np.median(error)
+
+
+def test_refit_never_makes_a_gene_worse_and_leaves_genes_without_counts_alone(tmp_path):
+    """Each gene is fitted on its own: its likelihood never increases (a joint fit over all genes can move a single
+    gene far off while the sum improves), and a gene without a count keeps the learned dispersion (its likelihood
+    has no finite maximum)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from guided_diffusion.data import load_dataset
+    from VAE.autoencoder_training import refit_dispersion
+    from VAE.count_model import negative_binomial_nll, negative_binomial_nll_per_gene
+
+    rng = np.random.default_rng(3)
+    n_cells, n_genes = 200, 60
+    rates = rng.gamma(0.5, 4.0, size=(n_cells, n_genes)) * rng.lognormal(0, 1.5, n_genes)
+    counts = rng.poisson(rates).astype(np.float32)
+    counts[:, 5] = 0.0  # a gene never seen
+    counts[:7, 6] = [40, 0, 0, 0, 0, 0, 1]  # a gene seen in two cells, one of them with many counts
+    counts[7:, 6] = 0.0
+    path = tmp_path / "genes.h5ad"
+    ad.AnnData(sp.csr_matrix(counts)).write_h5ad(path)
+    dataset = load_dataset(str(path), label_keys=[], require_labels=False)
+    torch.manual_seed(1)
+    model = VAE(num_genes=n_genes, latent_dim=3, hidden_dims=(8,), loss_ae="nb").eval()
+    with torch.no_grad():
+        model.log_theta.uniform_(-2.0, 2.0)
+    index = np.arange(n_cells)
+    fitted, record = refit_dispersion(model, dataset, index, seed=0)
+    x, counts_t, totals = (torch.from_numpy(a) for a in dataset.rows_and_counts(index))
+    with torch.no_grad():
+        log_mean = torch.log_softmax(model(x)[0], dim=1) + torch.log(totals)[:, None]
+        learned = model.log_theta.detach()
+        before = negative_binomial_nll_per_gene(log_mean, learned, counts_t)
+        after = negative_binomial_nll_per_gene(log_mean, fitted, counts_t)
+        # the per-gene terms are the mean likelihood's, summed by gene
+        assert float(before.sum()) == pytest.approx(float(negative_binomial_nll(log_mean, learned, counts_t)) * n_genes,
+                                                    rel=1e-5)
+    assert bool((after <= before + 1e-7).all())
+    assert float(fitted[5]) == float(learned[5])
+    assert float(fitted[6]) != float(learned[6]) and np.isfinite(float(fitted[6]))
+    assert record["nll_after"] < record["nll_before"]

@@ -26,9 +26,11 @@ def test_decoded_means_are_the_decoders_and_the_run_scores_every_set(counts_h5ad
     latents = autoencoder.encode_dataset(dataset, progress=False)
     labels = np.array(dataset.label_strings("cell_type1", dataset.label_codes[:, 0]))
     library = np.maximum(dataset.library_sizes(), 1.0)
+    codes = torch.from_numpy(dataset.label_codes[:, 0])  # the decoder reads the cell type (the default)
     dataset.close()
-    np.testing.assert_allclose(gap.decoded_means(autoencoder, latents),
-                               autoencoder.model.decode(torch.from_numpy(latents)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(gap.decoded_means(autoencoder, latents, labels, "cell_type1"),
+                               autoencoder.model.decode(torch.from_numpy(latents), codes).numpy(), rtol=1e-5,
+                               atol=1e-6)
     samples = tmp_path / "samples"  # the training latents as "generated" cells, cell_sample.py's layout
     samples.mkdir()
     np.save(samples / "cell0_cache1_uniform.npy", latents)

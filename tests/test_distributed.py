@@ -133,12 +133,12 @@ def zero_gradient_entries(model):
     return names
 
 
-def training_mode_reconstruction(payload, batch):
-    model = VAE(**payload["model_config"])
+def training_mode_reconstruction(payload, batch, labels):
+    model = VAE(**VAE.complete_config(payload["model_config"]))
     model.load_state_dict(payload["state_dict"])
     model.train()
     with torch.no_grad():
-        return model(batch)[0]
+        return model(batch, labels=labels)[0]
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
@@ -158,10 +158,11 @@ def test_autoencoder_two_processes_equal_one(reference, launcher):
         tolerance = AE_LR * AE_STEPS if name in loose else 1e-5
         np.testing.assert_allclose(two["state_dict"][name].double(), value.double(), atol=tolerance, rtol=1e-4,
                                    err_msg=name)
-    dataset = load_dataset(reference["data"], label_keys=[])
-    batch = torch.from_numpy(dataset.rows(np.arange(64)))
-    np.testing.assert_allclose(training_mode_reconstruction(two, batch), training_mode_reconstruction(one, batch),
-                               atol=1e-4, rtol=1e-4)
+    dataset = load_dataset(reference["data"], label_keys=["cell_type1"])  # the decoder reads it (the default)
+    assert one["model_config"]["decoder_label_key"] == "cell_type1"
+    batch, labels = torch.from_numpy(dataset.rows(np.arange(64))), torch.from_numpy(dataset.label_codes[:64, 0])
+    np.testing.assert_allclose(training_mode_reconstruction(two, batch, labels),
+                               training_mode_reconstruction(one, batch, labels), atol=1e-4, rtol=1e-4)
     logs = [np.genfromtxt(Path(p).parent / "train_log.csv", delimiter=",", names=True)
             for p in (reference["vae"], path)]
     np.testing.assert_allclose(logs[1]["train_loss"], logs[0]["train_loss"], rtol=1e-5)

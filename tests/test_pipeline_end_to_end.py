@@ -210,7 +210,8 @@ def test_observation_mean_decodes_the_saved_latents(workspace, tmp_path):
     assert "library_size" not in generated.obs
     autoencoder, _ = load_autoencoder(workspace["vae"])
     latents = torch.from_numpy(np.load(tmp_path / "cell1_0_cache1_uniform.npy"))  # 5 of 1000 steps -> 1 of 20
-    np.testing.assert_allclose(np.asarray(generated.X), autoencoder.model.decode(latents).numpy(), rtol=1e-6)
+    type_1 = torch.full((5,), autoencoder.model.decoder_labels.index("type_1"))  # the decoder reads the cell type
+    np.testing.assert_allclose(np.asarray(generated.X), autoencoder.model.decode(latents, type_1).numpy(), rtol=1e-6)
 
 
 def test_library_sizes_follow_the_training_cells_of_the_condition(workspace):
@@ -267,7 +268,9 @@ def test_reconstruction_cli_draws_counts_at_each_cells_total(workspace, tmp_path
     dataset = load_dataset(workspace["data"])
     autoencoder, _ = load_autoencoder(workspace["vae"])
     latents = torch.from_numpy(autoencoder.encode_dataset(dataset, progress=False))
-    np.testing.assert_allclose(np.asarray(mean.X), autoencoder.model.decode(latents).numpy(), rtol=1e-5, atol=1e-6)
+    types = torch.from_numpy(dataset.label_codes[:, 0])  # the decoder reads the cell type (sorted as the loader's)
+    np.testing.assert_allclose(np.asarray(mean.X), autoencoder.model.decode(latents, types).numpy(), rtol=1e-5,
+                               atol=1e-6)
     # drawn totals scatter around each cell's own total; a cell without counts gets none
     drawn_totals, totals = drawn.obs["library_size"].to_numpy(), drawn.obs["target_library_size"].to_numpy()
     np.testing.assert_array_equal(drawn_totals, np.asarray(drawn.layers["counts"].sum(axis=1)).ravel())
@@ -323,3 +326,13 @@ def test_autoencoder_refuses_the_other_input_kind(workspace, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("error: the autoencoder was trained on raw-count input but "
                                                "--input_is_log is True")
     assert not (tmp_path / "r.h5ad").exists()
+
+
+def test_a_condition_leaving_the_decoders_label_open_is_refused_before_sampling(workspace, tmp_path, capsys):
+    # the workspace's autoencoder reads cell_type1 (the default): a cell of donor0 of no given type cannot be decoded
+    with pytest.raises(SystemExit) as stopped:
+        sample(workspace["model"], tmp_path / "out", "--condition", "donor=donor0", "--num_samples", "3")
+    assert stopped.value.code != 0
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "every --condition must name cell_type1" in line and "'donor=donor0' leaves it open" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

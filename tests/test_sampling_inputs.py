@@ -28,7 +28,7 @@ def test_absurd_guidance_weights_are_refused(legacy, tmp_path, capsys, value):
 def test_non_finite_decoded_values_are_never_written(legacy, tmp_path, capsys, monkeypatch, observation):
     from VAE import VAE_model
 
-    monkeypatch.setattr(VAE_model.VAE, "decode", lambda self, z: torch.full((len(z), 12), float("nan")))
+    monkeypatch.setattr(VAE_model.VAE, "decode", lambda self, z, labels=None: torch.full((len(z), 12), float("nan")))
     # an overflowing decoder: NB draws at an infinite mean come back as huge negative numbers
     overflow = torch.full((3, 12), -9.2e18).to_sparse_csr()
     monkeypatch.setattr(VAE_model.VAE, "sample_counts", lambda self, z, totals, generator, **options: overflow)

@@ -29,7 +29,9 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
     data = root / "counts.h5ad"
     make_counts_adata(n_cells=90, n_genes=24, seed=2).write_h5ad(data)
-    vae = VAE_train.main(["--data_dir", str(data), "--save_dir", str(root / "ae"), "--max_steps", "4", *TINY_AE])
+    # a decoder that reads no labels: these diffusion models are trained on other keys and relabelled data
+    vae = VAE_train.main(["--data_dir", str(data), "--save_dir", str(root / "ae"), "--max_steps", "4", *TINY_AE,
+                          "--decoder_label_key", "none"])
     return {"root": root, "data": str(data), "vae": vae}
 
 

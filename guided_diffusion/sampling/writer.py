@@ -97,15 +97,16 @@ class NonFiniteOutput(ValueError):
     """The decoder produced NaN or infinite values (raised before the output gets its final name)."""
 
 
-def _decode_mean(autoencoder, block):
-    decoded = autoencoder.model.decode(block.float()).float().cpu().numpy()
+def _decode_mean(autoencoder, block, labels=None):
+    decoded = autoencoder.model.decode(block.float(), labels).float().cpu().numpy()
     if not np.isfinite(decoded).all():
         raise NonFiniteOutput("decoded values")
     return decoded
 
 
-def _draw_counts(autoencoder, block, totals, generator, precision="fp32"):
-    counts = autoencoder.model.sample_counts(block.float(), totals, generator, precision=precision).cpu()
+def _draw_counts(autoencoder, block, totals, generator, precision="fp32", labels=None):
+    counts = autoencoder.model.sample_counts(block.float(), totals, generator, precision=precision,
+                                             labels=labels).cpu()
     counts = sp.csr_matrix((counts.values().numpy(), counts.col_indices().numpy().astype(np.int32),
                             counts.crow_indices().numpy()), shape=tuple(counts.shape))
     if not (np.isfinite(counts.data).all() and (counts.data >= 0).all()):
@@ -169,13 +170,15 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     lzf) applies to the matrices' values and indices. ``background_writes`` overlaps the file writes with
     the next chunk's decoding (the file is the same either way). Counts are drawn by
     :meth:`VAE.VAE_model.VAE.sample_counts`; ``decoder_precision`` ``bf16`` runs the count decoder's output
-    layer in bfloat16 (count draws only; the means path refuses it).
+    layer in bfloat16 (count draws only; the means path refuses it). An autoencoder whose decoder reads labels
+    decodes each cell with its value of ``obs[decoder_label_key]``.
     Returns the decoded values' (min, max).
     """
     if decoder_precision not in ("fp32", "bf16"):
         raise ValueError(f"decoder_precision must be 'fp32' or 'bf16', not {decoder_precision!r}")
     if decoder_precision == "bf16" and library_sizes is None:
         raise ValueError("decoder_precision bf16 applies to screened count draws only; decoded means are float32")
+    labels = autoencoder.decoder_codes(obs)
     obs = obs.copy()
     value_range = [np.inf, -np.inf]
     needed = None if library_sizes is not None else len(latents) * len(autoencoder.genes) * 4 + (1 << 20)
@@ -185,9 +188,10 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
             writer = OrderedWriter(background_writes, check=check_writes)
             try:
                 if library_sizes is None:
-                    _write_means(store, autoencoder, latents, chunk_size, compression, writer, value_range, progress)
+                    _write_means(store, autoencoder, latents, labels, chunk_size, compression, writer, value_range,
+                                 progress)
                 else:
-                    layout = dict(compression=compression, decoder_precision=decoder_precision)
+                    layout = dict(compression=compression, decoder_precision=decoder_precision, labels=labels)
                     obs["library_size"] = _write_counts(store, autoencoder, latents, library_sizes, chunk_size,
                                                         seed, layout, writer, value_range, progress)
                     obs["target_library_size"] = np.asarray(library_sizes, dtype=np.float32)
@@ -229,16 +233,20 @@ def _chunks(n_cells, chunk_size, progress):
     return enumerate(tqdm(range(0, n_cells, chunk_size), desc="decode", unit="chunk", disable=not progress))
 
 
-def _decoded_means(autoencoder, latents, chunk_size, value_range, progress):
+def _block_labels(labels, start, chunk_size):
+    return None if labels is None else labels[start:start + chunk_size]
+
+
+def _decoded_means(autoencoder, latents, labels, chunk_size, value_range, progress):
     """(first row, decoded float32 means) of each chunk; ``value_range`` follows their (min, max)."""
     for _, start in _chunks(len(latents), chunk_size, progress):
         block = torch.as_tensor(latents[start:start + chunk_size]).to(autoencoder.device)
-        decoded = _decode_mean(autoencoder, block)
+        decoded = _decode_mean(autoencoder, block, _block_labels(labels, start, chunk_size))
         value_range[:] = min(value_range[0], float(decoded.min())), max(value_range[1], float(decoded.max()))
         yield start, decoded
 
 
-def _write_means(store, autoencoder, latents, chunk_size, compression, writer, value_range, progress):
+def _write_means(store, autoencoder, latents, labels, chunk_size, compression, writer, value_range, progress):
     n_cells, n_genes = len(latents), len(autoencoder.genes)
     matrix = store.create_dataset("X", shape=(n_cells, n_genes), dtype="float32",
                                   chunks=(max(1, min(chunk_size, n_cells, 256)), n_genes),
@@ -249,12 +257,12 @@ def _write_means(store, autoencoder, latents, chunk_size, compression, writer, v
     def write(start, decoded):
         matrix[start:start + len(decoded)] = decoded
 
-    for start, decoded in _decoded_means(autoencoder, latents, chunk_size, value_range, progress):
+    for start, decoded in _decoded_means(autoencoder, latents, labels, chunk_size, value_range, progress):
         writer.submit(write, start, decoded)
 
 
-def _drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed, decoder_precision, value_range, progress,
-                  row_totals):
+def _drawn_counts(autoencoder, latents, labels, library_sizes, chunk_size, seed, decoder_precision, value_range,
+                  progress, row_totals):
     """(counts, log-normalized counts) of each chunk, both CSR with one sparsity pattern; chunk ``i`` draws
     from a generator seeded by (seed, i). ``row_totals`` gets every cell's drawn total, ``value_range`` the
     normalized values' (min, max)."""
@@ -263,7 +271,8 @@ def _drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed, decoder
         block = torch.as_tensor(latents[start:start + chunk_size]).to(device)
         generator = seed_streams.torch_generator(seed, seed_streams.COUNT_DRAWS, number, device)
         totals = torch.as_tensor(library_sizes[start:start + chunk_size]).to(device)
-        counts = _draw_counts(autoencoder, block, totals, generator, decoder_precision)
+        counts = _draw_counts(autoencoder, block, totals, generator, decoder_precision,
+                              _block_labels(labels, start, chunk_size))
         row_totals[start:start + counts.shape[0]] = np.asarray(counts.sum(axis=1)).ravel()
         normalized = log_normalize_counts(counts, autoencoder.normalization.target_sum)
         if normalized.nnz:
@@ -286,7 +295,7 @@ def _write_counts(store, autoencoder, latents, library_sizes, chunk_size, seed, 
         counts_matrix.append(counts)
         matrix.append(normalized)
 
-    for counts, normalized in _drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed,
+    for counts, normalized in _drawn_counts(autoencoder, latents, layout["labels"], library_sizes, chunk_size, seed,
                                             layout["decoder_precision"], value_range, progress, row_totals):
         writer.submit(write, counts, normalized)
     return row_totals.astype(np.float32)
@@ -327,16 +336,18 @@ def decode_to_anndata(autoencoder, latents, obs, uns, chunk_size=1024, progress=
         raise ValueError(f"decoder_precision must be 'fp32' or 'bf16', not {decoder_precision!r}")
     if decoder_precision == "bf16" and library_sizes is None:
         raise ValueError("decoder_precision bf16 applies to count draws only; decoded means are float32")
+    labels = autoencoder.decoder_codes(obs)
     obs = obs.copy()
     value_range = [np.inf, -np.inf]
     shape = (len(latents), len(autoencoder.genes))
     layers = {}
     if library_sizes is None:
-        blocks = [decoded for _, decoded in _decoded_means(autoencoder, latents, chunk_size, value_range, progress)]
+        blocks = [decoded for _, decoded in _decoded_means(autoencoder, latents, labels, chunk_size, value_range,
+                                                           progress)]
         matrix = np.concatenate(blocks) if blocks else np.zeros(shape, np.float32)
     else:
         row_totals = np.zeros(shape[0], dtype=np.float64)
-        blocks = list(_drawn_counts(autoencoder, latents, library_sizes, chunk_size, seed, decoder_precision,
+        blocks = list(_drawn_counts(autoencoder, latents, labels, library_sizes, chunk_size, seed, decoder_precision,
                                     value_range, progress, row_totals))
         layers["counts"] = _stacked_csr(blocks, shape, lambda block: block[0])
         matrix = _stacked_csr(blocks, shape, lambda block: block[1])

@@ -109,6 +109,8 @@ class AutoencoderModelConfig:
     decoder_activation: str = "ReLU"
     kl_weight: float = 0.0  # 0: the deterministic autoencoder (L2-normalized latent); > 0: a variational one
     latent_norm: str = "sphere"  # the deterministic latent: L2-normalized (the original) or "none"
+    # an obs column the decoder reads beside the latent; "auto": cell_type1 when the data has it; None / "none": none
+    decoder_label_key: Optional[str] = "auto"
 
     def validate(self):
         check_int(self.num_genes, "num_genes", 1, optional=True)
@@ -119,6 +121,7 @@ class AutoencoderModelConfig:
         check_str(self.decoder_activation, "decoder_activation", ("ReLU", "linear"))
         check_float(self.kl_weight, "kl_weight", 0)
         check_str(self.latent_norm, "latent_norm", ("sphere", "none"))
+        check_str(self.decoder_label_key, "decoder_label_key", optional=True)
 
 
 @dataclass

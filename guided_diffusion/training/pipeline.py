@@ -87,6 +87,7 @@ def prepare_latents(data, vae_path, num_classes, device, progress=True, context=
         check_num_classes(num_classes, dataset)
         autoencoder, _ = load_autoencoder(vae_path, device=device)
         autoencoder.check_dataset(dataset)
+        autoencoder.check_conditions(dataset)
         if use_latents_on_disk(latents_on_disk, dataset):
             key = store_key(dataset.fingerprint, vae_sha256 or file_sha256(vae_path), dataset.normalization.to_dict())
             latents = LatentStore(encode_to_store(folder, dataset, autoencoder, key, context, CellRange, progress))
