@@ -151,6 +151,17 @@ class VAE(nn.Module):
                 x = x + next(effects)(codes).to(x.dtype)
         return x
 
+    def codes_of(self, values):
+        """The codes into ``decoder_labels`` of label values (strings); a value the autoencoder was not trained on
+        is a one-line error."""
+        lookup = {label: code for code, label in enumerate(self.decoder_labels)}
+        values = [str(value) for value in values]
+        unknown = sorted(set(values) - set(lookup))
+        if unknown:
+            raise UsageError(f"this autoencoder was trained on other {self.decoder_label_key!r} values than "
+                             f"{format_values(unknown)}; its values: {format_values(self.decoder_labels)}")
+        return np.array([lookup[value] for value in values], dtype=np.int64)
+
     def output_label_effect(self, labels):
         """The label's shift of the output layer (cells x genes; None for a decoder that reads no labels)."""
         if not self.reads_labels:
@@ -314,10 +325,7 @@ class Autoencoder:
             raise UsageError(f"the autoencoder {self.path} decodes each cell with its {key!r} label; condition the "
                              f"diffusion model on it (--label_key {key}; now: "
                              f"{', '.join(dataset.label_keys) or 'no label key'})")
-        unknown = sorted(set(dataset.vocabularies[key]) - set(model.decoder_labels))
-        if unknown:
-            raise UsageError(f"the autoencoder {self.path} was trained on other {key!r} values than "
-                             f"{format_values(unknown)}; its values: {format_values(model.decoder_labels)}")
+        model.codes_of(dataset.vocabularies[key])
 
     def decoder_codes(self, obs):
         """The codes of ``obs[decoder_label_key]`` into the decoder's labels (None for a decoder that reads no
@@ -330,13 +338,7 @@ class Autoencoder:
             raise UsageError(f"the autoencoder {self.path} decodes each cell with its {key!r} label, but the "
                              f"cells to decode have no {key!r} column; condition the diffusion model on "
                              f"--label_key {key}")
-        lookup = {label: code for code, label in enumerate(model.decoder_labels)}
-        values = obs[key].astype(str).to_numpy()
-        unknown = sorted(set(values) - set(lookup))
-        if unknown:
-            raise UsageError(f"the autoencoder {self.path} was trained on other {key!r} values than "
-                             f"{format_values(unknown)}; its values: {format_values(model.decoder_labels)}")
-        return np.array([lookup[value] for value in values], dtype=np.int64)
+        return model.codes_of(obs[key].astype(str).to_numpy())
 
     def encode_dataset(self, dataset, batch_size=1024, progress=True):
         """Latents of every cell, encoded in batches (the matrix is densified one batch at a time)."""

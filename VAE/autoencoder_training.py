@@ -81,8 +81,7 @@ def decoder_labels(model, dataset, index, device):
     key = model.decoder_label_key
     if key not in dataset.label_keys:
         raise UsageError(f"the autoencoder's decoder reads each cell's {key!r} label: load the cells with it")
-    lookup = {label: code for code, label in enumerate(model.decoder_labels)}
-    codes = np.array([lookup.get(value, -1) for value in dataset.vocabularies[key]], dtype=np.int64)
+    codes = model.codes_of(dataset.vocabularies[key])
     column = dataset.label_keys.index(key)
     return torch.from_numpy(codes[dataset.label_codes[np.asarray(index), column]]).to(device)
 

@@ -149,3 +149,17 @@ def test_old_checkpoints_load_as_plain_decoders():
         autoencoder, _ = load_autoencoder(str(REPO_ROOT / old))
         assert not autoencoder.model.reads_labels
         assert autoencoder.decoder_codes(pd.DataFrame(index=["x"])) is None
+
+
+def test_a_diffusion_dataset_with_types_the_decoder_never_saw_is_refused(tmp_path, counts_adata, capsys):
+    full = tmp_path / "full.h5ad"
+    counts_adata.write_h5ad(full)
+    kept = counts_adata[counts_adata.obs["cell_type1"].astype(str) != "type_2"].copy()
+    kept.write_h5ad(tmp_path / "kept.h5ad")
+    vae = train(tmp_path / "kept.h5ad", tmp_path / "ae", "--decoder_label_key", "cell_type1")
+    with pytest.raises(SystemExit) as stopped:
+        cell_train.main(["--data_dir", str(full), "--vae_path", vae, "--save_dir", str(tmp_path / "d"),
+                         "--model_name", "m", "--lr_anneal_steps", "2", "--progress", "False"])
+    assert stopped.value.code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "type_2" in last and "Traceback" not in last
