@@ -42,7 +42,7 @@ DECODER_ACTIVATIONS = ("ReLU", "linear")
 LOSSES = ("mse", "nb")
 LATENT_NORMS = ("sphere", "none")  # the deterministic latent: L2-normalized (the original) or the encoder's output
 # the settings a checkpoint written before they existed was trained with (its model_config lacks them)
-CONFIG_DEFAULTS = {"variational": False, "latent_norm": "sphere", "decoder_label_key": None, "decoder_labels": []}
+CONFIG_DEFAULTS = {"variational": False, "latent_norm": "sphere", "decoder_label_keys": [], "decoder_labels": []}
 
 
 def _mlp_block(in_features, out_features, dropout):
@@ -61,10 +61,12 @@ class VAE(nn.Module):
 
     def __init__(self, num_genes, latent_dim=20, hidden_dims=(128,), dropout=0.0,
                  decoder_activation="ReLU", loss_ae="mse", target_sum=1e4, variational=False, latent_norm="sphere",
-                 decoder_label_key=None, decoder_labels=()):
+                 decoder_label_keys=(), decoder_labels=()):
         super().__init__()
-        if (decoder_label_key is None) != (not decoder_labels):
-            raise UsageError("--decoder_label_key needs the label values the decoder reads (and they need the key)")
+        if len(decoder_label_keys) != len(decoder_labels) or any(not values for values in decoder_labels):
+            raise UsageError("--decoder_label_key: every key the decoder reads needs its label values")
+        if len(set(decoder_label_keys)) != len(decoder_label_keys):
+            raise UsageError(f"--decoder_label_key names a key twice: {', '.join(decoder_label_keys)}")
         if latent_norm not in LATENT_NORMS:
             raise UsageError(f"--latent_norm must be one of {', '.join(LATENT_NORMS)}, got {latent_norm!r}")
         if decoder_activation not in DECODER_ACTIVATIONS:
@@ -81,8 +83,8 @@ class VAE(nn.Module):
         self.target_sum = float(target_sum)
         self.variational = bool(variational)
         self.latent_norm = latent_norm  # the deterministic latent's; a variational latent is the posterior mean
-        self.decoder_label_key = decoder_label_key
-        self.decoder_labels = [str(label) for label in decoder_labels]
+        self.decoder_label_keys = [str(key) for key in decoder_label_keys]
+        self.decoder_labels = [[str(label) for label in values] for values in decoder_labels]
 
         encoder, width = [], self.num_genes
         for hidden in self.hidden_dims:
@@ -102,11 +104,15 @@ class VAE(nn.Module):
         if self.decoder_activation == "ReLU":
             decoder.append(nn.ReLU())
         self.decoder = nn.Sequential(*decoder)
-        if self.decoder_labels:  # a learned shift per label added to every Linear's output, zero at the start
+        if self.decoder_labels:  # a learned shift per label of every key added to every Linear's output, zero at first
             widths = [m.out_features for m in self.decoder if isinstance(m, nn.Linear)]
-            self.decoder_label_effects = nn.ModuleList(nn.Embedding(len(self.decoder_labels), w) for w in widths)
+            sizes = [len(values) for values in self.decoder_labels]
+            # one table per layer holds every key's labels, key after key: a cell's shift sums its keys' rows
+            self.decoder_label_effects = nn.ModuleList(nn.Embedding(sum(sizes), w) for w in widths)
             for effect in self.decoder_label_effects:
                 nn.init.zeros_(effect.weight)
+            self.register_buffer("_label_offsets", torch.tensor(np.cumsum([0] + sizes[:-1]), dtype=torch.long),
+                                 persistent=False)
         if loss_ae == "nb":
             self.log_theta = nn.Parameter(torch.zeros(self.num_genes))  # per-gene inverse dispersion
         self.precision = "fp32"  # of the forward's matmuls; a run setting, not part of config()
@@ -118,28 +124,35 @@ class VAE(nn.Module):
 
     @property
     def reads_labels(self):
-        """Whether the decoder reads each cell's label (``decoder_label_key``) beside its latent."""
-        return bool(self.decoder_labels)
+        """Whether the decoder reads each cell's labels (``decoder_label_keys``) beside its latent."""
+        return bool(self.decoder_label_keys)
 
     def _label_codes(self, labels, n_cells, device):
-        """``labels`` (integer codes into ``decoder_labels``, one per cell) as a long tensor, checked; None for a
-        decoder that reads no labels."""
+        """``labels`` (integer codes, cells x keys: column k indexes ``decoder_labels[k]``; a vector for a single
+        key) as rows of the effect tables, checked; None for a decoder that reads no labels."""
         if not self.reads_labels:
             return None
+        keys = self.decoder_label_keys
         if labels is None:
-            raise UsageError(f"this autoencoder's decoder reads each cell's {self.decoder_label_key!r} label "
-                             f"beside its latent; give the labels of the latents to decode")
-        codes = torch.as_tensor(labels, dtype=torch.long, device=device).reshape(-1)
-        if len(codes) != n_cells:
-            raise UsageError(f"{len(codes)} labels for {n_cells} latents to decode")
-        if len(codes) and (int(codes.min()) < 0 or int(codes.max()) >= len(self.decoder_labels)):
-            raise UsageError(f"label codes must lie in 0..{len(self.decoder_labels) - 1} (the autoencoder's "
-                             f"{self.decoder_label_key!r} values)")
-        return codes
+            raise UsageError(f"this autoencoder's decoder reads each cell's {', '.join(keys)} label beside its "
+                             f"latent; give the labels of the latents to decode")
+        codes = torch.as_tensor(labels, dtype=torch.long, device=device)
+        if codes.dim() == 1 and len(keys) == 1:
+            codes = codes[:, None]
+        if codes.dim() != 2 or codes.shape != (n_cells, len(keys)):
+            raise UsageError(f"labels of shape {tuple(codes.shape)} for {n_cells} latents and {len(keys)} label "
+                             f"key(s) to decode")
+        for column, (key, values) in enumerate(zip(keys, self.decoder_labels)):
+            if n_cells and (int(codes[:, column].min()) < 0 or int(codes[:, column].max()) >= len(values)):
+                raise UsageError(f"label codes must lie in 0..{len(values) - 1} (the autoencoder's {key!r} values)")
+        return codes + self._label_offsets.to(device)
+
+    def _label_shift(self, effect, codes, dtype):
+        return effect(codes).sum(dim=1).to(dtype)
 
     def run_decoder(self, latent, labels=None, stop=None):
         """The decoder's layers ``[:stop]`` on ``latent`` (all: its output), each Linear's output shifted by the
-        label's learned effect when the decoder reads labels (``labels``: codes, one per latent)."""
+        labels' learned effects when the decoder reads labels (``labels``: codes, cells x keys)."""
         codes = self._label_codes(labels, len(latent), latent.device)
         modules = list(self.decoder)[:stop]
         if codes is None:
@@ -148,25 +161,27 @@ class VAE(nn.Module):
         for module in modules:
             x = module(x)
             if isinstance(module, nn.Linear):
-                x = x + next(effects)(codes).to(x.dtype)
+                x = x + self._label_shift(next(effects), codes, x.dtype)
         return x
 
-    def codes_of(self, values):
-        """The codes into ``decoder_labels`` of label values (strings); a value the autoencoder was not trained on
-        is a one-line error."""
-        lookup = {label: code for code, label in enumerate(self.decoder_labels)}
+    def codes_of(self, key, values):
+        """The codes into ``decoder_labels`` of the decoder's label key ``key`` of label values (strings); a value
+        the autoencoder was not trained on is a one-line error."""
+        known = self.decoder_labels[self.decoder_label_keys.index(key)]
+        lookup = {label: code for code, label in enumerate(known)}
         values = [str(value) for value in values]
         unknown = sorted(set(values) - set(lookup))
         if unknown:
-            raise UsageError(f"this autoencoder was trained on other {self.decoder_label_key!r} values than "
-                             f"{format_values(unknown)}; its values: {format_values(self.decoder_labels)}")
+            raise UsageError(f"this autoencoder was trained on other {key!r} values than "
+                             f"{format_values(unknown)}; its values: {format_values(known)}")
         return np.array([lookup[value] for value in values], dtype=np.int64)
 
-    def output_label_effect(self, labels):
-        """The label's shift of the output layer (cells x genes; None for a decoder that reads no labels)."""
+    def output_label_effect(self, codes):
+        """The labels' shift of the output layer (cells x genes) for ``codes`` as :meth:`_label_codes` returns
+        them; None for a decoder that reads no labels."""
         if not self.reads_labels:
             return None
-        return self.decoder_label_effects[-1](labels)
+        return self._label_shift(self.decoder_label_effects[-1], codes, torch.float32)
 
     @property
     def models_counts(self):
@@ -187,11 +202,17 @@ class VAE(nn.Module):
         return {"num_genes": self.num_genes, "latent_dim": self.latent_dim, "hidden_dims": list(self.hidden_dims),
                 "dropout": self.dropout, "decoder_activation": self.decoder_activation, "loss_ae": self.loss_ae,
                 "target_sum": self.target_sum, "variational": self.variational, "latent_norm": self.latent_norm,
-                "decoder_label_key": self.decoder_label_key, "decoder_labels": list(self.decoder_labels)}
+                "decoder_label_keys": list(self.decoder_label_keys),
+                "decoder_labels": [list(values) for values in self.decoder_labels]}
 
     @staticmethod
     def complete_config(config):
-        """A recorded model config with the settings it predates filled in (their values before they existed)."""
+        """A recorded model config with the settings it predates filled in (their values before they existed); a
+        single-key record (``decoder_label_key`` and its values) read as the list of keys it is."""
+        config = dict(config)
+        if "decoder_label_key" in config:
+            key, values = config.pop("decoder_label_key"), config.pop("decoder_labels", [])
+            config["decoder_label_keys"], config["decoder_labels"] = ([key], [values]) if key else ([], [])
         return {**CONFIG_DEFAULTS, **config}
 
     def set_precision(self, precision, device=None):
@@ -315,30 +336,31 @@ class Autoencoder:
                              f"input but --input_is_log is {dataset.normalization.input_is_log}")
 
     def check_conditions(self, dataset):
-        """For a decoder that reads labels: refuse a diffusion dataset not conditioned on its label key, or with
-        values of it the autoencoder was not trained on (the sampler could not decode their cells)."""
+        """For a decoder that reads labels: refuse a diffusion dataset not conditioned on every label key it reads,
+        or with values the autoencoder was not trained on (the sampler could not decode their cells)."""
         model = self.model
-        if not model.reads_labels:
-            return
-        key = model.decoder_label_key
-        if key not in dataset.label_keys:
-            raise UsageError(f"the autoencoder {self.path} decodes each cell with its {key!r} label; condition the "
-                             f"diffusion model on it (--label_key {key}; now: "
-                             f"{', '.join(dataset.label_keys) or 'no label key'})")
-        model.codes_of(dataset.vocabularies[key])
+        for key in model.decoder_label_keys:
+            if key not in dataset.label_keys:
+                raise UsageError(f"the autoencoder {self.path} decodes each cell with its {key!r} label; condition "
+                                 f"the diffusion model on it (--label_key {key}; now: "
+                                 f"{', '.join(dataset.label_keys) or 'no label key'})")
+            model.codes_of(key, dataset.vocabularies[key])
 
     def decoder_codes(self, obs):
-        """The codes of ``obs[decoder_label_key]`` into the decoder's labels (None for a decoder that reads no
-        labels); a value the autoencoder was not trained on, or a missing column, is a one-line error."""
+        """The codes (cells x keys) of ``obs``'s columns of the decoder's label keys into its labels (None for a
+        decoder that reads no labels); a value the autoencoder was not trained on, or a missing column, is a
+        one-line error."""
         model = self.model
         if not model.reads_labels:
             return None
-        key = model.decoder_label_key
-        if obs is None or key not in obs.columns:
-            raise UsageError(f"the autoencoder {self.path} decodes each cell with its {key!r} label, but the "
-                             f"cells to decode have no {key!r} column; condition the diffusion model on "
-                             f"--label_key {key}")
-        return model.codes_of(obs[key].astype(str).to_numpy())
+        columns = []
+        for key in model.decoder_label_keys:
+            if obs is None or key not in obs.columns:
+                raise UsageError(f"the autoencoder {self.path} decodes each cell with its {key!r} label, but the "
+                                 f"cells to decode have no {key!r} column; condition the diffusion model on "
+                                 f"--label_key {key}")
+            columns.append(model.codes_of(key, obs[key].astype(str).to_numpy()))
+        return np.stack(columns, axis=1)
 
     def encode_dataset(self, dataset, batch_size=1024, progress=True):
         """Latents of every cell, encoded in batches (the matrix is densified one batch at a time)."""

@@ -79,11 +79,12 @@ def build_parser():
                         help="the deterministic autoencoder's latent: sphere = L2-normalized (the original), none = "
                              "the encoder's linear output (ignored with --kl_weight > 0)")
     parser.add_argument("--decoder_label_key", default=DEFAULTS["decoder_label_key"],
-                        help="an obs column (e.g. cell_type) whose value the decoder reads beside the latent: a "
-                             "learned shift per value of every decoder layer; the diffusion model must then be "
-                             "conditioned on it (cell_train.py --label_key), and decoding needs each cell's value. "
-                             "auto: cell_type1 when the data has it, else none; none: the decoder reads the latent "
-                             "only (the original)")
+                        help="an obs column (e.g. cell_type), or several separated by commas (cell_type1,donor), "
+                             "whose values the decoder reads beside the latent: a learned shift per value of every "
+                             "decoder layer, summed over the keys; the diffusion model must then be conditioned on "
+                             "each (cell_train.py --label_key), and decoding needs each cell's values. auto: "
+                             "cell_type1 when the data has it, else none; none: the decoder reads the latent only "
+                             "(the original)")
     parser.add_argument("--dropout", type=fraction, default=DEFAULTS["dropout"], help="dropout after each hidden layer")
     parser.add_argument("--precision", default=DEFAULTS["precision"], choices=["auto", "fp32", "bf16"],
                         help="matmuls of the training step: bf16 (autocast, fp32 master weights and loss), fp32, or "

@@ -61,29 +61,35 @@ def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weig
 
 
 def decoder_label_keys(decoder_label_key, training):
-    """The label keys the autoencoder's data is loaded with: the decoder's (one or none). ``auto`` is the key of
-    the checkpoint a run resumes (or starts from), else the loader's default (``cell_type1`` when obs has it, else
-    none)."""
+    """The label keys the autoencoder's data is loaded with: the decoder's (``decoder_label_key``: none, one, or
+    several comma-separated). ``auto`` is the keys of the checkpoint a run resumes (or starts from), else the
+    loader's default (``cell_type1`` when obs has it, else none)."""
     if decoder_label_key == "auto":
         resume_path = resolve_resume_path(training)
         if not resume_path:
             return None
-        decoder_label_key = VAE.complete_config(AutoencoderCheckpoint.load(resume_path).model_config)[
-            "decoder_label_key"]
-    return [] if decoder_label_key in (None, "none") else [decoder_label_key]
+        return list(VAE.complete_config(AutoencoderCheckpoint.load(resume_path).model_config)["decoder_label_keys"])
+    if decoder_label_key in (None, "none"):
+        return []
+    keys = [key.strip() for key in decoder_label_key.split(",")]
+    if not all(keys) or len(set(keys)) != len(keys):
+        raise UsageError(f"--decoder_label_key takes obs columns separated by commas, each once; got "
+                         f"{decoder_label_key!r}")
+    return keys
 
 
 def decoder_labels(model, dataset, index, device):
-    """The codes (into the decoder's labels) of the cells ``index`` for a decoder that reads labels, from the
-    dataset's column of the decoder's key; None for a decoder that reads none."""
+    """The codes (cells x keys, into the decoder's labels) of the cells ``index`` for a decoder that reads labels,
+    from the dataset's columns of the decoder's keys; None for a decoder that reads none."""
     if not model.reads_labels:
         return None
-    key = model.decoder_label_key
-    if key not in dataset.label_keys:
-        raise UsageError(f"the autoencoder's decoder reads each cell's {key!r} label: load the cells with it")
-    codes = model.codes_of(dataset.vocabularies[key])
-    column = dataset.label_keys.index(key)
-    return torch.from_numpy(codes[dataset.label_codes[np.asarray(index), column]]).to(device)
+    index, columns = np.asarray(index), []
+    for key in model.decoder_label_keys:
+        if key not in dataset.label_keys:
+            raise UsageError(f"the autoencoder's decoder reads each cell's {key!r} label: load the cells with it")
+        codes = model.codes_of(key, dataset.vocabularies[key])
+        columns.append(codes[dataset.label_codes[index, dataset.label_keys.index(key)]])
+    return torch.from_numpy(np.stack(columns, axis=1)).to(device)
 
 
 @torch.no_grad()
@@ -432,13 +438,13 @@ class AutoencoderTask(TrainingTask):
         self.train_index, self.val_index = split_train_validation(dataset.n_cells, training.val_fraction,
                                                                   training.seed)
         torch.manual_seed(training.seed)
-        decoder_key = dataset.label_keys[0] if dataset.label_keys else None
+        decoder_keys = list(dataset.label_keys)  # the data is loaded with the decoder's keys only
         model = VAE(dataset.n_genes, latent_dim=model_config.latent_dim, hidden_dims=model_config.hidden_dims,
                     dropout=model_config.dropout, decoder_activation=model_config.decoder_activation,
                     loss_ae=resolve_loss(model_config.loss_ae, dataset),
                     target_sum=dataset.normalization.target_sum, variational=model_config.kl_weight > 0,
-                    latent_norm=model_config.latent_norm, decoder_label_key=decoder_key,
-                    decoder_labels=dataset.vocabularies[decoder_key] if decoder_key else ())
+                    latent_norm=model_config.latent_norm, decoder_label_keys=decoder_keys,
+                    decoder_labels=[dataset.vocabularies[key] for key in decoder_keys])
         self.model = context.synchronize_batchnorm(model).to(self.device)
         self.model.set_precision(training.precision, self.device)
         if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step

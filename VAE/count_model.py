@@ -38,8 +38,8 @@ def sample_counts(model, latent, totals, generator, precision="fp32", labels=Non
     bfloat16: its inputs are rounded to bf16 and its product to bf16 before the float32 bias, softmax and
     draws (torch has no bf16 x bf16 -> fp32 product on CPUs), so each logit moves by about 2^-9 of its weight
     term — a relative change of the mean far below the draws' own spread (:func:`output_layer_logits`).
-    ``fp32`` is the exact decoder. ``labels``: each latent's label code, for a decoder that reads labels (the
-    label's shift of the output layer is added to each block's logits in float32)."""
+    ``fp32`` is the exact decoder. ``labels``: each latent's label codes (cells x keys), for a decoder that reads
+    labels (their shift of the output layer is added to each block's logits in float32)."""
     if not model.models_counts:
         raise UsageError("this autoencoder was trained with --loss_ae mse and has no count model; "
                          "decode the mean expression instead (--observation mean)")

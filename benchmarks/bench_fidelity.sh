@@ -86,7 +86,7 @@ prepare() {  # prepare NAME: split, then train the autoencoder and the diffusion
   fi
   if [ ! -f "$dir/diffusion/$name/model008000.pt" ]; then
     # shellcheck disable=SC2086
-    "$PY" VAE/VAE_train.py --data_dir "$dir/split/train.h5ad" $AE_FLAGS --decoder_label_key "$LABEL" \
+    "$PY" VAE/VAE_train.py --data_dir "$dir/split/train.h5ad" --decoder_label_key "$LABEL" $AE_FLAGS \
       --save_dir "$dir/autoencoder" \
       --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --early_stopping_patience "$AE_PATIENCE" \
       --progress False --threads "$THREADS"

@@ -7,6 +7,7 @@
 #
 #   bash benchmarks/bench_unseen_choice.sh                         # seeds 0 1
 #   SEEDS=0 ROOT=checkpoint/unseen_choice bash benchmarks/bench_unseen_choice.sh
+#   AE_FLAGS="--decoder_label_key cell_type1,donor" ROOT=checkpoint/unseen_dec2 bash benchmarks/bench_unseen_choice.sh
 #
 # FIXED (default "2 3 4") also samples and scores both combinations with --unseen_guide_w cell_type1=0.5,donor=W on
 # the same models, for comparison with the recorded choice. INTERVAL (default: the sampler's, 0,0.5) is the
@@ -26,6 +27,7 @@ JUDGE=${JUDGE:-alpha:human2}
 SEEDS=${SEEDS:-"0 1"}
 AE_STEPS=${AE_STEPS:-3000}  # the cap; the autoencoder stops early on its validation loss (AE_PATIENCE; 0: off)
 AE_PATIENCE=${AE_PATIENCE:-300}
+AE_FLAGS=${AE_FLAGS:-}  # more autoencoder flags, e.g. "--decoder_label_key cell_type1,donor"
 DIFFUSION_STEPS=${DIFFUSION_STEPS:-3000}
 THREADS=${THREADS:-1}
 FIXED=${FIXED:-"2 3 4"}
@@ -46,8 +48,10 @@ for seed in $SEEDS; do
   run="$ROOT/seed$seed"
   model="$run/diffusion/unseen/model$(printf %06d "$DIFFUSION_STEPS").pt"
   if [ ! -f "$model" ]; then
+    # shellcheck disable=SC2086
     "$PY" VAE/VAE_train.py --data_dir "$ROOT/train.h5ad" --num_genes 20125 --save_dir "$run/autoencoder" \
-      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --early_stopping_patience "$AE_PATIENCE" --seed "$seed" --threads "$THREADS" --progress False
+      --max_steps "$AE_STEPS" --checkpoint_freq "$AE_STEPS" --early_stopping_patience "$AE_PATIENCE" --seed "$seed" \
+      --threads "$THREADS" --progress False $AE_FLAGS
     "$PY" cell_train.py --data_dir "$ROOT/train.h5ad" --vae_path "$(autoencoder_file "$run/autoencoder" "$seed")" \
       --label_key cell_type1 --label_key donor --model_name unseen --save_dir "$run/diffusion" \
       --lr_anneal_steps "$DIFFUSION_STEPS" --save_interval "$DIFFUSION_STEPS" --lr 1e-3 --seed "$seed" \

@@ -1,7 +1,8 @@
-"""--decoder_label_key: a decoder that reads each cell's label beside its latent (a learned shift per label of
-every decoder layer). Zero effects equal the plain decoder; count draws and the writer use each cell's label;
-the checkpoint records the key and its values; unknown values, missing labels and a diffusion model not
-conditioned on the key are one-line errors; old checkpoints load as plain decoders."""
+"""--decoder_label_key: a decoder that reads each cell's labels beside its latent (a learned shift per label of
+every decoder layer, summed over the keys). Zero effects equal the plain decoder; two keys' shifts add; count
+draws and the writer use each cell's labels; the checkpoint records the keys and their values; unknown values,
+missing labels and a diffusion model not conditioned on a key are one-line errors; old checkpoints load as
+plain decoders."""
 import anndata
 import numpy as np
 import pandas as pd
@@ -22,8 +23,8 @@ LABELS = ["a", "b", "c"]
 
 def conditioned(seed=0, loss_ae="nb"):
     torch.manual_seed(seed)
-    return VAE(num_genes=30, latent_dim=6, hidden_dims=(16,), loss_ae=loss_ae, decoder_label_key="cell_type1",
-               decoder_labels=LABELS).eval()
+    return VAE(num_genes=30, latent_dim=6, hidden_dims=(16,), loss_ae=loss_ae, decoder_label_keys=["cell_type1"],
+               decoder_labels=[LABELS]).eval()
 
 
 def randomize_effects(model):
@@ -77,16 +78,19 @@ def test_missing_or_bad_labels_are_refused():
         model.decode(latent)
     with pytest.raises(UsageError, match="0..2"):
         model.decode(latent, torch.tensor([0, 1, 3]))
-    with pytest.raises(UsageError, match="2 labels for 3"):
+    with pytest.raises(UsageError, match=r"shape \(2, 1\) for 3 latents"):
         model.decode(latent, torch.tensor([0, 1]))
     with pytest.raises(UsageError):
-        VAE(num_genes=30, decoder_label_key="cell_type1")  # a key without values
+        VAE(num_genes=30, decoder_label_keys=["cell_type1"])  # a key without values
+    with pytest.raises(UsageError, match="twice"):
+        VAE(num_genes=30, decoder_label_keys=["a", "a"], decoder_labels=[["x"], ["y"]])
 
 
 def test_training_records_the_key_and_learns_a_label_effect(tmp_path, counts_h5ad):
     path = train(counts_h5ad, tmp_path, "--decoder_label_key", "cell_type1")
     config = load_checkpoint(path)["model_config"]
-    assert config["decoder_label_key"] == "cell_type1" and config["decoder_labels"] == ["type_0", "type_1", "type_2"]
+    assert config["decoder_label_keys"] == ["cell_type1"] and config["decoder_labels"] == [["type_0", "type_1",
+                                                                                          "type_2"]]
     autoencoder, _ = load_autoencoder(path)
     model = autoencoder.model
     assert model.reads_labels and all(e.weight.abs().max() > 0 for e in model.decoder_label_effects)
@@ -163,3 +167,64 @@ def test_a_diffusion_dataset_with_types_the_decoder_never_saw_is_refused(tmp_pat
     assert stopped.value.code != 0
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "type_2" in last and "Traceback" not in last
+
+
+def test_two_keys_shifts_add_and_each_cell_needs_both():
+    torch.manual_seed(0)
+    model = VAE(num_genes=30, latent_dim=6, hidden_dims=(16,), loss_ae="nb", decoder_label_keys=["cell_type1", "donor"],
+                decoder_labels=[LABELS, ["d0", "d1"]]).eval()
+    randomize_effects(model)
+    latent = torch.nn.functional.normalize(torch.randn(4, 6), dim=1)
+    codes = torch.tensor([[0, 1], [2, 0], [1, 1], [0, 0]])
+    with torch.no_grad():  # by hand: each layer's shift is the type's row plus the donor's (after the 3 types)
+        first, norm, act, last = model.decoder
+        tables = [effect.weight for effect in model.decoder_label_effects]
+        hidden = act(norm(first(latent) + tables[0][codes[:, 0]] + tables[0][3 + codes[:, 1]]))
+        logits = last(hidden) + tables[1][codes[:, 0]] + tables[1][3 + codes[:, 1]]
+    expected = torch.log1p(torch.softmax(logits, dim=1) * model.target_sum)
+    np.testing.assert_allclose(model.decode(latent, codes).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        totals = torch.full((4,), 300.0)
+        drawn = model.sample_counts(latent, totals, torch.Generator().manual_seed(1), labels=codes).to_dense()
+        direct = sample_negative_binomial_screened(model.run_decoder(latent, codes), totals, torch.exp(model.log_theta),
+                                                   torch.Generator().manual_seed(1)).to_dense()
+    assert torch.equal(drawn, direct)
+    with pytest.raises(UsageError, match="0..1"):
+        model.decode(latent, torch.tensor([[0, 2], [0, 0], [0, 0], [0, 0]]))
+    with pytest.raises(UsageError, match="2 label key"):
+        model.decode(latent, codes[:, 0])
+
+
+def test_a_decoder_reading_two_keys_trains_writes_and_refuses_an_open_key(tmp_path, counts_h5ad):
+    path = train(counts_h5ad, tmp_path / "ae", "--decoder_label_key", "cell_type1,donor")
+    config = load_checkpoint(path)["model_config"]
+    assert config["decoder_label_keys"] == ["cell_type1", "donor"] and len(config["decoder_labels"][1]) >= 2
+    autoencoder, _ = load_autoencoder(path)
+    donors = autoencoder.model.decoder_labels[1]
+    obs = pd.DataFrame({"cell_type1": pd.Categorical(["type_0", "type_2", "type_1"]),
+                        "donor": pd.Categorical([donors[0], donors[1], donors[0]])}, index=["a", "b", "c"])
+    codes = autoencoder.decoder_codes(obs)
+    assert codes.shape == (3, 2) and codes[:, 1].tolist() == [0, 1, 0]
+    latents = torch.nn.functional.normalize(torch.randn(3, 6), dim=1).numpy()
+    decoded, _ = decode_to_anndata(autoencoder, latents, obs, {}, progress=False)
+    np.testing.assert_allclose(decoded.X, autoencoder.model.decode(torch.from_numpy(latents), codes).numpy(),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(UsageError, match="no 'donor' column"):
+        autoencoder.decoder_codes(obs.drop(columns="donor"))
+    with pytest.raises(SystemExit) as stopped:  # the diffusion model must be conditioned on both keys
+        cell_train.main(["--data_dir", str(counts_h5ad), "--vae_path", path, "--save_dir", str(tmp_path / "d"),
+                         "--model_name", "m", "--lr_anneal_steps", "2", "--progress", "False"])
+    assert stopped.value.code != 0
+    with pytest.raises(SystemExit):
+        train(counts_h5ad, tmp_path / "bad", "--decoder_label_key", "cell_type1,,donor")
+
+
+def test_a_single_key_record_loads_as_one_key():
+    model = conditioned()
+    config = {k: v for k, v in model.config().items() if k not in ("decoder_label_keys", "decoder_labels")}
+    single = VAE.complete_config({**config, "decoder_label_key": "cell_type1", "decoder_labels": LABELS})
+    assert single["decoder_label_keys"] == ["cell_type1"] and single["decoder_labels"] == [LABELS]
+    rebuilt = VAE(**single)
+    rebuilt.load_state_dict(model.state_dict())
+    none = VAE.complete_config({**config, "decoder_label_key": None, "decoder_labels": []})
+    assert none["decoder_label_keys"] == [] and not VAE(**none).reads_labels

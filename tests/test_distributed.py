@@ -159,7 +159,7 @@ def test_autoencoder_two_processes_equal_one(reference, launcher):
         np.testing.assert_allclose(two["state_dict"][name].double(), value.double(), atol=tolerance, rtol=1e-4,
                                    err_msg=name)
     dataset = load_dataset(reference["data"], label_keys=["cell_type1"])  # the decoder reads it (the default)
-    assert one["model_config"]["decoder_label_key"] == "cell_type1"
+    assert one["model_config"]["decoder_label_keys"] == ["cell_type1"]
     batch, labels = torch.from_numpy(dataset.rows(np.arange(64))), torch.from_numpy(dataset.label_codes[:64, 0])
     np.testing.assert_allclose(training_mode_reconstruction(two, batch, labels),
                                training_mode_reconstruction(one, batch, labels), atol=1e-4, rtol=1e-4)

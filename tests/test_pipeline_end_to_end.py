@@ -210,7 +210,7 @@ def test_observation_mean_decodes_the_saved_latents(workspace, tmp_path):
     assert "library_size" not in generated.obs
     autoencoder, _ = load_autoencoder(workspace["vae"])
     latents = torch.from_numpy(np.load(tmp_path / "cell1_0_cache1_uniform.npy"))  # 5 of 1000 steps -> 1 of 20
-    type_1 = torch.full((5,), autoencoder.model.decoder_labels.index("type_1"))  # the decoder reads the cell type
+    type_1 = torch.full((5,), autoencoder.model.decoder_labels[0].index("type_1"))  # the decoder reads the cell type
     np.testing.assert_allclose(np.asarray(generated.X), autoencoder.model.decode(latents, type_1).numpy(), rtol=1e-6)
 
 

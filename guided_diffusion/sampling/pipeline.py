@@ -331,19 +331,18 @@ def prepare_run(request, settings, device, loaded=None, autoencoder=None):
 
 
 def check_decoder_labels(plan, loaded, autoencoder):
-    """Before any sampling: a decoder that reads labels needs every planned condition to name its key's value."""
-    key = autoencoder.model.decoder_label_key if autoencoder.model.reads_labels else None
-    if key is None:
-        return
-    if key not in loaded.label_keys:
-        raise UsageError(f"the autoencoder decodes each cell with its {key!r} label, which this diffusion model is "
-                         f"not conditioned on; use the autoencoder it was trained with")
-    column, size = loaded.label_keys.index(key), loaded.model.condition_sizes[loaded.label_keys.index(key)]
-    open_rows = [row for row, _ in plan if row[column] >= size]
-    if open_rows:
-        raise UsageError(f"the autoencoder decodes each cell with its {key!r} label: every --condition must name "
-                         f"{key} (e.g. {key}={loaded.vocabularies[key][0]}), but "
-                         f"{describe_condition(open_rows[0], loaded.label_keys, loaded.vocabularies)!r} leaves it open")
+    """Before any sampling: a decoder that reads labels needs every planned condition to name each of its keys."""
+    for key in autoencoder.model.decoder_label_keys:
+        if key not in loaded.label_keys:
+            raise UsageError(f"the autoencoder decodes each cell with its {key!r} label, which this diffusion model "
+                             f"is not conditioned on; use the autoencoder it was trained with")
+        column = loaded.label_keys.index(key)
+        open_rows = [row for row, _ in plan if row[column] >= loaded.model.condition_sizes[column]]
+        if open_rows:
+            raise UsageError(f"the autoencoder decodes each cell with its {key!r} label: every --condition must "
+                             f"name {key} (e.g. {key}={loaded.vocabularies[key][0]}), but "
+                             f"{describe_condition(open_rows[0], loaded.label_keys, loaded.vocabularies)!r} leaves "
+                             f"it open")
 
 
 def print_plan(plan, loaded):

@@ -171,7 +171,7 @@ def write_decoded_h5ad(path, autoencoder, latents, obs, uns, chunk_size=1024, pr
     the next chunk's decoding (the file is the same either way). Counts are drawn by
     :meth:`VAE.VAE_model.VAE.sample_counts`; ``decoder_precision`` ``bf16`` runs the count decoder's output
     layer in bfloat16 (count draws only; the means path refuses it). An autoencoder whose decoder reads labels
-    decodes each cell with its value of ``obs[decoder_label_key]``.
+    decodes each cell with its values of ``obs``'s columns of those keys.
     Returns the decoded values' (min, max).
     """
     if decoder_precision not in ("fp32", "bf16"):

@@ -109,7 +109,8 @@ class AutoencoderModelConfig:
     decoder_activation: str = "ReLU"
     kl_weight: float = 0.0  # 0: the deterministic autoencoder (L2-normalized latent); > 0: a variational one
     latent_norm: str = "sphere"  # the deterministic latent: L2-normalized (the original) or "none"
-    # an obs column the decoder reads beside the latent; "auto": cell_type1 when the data has it; None / "none": none
+    # obs columns (comma-separated) the decoder reads beside the latent; "auto": cell_type1 when the data has it;
+    # None / "none": none
     decoder_label_key: Optional[str] = "auto"
 
     def validate(self):
