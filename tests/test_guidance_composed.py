@@ -157,7 +157,8 @@ def test_the_sampler_guides_unseen_conditions_with_the_composed_form_by_default(
 
 
 def test_the_unseen_weights_rule():
-    from guided_diffusion.sampling.settings import UNSEEN_KEY_WEIGHT, resolve_unseen_guide_w
+    from guided_diffusion.sampling.settings import (UNSEEN_DECODED_KEY_WEIGHT, UNSEEN_KEY_WEIGHT,
+                                                    resolve_unseen_guide_w)
 
     keys = ["cell_type1", "donor", "batch"]
     assert resolve_unseen_guide_w(None, 0.5, keys) == {"cell_type1": 0.5, "donor": UNSEEN_KEY_WEIGHT,
@@ -165,6 +166,13 @@ def test_the_unseen_weights_rule():
     assert resolve_unseen_guide_w(None, {"cell_type1": 1.0, "donor": 0.0, "batch": 0.0}, keys)["cell_type1"] == 1.0
     assert resolve_unseen_guide_w(2.0, 0.5, keys) == {"cell_type1": 2.0, "donor": 2.0, "batch": 2.0}
     assert resolve_unseen_guide_w({"donor": 3.0}, 0.5, keys) == {"cell_type1": 0.0, "donor": 3.0, "batch": 0.0}
+    # a key the decoder reads gets the smaller default weight; a flag or a recorded choice still decides
+    assert resolve_unseen_guide_w(None, 0.5, keys, decoded_keys=["cell_type1", "donor"]) == {
+        "cell_type1": 0.5, "donor": UNSEEN_DECODED_KEY_WEIGHT, "batch": UNSEEN_KEY_WEIGHT}
+    assert UNSEEN_DECODED_KEY_WEIGHT != UNSEEN_KEY_WEIGHT
+    assert resolve_unseen_guide_w(3.0, 0.5, keys, decoded_keys=["donor"])["donor"] == 3.0
+    assert resolve_unseen_guide_w(None, 0.5, keys, {"cell_type1": 1.0, "donor": 1.0, "batch": 1.0},
+                                  decoded_keys=["donor"])["donor"] == 1.0
 
 
 def test_unseen_weights_with_the_nested_form_are_refused():
@@ -177,25 +185,29 @@ def test_unseen_weights_with_the_nested_form_are_refused():
         check_settings(SamplerSettings(unseen_guide_w=float("nan")))
 
 
-@pytest.fixture(scope="module")
-def two_key_model(tmp_path_factory):
-    """A tiny cell type x donor model trained without the combination type_2 x donor1."""
+def train_two_key_model(folder, *ae_flags):
+    """A tiny cell type x donor model trained in ``folder`` without the combination type_2 x donor1."""
     import cell_train
     from synthetic import make_counts_adata
     from VAE import VAE_train
 
-    folder = tmp_path_factory.mktemp("two_key")
     adata = make_counts_adata(n_cells=150, n_genes=12, n_types=3, n_donors=2, seed=5)
     held_out = (adata.obs["cell_type1"].astype(str) == "type_2") & (adata.obs["donor"].astype(str) == "donor1")
     adata[~held_out.to_numpy()].copy().write_h5ad(folder / "train.h5ad")
     VAE_train.main(["--data_dir", str(folder / "train.h5ad"), "--num_genes", "12", "--save_dir", str(folder / "ae"),
                     "--max_steps", "5", "--checkpoint_freq", "5", "--hidden_dims", "8", "8", "--latent_dim", "4",
-                    "--batch_size", "16", "--progress", "False"])
+                    "--batch_size", "16", "--progress", "False", *ae_flags])
     cell_train.main(["--data_dir", str(folder / "train.h5ad"), "--vae_path", str(folder / "ae" / "model_seed=0_step=5.pt"),
                      "--label_key", "cell_type1", "--label_key", "donor", "--model_name", "m",
                      "--save_dir", str(folder), "--lr_anneal_steps", "4", "--save_interval", "4",
                      "--hidden_dims", "8", "8", "8", "8", "--batch_size", "16", "--progress", "False"])
     return folder / "m" / "model000004.pt"
+
+
+@pytest.fixture(scope="module")
+def two_key_model(tmp_path_factory):
+    """A tiny cell type x donor model trained without the combination type_2 x donor1."""
+    return train_two_key_model(tmp_path_factory.mktemp("two_key"))
 
 
 def test_cell_sample_guides_an_unseen_combination_by_the_rule_and_records_it(two_key_model, tmp_path):
@@ -223,6 +235,22 @@ def test_cell_sample_guides_an_unseen_combination_by_the_rule_and_records_it(two
     # the seen cells: the same guidance; the batch's stacked forward differs, so equal up to float rounding
     np.testing.assert_allclose(np.load(folder / seen_file), np.load(tmp_path / "nested" / seen_file), rtol=1e-5,
                                atol=1e-4)
+
+
+def test_a_decoder_reading_the_donor_takes_the_smaller_default_weight(tmp_path):
+    import anndata
+
+    import cell_sample
+    from guided_diffusion.sampling.settings import UNSEEN_DECODED_KEY_WEIGHT
+
+    model = train_two_key_model(tmp_path, "--decoder_label_key", "cell_type1,donor")
+    cell_sample.main(["--model_path", str(model), "--sample_dir", str(tmp_path / "s"), "--num_samples", "4",
+                      "--progress", "False", "--precision", "fp32", "--condition", "cell_type1=type_2,donor=donor1"])
+    generated = anndata.read_h5ad(tmp_path / "s" / "generated.h5ad")
+    record = generated.uns["cfdiffusion"]
+    assert dict(record["unseen_guide_w"]) == {"cell_type1": 0.5, "donor": UNSEEN_DECODED_KEY_WEIGHT}
+    assert "UNSEEN_DECODED_KEY_WEIGHT" in record["unseen_guide_w_source"]
+    assert list(generated.obs["donor"].astype(str)) == ["donor1"] * 4
 
 
 # ---- the guidance interval of the composed rows --------------------------------------------------------------

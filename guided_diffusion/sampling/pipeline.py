@@ -306,6 +306,8 @@ def prepare_run(request, settings, device, loaded=None, autoencoder=None):
         raise UsageError(f"--num_classes {' '.join(map(str, request.num_classes))} contradicts the checkpoint "
                          f"({' '.join(map(str, sizes))}); omit it")
     settings = replace(settings, guide_w=resolve_guide_w(settings.guide_w, loaded.label_keys))
+    if autoencoder is None:
+        autoencoder = resolve_autoencoder(loaded, request.vae_path, device)
     if len(loaded.label_keys) > 1 and settings.guidance_form != "nested":
         defaults = loaded.checkpoint.sampling_defaults
         recorded = defaults.get("unseen_guide_w")
@@ -314,8 +316,9 @@ def prepare_run(request, settings, device, loaded=None, autoencoder=None):
         recorded_interval = None
         if settings.unseen_guide_w is None and recorded:
             recorded_interval = defaults.get("unseen_guidance_interval", (0.0, 1.0))
-        settings = replace(settings, unseen_guide_w=resolve_unseen_guide_w(settings.unseen_guide_w, settings.guide_w,
-                                                                           loaded.label_keys, recorded),
+        settings = replace(settings, unseen_guide_w=resolve_unseen_guide_w(
+                               settings.unseen_guide_w, settings.guide_w, loaded.label_keys, recorded,
+                               decoded_keys=autoencoder.model.decoder_label_keys),
                            unseen_guide_w_source=unseen_guide_w_source(settings.unseen_guide_w, recorded),
                            unseen_guidance_interval=resolve_unseen_guidance_interval(
                                settings.unseen_guidance_interval, recorded_interval))
@@ -324,8 +327,6 @@ def prepare_run(request, settings, device, loaded=None, autoencoder=None):
                                 schedule_steps=int(loaded.checkpoint.diffusion["steps"]))
     plan = plan_conditions(loaded, request.conditions, request.all_combinations, request.match_counts,
                            request.num_samples)
-    if autoencoder is None:
-        autoencoder = resolve_autoencoder(loaded, request.vae_path, device)
     check_decoder_labels(plan, loaded, autoencoder)
     return loaded, settings, plan, autoencoder
 

@@ -160,10 +160,14 @@ def resolve_guide_w(guide_w, label_keys):
 # an unseen combination's keys after the first (the donor of a cell type x donor pair) get this weight by
 # default: measured on held-out combinations of the bundled data (docs/sampling.md, "Unseen combinations")
 UNSEEN_KEY_WEIGHT = 4.0
+# the same for a key the autoencoder's decoder also reads (VAE_train.py --decoder_label_key cell_type1,donor): the
+# decoder adds that key's effect, and a smaller weight calls the donor right as often with more realistic cells
+UNSEEN_DECODED_KEY_WEIGHT = 2.0
 
 
 UNSEEN_SOURCES = {"flag": "--unseen_guide_w", "checkpoint": "the checkpoint (chosen on validation combinations)",
-                  "rule": "the default rule (first key: --guide_w, later keys: UNSEEN_KEY_WEIGHT)"}
+                  "rule": "the default rule (first key: --guide_w, later keys: UNSEEN_KEY_WEIGHT, or "
+                          "UNSEEN_DECODED_KEY_WEIGHT for a key the decoder reads)"}
 
 
 def unseen_guide_w_source(unseen_guide_w, recorded=None):
@@ -174,19 +178,22 @@ def unseen_guide_w_source(unseen_guide_w, recorded=None):
     return UNSEEN_SOURCES["checkpoint" if recorded else "rule"]
 
 
-def resolve_unseen_guide_w(unseen_guide_w, guide_w, label_keys, recorded=None):
+def resolve_unseen_guide_w(unseen_guide_w, guide_w, label_keys, recorded=None, decoded_keys=()):
     """The per-key weights of the conditions never seen in training: as given (one weight or per key, like
     ``--guide_w``); else the weights ``recorded`` in the checkpoint (``sampling_defaults["unseen_guide_w"]``,
     chosen on validation combinations by ``exp_script/guidance_sweep.py --unseen_weights ... --record True``);
-    else the first label key's weight from ``guide_w`` and ``UNSEEN_KEY_WEIGHT`` for every later key (the keys
-    that make the combination new: a donor, a perturbation)."""
+    else the first label key's weight from ``guide_w`` and, for every later key (the keys that make the
+    combination new: a donor, a perturbation), ``UNSEEN_DECODED_KEY_WEIGHT`` if it is one of ``decoded_keys``
+    (those the autoencoder's decoder reads), else ``UNSEEN_KEY_WEIGHT``."""
     if unseen_guide_w is not None:
         resolved = resolve_guide_w(unseen_guide_w, label_keys)
         return resolved if isinstance(resolved, dict) else {key: float(resolved) for key in label_keys}
     if recorded:
         return {key: float(recorded[key]) for key in label_keys}
     first = guide_w[label_keys[0]] if isinstance(guide_w, dict) else guide_w
-    return {key: float(first) if index == 0 else UNSEEN_KEY_WEIGHT for index, key in enumerate(label_keys)}
+    return {key: float(first) if index == 0 else
+            UNSEEN_DECODED_KEY_WEIGHT if key in decoded_keys else UNSEEN_KEY_WEIGHT
+            for index, key in enumerate(label_keys)}
 
 
 # the unseen conditions' weights apply on the low-noise half of the schedule only: on two held-out combinations of
