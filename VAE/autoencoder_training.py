@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from guided_diffusion.core.container import rng_state, set_rng_state
 from guided_diffusion.core.atomic import check_writable_dir
-from guided_diffusion.data import (check_genes, describe_change, fingerprint_differences, load_dataset,
-                                   make_batch_sampler, split_train_validation)
+from guided_diffusion.data import (DEFAULT_LABEL_KEY, check_genes, describe_change, fingerprint_differences,
+                                   load_dataset, make_batch_sampler, split_train_validation)
 from guided_diffusion.core.distributed import setup_distributed
 from guided_diffusion.training.optim import adamw, all_finite
 from guided_diffusion.core.errors import SettingError, UsageError, literal
@@ -247,10 +247,16 @@ def train_autoencoder(data, model_config, training):
     check_settings(training)
     context = setup_distributed(training.device)
     context.check_batch_size(training.batch_size)
-    dataset = load_dataset(data.data_dir, label_keys=decoder_label_keys(model_config.decoder_label_key, training),
-                           layer=data.layer, input_is_log=data.input_is_log,
-                           filters=data.filter, require_labels=False, backed=data.backed,
-                           block_rows=data.block_rows, allow_count_like_log=data.allow_count_like_log)
+    label_keys = decoder_label_keys(model_config.decoder_label_key, training)
+    try:
+        dataset = load_dataset(data.data_dir, label_keys=label_keys, layer=data.layer, input_is_log=data.input_is_log,
+                               filters=data.filter, require_labels=False, backed=data.backed,
+                               block_rows=data.block_rows, allow_count_like_log=data.allow_count_like_log)
+    except UsageError as error:
+        if label_keys is None and f"label key {DEFAULT_LABEL_KEY!r}" in str(error):  # the column auto chose
+            raise UsageError(f"{error} (the decoder reads {DEFAULT_LABEL_KEY} by default, --decoder_label_key auto; "
+                             f"--decoder_label_key none trains one that reads no labels)") from None
+        raise
     try:
         task = AutoencoderTask(data, model_config, training, dataset, context)
         started = time.monotonic()

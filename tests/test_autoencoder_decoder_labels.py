@@ -228,3 +228,17 @@ def test_a_single_key_record_loads_as_one_key():
     rebuilt.load_state_dict(model.state_dict())
     none = VAE.complete_config({**config, "decoder_label_key": None, "decoder_labels": []})
     assert none["decoder_label_keys"] == [] and not VAE(**none).reads_labels
+
+
+def test_auto_names_the_flag_when_cell_type1_has_missing_values(tmp_path, counts_adata, capsys):
+    types = counts_adata.obs["cell_type1"].astype(object).to_numpy()
+    types[:4] = np.nan
+    counts_adata.obs["cell_type1"] = pd.Categorical(types)
+    counts_adata.write_h5ad(tmp_path / "gaps.h5ad")
+    with pytest.raises(SystemExit) as stopped:
+        train(tmp_path / "gaps.h5ad", tmp_path / "auto")
+    assert stopped.value.code != 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "missing for 4 cells" in last and "--decoder_label_key none" in last
+    path = train(tmp_path / "gaps.h5ad", tmp_path / "none", "--decoder_label_key", "none")
+    assert load_checkpoint(path)["model_config"]["decoder_label_keys"] == []
