@@ -33,6 +33,16 @@ def randomize_effects(model):
             effect.weight.normal_()
 
 
+def refused_diffusion_training(data, vae, tmp_path, capsys):
+    """cell_train.py on ``data`` with the autoencoder ``vae``, which must stop with a non-zero exit; its last
+    stderr line."""
+    with pytest.raises(SystemExit) as stopped:
+        cell_train.main(["--data_dir", str(data), "--vae_path", vae, "--save_dir", str(tmp_path / "d"),
+                         "--model_name", "m", "--lr_anneal_steps", "2", "--progress", "False"])
+    assert stopped.value.code != 0
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def train(counts_h5ad, save_dir, *extra):
     return VAE_train.main(["--data_dir", str(counts_h5ad), "--save_dir", str(save_dir), "--progress", "False",
                            "--batch_size", "32", "--log_interval", "5", "--hidden_dims", "16", "--latent_dim", "6",
@@ -132,11 +142,7 @@ def test_the_writer_decodes_each_cell_with_its_obs_label(tmp_path, counts_h5ad):
 
 def test_the_diffusion_model_must_be_conditioned_on_the_decoders_key(tmp_path, counts_h5ad, capsys):
     vae = train(counts_h5ad, tmp_path / "ae", "--decoder_label_key", "donor")
-    with pytest.raises(SystemExit) as stopped:
-        cell_train.main(["--data_dir", str(counts_h5ad), "--vae_path", vae, "--save_dir", str(tmp_path / "d"),
-                         "--model_name", "m", "--lr_anneal_steps", "2", "--progress", "False"])
-    assert stopped.value.code != 0
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    last = refused_diffusion_training(counts_h5ad, vae, tmp_path, capsys)
     assert "--label_key donor" in last and "Traceback" not in last
 
 
@@ -161,11 +167,7 @@ def test_a_diffusion_dataset_with_types_the_decoder_never_saw_is_refused(tmp_pat
     kept = counts_adata[counts_adata.obs["cell_type1"].astype(str) != "type_2"].copy()
     kept.write_h5ad(tmp_path / "kept.h5ad")
     vae = train(tmp_path / "kept.h5ad", tmp_path / "ae", "--decoder_label_key", "cell_type1")
-    with pytest.raises(SystemExit) as stopped:
-        cell_train.main(["--data_dir", str(full), "--vae_path", vae, "--save_dir", str(tmp_path / "d"),
-                         "--model_name", "m", "--lr_anneal_steps", "2", "--progress", "False"])
-    assert stopped.value.code != 0
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    last = refused_diffusion_training(full, vae, tmp_path, capsys)
     assert "type_2" in last and "Traceback" not in last
 
 
@@ -195,7 +197,7 @@ def test_two_keys_shifts_add_and_each_cell_needs_both():
         model.decode(latent, codes[:, 0])
 
 
-def test_a_decoder_reading_two_keys_trains_writes_and_refuses_an_open_key(tmp_path, counts_h5ad):
+def test_a_decoder_reading_two_keys_trains_writes_and_refuses_an_open_key(tmp_path, counts_h5ad, capsys):
     path = train(counts_h5ad, tmp_path / "ae", "--decoder_label_key", "cell_type1,donor")
     config = load_checkpoint(path)["model_config"]
     assert config["decoder_label_keys"] == ["cell_type1", "donor"] and len(config["decoder_labels"][1]) >= 2
@@ -211,10 +213,7 @@ def test_a_decoder_reading_two_keys_trains_writes_and_refuses_an_open_key(tmp_pa
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(UsageError, match="no 'donor' column"):
         autoencoder.decoder_codes(obs.drop(columns="donor"))
-    with pytest.raises(SystemExit) as stopped:  # the diffusion model must be conditioned on both keys
-        cell_train.main(["--data_dir", str(counts_h5ad), "--vae_path", path, "--save_dir", str(tmp_path / "d"),
-                         "--model_name", "m", "--lr_anneal_steps", "2", "--progress", "False"])
-    assert stopped.value.code != 0
+    refused_diffusion_training(counts_h5ad, path, tmp_path, capsys)  # it must be conditioned on both keys
     with pytest.raises(SystemExit):
         train(counts_h5ad, tmp_path / "bad", "--decoder_label_key", "cell_type1,,donor")
 
