@@ -16,6 +16,8 @@ FIGURES = (("held_out_generated_called_correctly", "unseen called right"),
            ("seen_generated_called_wrong_mean", "seen called wrong"),
            ("held_out_knn_auc", "unseen kNN AUC"),
            ("held_out_other_donors_real_knn_auc", "other donors' real cells kNN AUC"),
+           ("held_out_additive_shift_knn_auc", "same, moved by the donor's shift on other types"),
+           ("held_out_own_mean_shift_knn_auc", "same, moved to the combination's own mean (oracle)"),
            ("seen_knn_auc_mean", "seen kNN AUC"))
 
 

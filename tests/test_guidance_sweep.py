@@ -7,22 +7,27 @@ import pytest
 import scipy.sparse as sp
 
 from exp_script import guidance_sweep, unseen_combination
+from exp_script.evaluation.label_classifier import fit_label_classifier
+from exp_script.evaluation.unseen_guidance import donor_shift_references
 from test_checkpoints import LEGACY, MODEL, VAE, refused
 
 N_GENES = 30
 
 
 def donor_data(cells_per_combination=30, types=("alpha", "beta"), donors=("d0", "d1", "d2"), seed=0,
-               donor_effect=True):
-    """Counts where each type over-expresses a block of genes and each donor another (if ``donor_effect``)."""
+               donor_effect=True, type_specific=False, depth=1.0):
+    """Counts where each type over-expresses a block of genes and each donor another (if ``donor_effect``); with
+    ``type_specific`` the donor's block depends on the type too (beta cells of donor d show donor d+1's block);
+    ``depth`` scales every rate."""
     rng = np.random.default_rng(seed)
     rows, obs = [], []
     for t, cell_type in enumerate(types):
         for d, donor in enumerate(donors):
-            rates = np.full((cells_per_combination, N_GENES), 2.0)
+            rates = np.full((cells_per_combination, N_GENES), 2.0 * depth)
             rates[:, 5 * t:5 * t + 5] *= 6
             if donor_effect:
-                rates[:, 15 + 5 * d:20 + 5 * d] *= 5
+                block = (d + t * type_specific) % len(donors)
+                rates[:, 15 + 5 * block:20 + 5 * block] *= 5
             rows.append(rng.poisson(rates * rng.uniform(0.7, 1.3, (cells_per_combination, 1))))
             obs += [(cell_type, donor)] * cells_per_combination
     obs = pd.DataFrame(obs, columns=["cell_type1", "donor"], index=[f"c{i}" for i in range(len(obs))])
@@ -59,10 +64,10 @@ def test_exclude_refuses_values_the_data_lacks(tmp_path, capsys):
     assert not (tmp_path / "t.h5ad").exists()
 
 
-def score(tmp_path, generated, blind=None):
+def score(tmp_path, generated, blind=None, real_data=None):
     tmp_path.mkdir(parents=True, exist_ok=True)
     real, path = tmp_path / "real.h5ad", tmp_path / "generated.h5ad"
-    donor_data().write_h5ad(real)
+    (donor_data() if real_data is None else real_data).write_h5ad(real)
     as_generated(generated).write_h5ad(path)
     argv = ["score", "--real", str(real), "--generated", str(path), "--cell_type", "beta", "--donor", "d2",
             "--out", str(tmp_path / "out")]
@@ -102,6 +107,40 @@ def test_a_faithful_generator_passes_and_a_donor_blind_one_fails(tmp_path):
     assert summary["seen_knn_auc_mean"] < 0.75  # the seen combinations stay faithful: the reference
     held_out = next(row for row in result["donors"] if row["held_out"])
     assert held_out["donor"] == "d2" and held_out["real_cells"] == 30 and held_out["generated_cells"] == 30
+
+
+@pytest.mark.parametrize("type_specific", [False, True])
+def test_the_donor_shift_references_are_realistic_exactly_when_the_donor_effect_is_additive(tmp_path, type_specific):
+    # deep enough that a gene's log-expression has few zeros and enough cells that its mean shift is measured
+    # within ~0.1
+    real = donor_data(cells_per_combination=60, type_specific=type_specific, depth=10)
+    result = score(tmp_path, donor_data(seed=1, type_specific=type_specific, depth=10), real_data=real)
+    summary = result["summary"]
+    assert summary["held_out_additive_shift_types"] == ["alpha"]
+    # the oracle moves the other donors' beta cells to the combination's own mean: right in both worlds
+    assert summary["held_out_own_mean_shift_called_correctly"] > 0.9
+    assert summary["held_out_own_mean_shift_knn_auc"] < 0.75
+    assert summary["held_out_other_donors_real_knn_auc"] > 0.9
+    if not type_specific:  # d2's effect on alpha is its effect on beta: the additive shift recovers the combination
+        assert summary["held_out_additive_shift_called_correctly"] > 0.9
+        assert summary["held_out_additive_shift_knn_auc"] < 0.75
+    else:  # beta cells of d2 show another block than alpha cells of d2: no additive effect can get them right
+        assert summary["held_out_additive_shift_called_correctly"] < 0.2
+        assert summary["held_out_additive_shift_knn_auc"] > 0.9
+    text = (tmp_path / "out" / "unseen_combination.md").read_text()
+    assert "held_out_additive_shift_knn_auc" in text and "held_out_own_mean_shift_knn_auc" in text
+
+
+def test_the_donor_shift_references_are_empty_without_another_type_of_the_donor():
+    real = donor_data()
+    x = real.X.toarray().astype(np.float32)
+    keep = ~((real.obs["cell_type1"] == "alpha") & (real.obs["donor"] == "d2")).to_numpy()
+    obs = real.obs[keep].astype(str)
+    classifier = fit_label_classifier(x[keep][(obs["cell_type1"] == "beta").to_numpy()],
+                                      obs["donor"].to_numpy()[(obs["cell_type1"] == "beta").to_numpy()])
+    result = donor_shift_references(x[keep], obs, "cell_type1", "donor", "beta", "d2", classifier, 30)
+    assert result["additive_shift_knn_auc"] is None and result["additive_shift_types"] == []
+    assert result["own_mean_shift_knn_auc"] is not None
 
 
 # ---- guidance sweep --------------------------------------------------------------------------------

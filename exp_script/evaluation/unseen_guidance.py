@@ -22,6 +22,8 @@ from guided_diffusion.sampling.conditions import parse_condition
 # are called right 0.98 of the time
 CALLED_RIGHT_SHARE = 0.8
 MIN_VALIDATION_CELLS = 10
+# cells of a (type, donor) pair needed for its mean in the donor-shift references
+MIN_SHIFT_CELLS = 10
 RULE = (f"among the settings whose generated cells are called the intended value of the later key at least "
         f"{CALLED_RIGHT_SHARE:g} x as often as the real cells of the combination are (out of fold), the one with the "
         f"lowest kNN AUC against those real cells; if none qualifies, the one called right most often")
@@ -68,13 +70,77 @@ def donor_calls(real_x, real_obs, generated_x, generated_obs, type_key, donor_ke
     return rows, classifier
 
 
-def _other_donors_auc(real_features, real_rows, count, seed):
+def _other_donor_rows(real_rows, count, seed):
+    """Rows of the type's cells of the other donors standing in for ``count`` generated cells (as many as the
+    combination has when fewer than 2 were generated); None when either side has fewer than 2 cells."""
     others = np.flatnonzero(~real_rows)
     count = min(len(others), count if count >= 2 else int(real_rows.sum()))
     if count < 2 or real_rows.sum() < 2:
         return None
-    chosen = np.sort(np.random.default_rng([seed, 17]).choice(others, count, replace=False))
-    return knn_auc(real_features[real_rows], real_features[chosen], seed)
+    return np.sort(np.random.default_rng([seed, 17]).choice(others, count, replace=False))
+
+
+def _other_donors_auc(real_features, real_rows, count, seed):
+    chosen = _other_donor_rows(real_rows, count, seed)
+    return None if chosen is None else knn_auc(real_features[real_rows], real_features[chosen], seed)
+
+
+def donor_shift_references(real_x, real_obs, type_key, donor_key, cell_type, donor, classifier, count, seed=0):
+    """What real cells moved by a donor effect score, as references for a held-out combination's generated cells.
+
+    The type's real cells of the other donors (the cells :func:`_other_donors_auc` draws) are moved, per source
+    donor, by a per-gene shift of the log-normalized expression (clipped at 0):
+
+    * ``additive_shift``: the held-out donor's mean difference from the source donor on the *other* types both
+      have (at least MIN_SHIFT_CELLS cells each), averaged over those types: the best an additive donor effect
+      learned without the combination's cells can give, with real cells' own variation;
+    * ``own_mean_shift``: the combination's own mean difference from the source donor's cells of the type, an
+      oracle that knows the answer's mean: what a generator right about the mean, and nothing more, reaches.
+
+    Returns {"<reference>_knn_auc", "<reference>_called_correctly"} (kNN AUC against the combination's real
+    cells in the donor classifier's feature space, and the share the classifier calls ``donor``), each None where
+    no cells could be built, and "additive_shift_types" (the other types the shift was averaged over).
+    """
+    types, donors = real_obs[type_key].to_numpy(), real_obs[donor_key].to_numpy()
+    of_type = types == cell_type
+    type_x, type_donors = real_x[of_type], donors[of_type]
+    real_rows = type_donors == donor
+    chosen = _other_donor_rows(real_rows, count, seed)
+    result = {f"{name}_{figure}": None for name in ("additive_shift", "own_mean_shift")
+              for figure in ("knn_auc", "called_correctly")}
+    result["additive_shift_types"] = []
+    if chosen is None:
+        return result
+    features = classifier[:-1]
+    real_features = features.transform(type_x[real_rows])
+    sources = type_donors[chosen]
+    other_types = sorted(set(types[~of_type]))
+
+    def enough(each_type, each_donor):
+        return int(((types == each_type) & (donors == each_donor)).sum()) >= MIN_SHIFT_CELLS
+
+    def mean_of(each_type, each_donor):
+        return real_x[(types == each_type) & (donors == each_donor)].mean(axis=0)
+
+    shifts = {"additive_shift": {}, "own_mean_shift": {}}
+    used = set()
+    own_mean = type_x[real_rows].mean(axis=0)
+    for source in sorted(set(sources)):
+        shifts["own_mean_shift"][source] = own_mean - type_x[type_donors == source].mean(axis=0)
+        common = [t for t in other_types if enough(t, donor) and enough(t, source)]
+        if common:
+            used.update(common)
+            shifts["additive_shift"][source] = np.mean([mean_of(t, donor) - mean_of(t, source) for t in common], axis=0)
+    result["additive_shift_types"] = sorted(used)
+    for name, by_source in shifts.items():
+        rows = np.isin(sources, list(by_source))
+        if rows.sum() < 2:
+            continue
+        moved = np.vstack([np.maximum(type_x[chosen[sources == source]] + by_source[source], 0.0)
+                           for source in sorted(by_source)]).astype(np.float32)
+        result[f"{name}_knn_auc"] = knn_auc(real_features, features.transform(moved), seed)
+        result[f"{name}_called_correctly"] = float(np.mean(classifier.predict(moved) == donor))
+    return result
 
 
 def validation_combinations(loaded, obs, requested=None, min_cells=MIN_VALIDATION_CELLS):
