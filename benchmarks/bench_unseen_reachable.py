@@ -38,7 +38,7 @@ def halves_auc(features, seed):
 def reachable(data, type_key, donor_key, min_cells, seed):
     from exp_script.evaluation.guidance_inputs import read_cells
     from exp_script.evaluation.label_classifier import fit_label_classifier
-    from exp_script.evaluation.unseen_guidance import _other_donors_auc, donor_shift_references
+    from exp_script.evaluation.unseen_guidance import other_donors_auc, donor_shift_references
 
     x, _, obs = read_cells(data, [type_key, donor_key])
     types, donors = obs[type_key].to_numpy(), obs[donor_key].to_numpy()
@@ -58,7 +58,7 @@ def reachable(data, type_key, donor_key, min_cells, seed):
             references = donor_shift_references(x, obs, type_key, donor_key, cell_type, donor, classifier, count, seed)
             rows.append({"cell_type": cell_type, "donor": donor, "cells": count,
                          "real_halves_knn_auc": halves_auc(features[own], seed),
-                         "other_donors_real_knn_auc": _other_donors_auc(features, own, count, seed),
+                         "other_donors_real_knn_auc": other_donors_auc(features, own, count, seed),
                          **{key: value for key, value in references.items() if key != "additive_shift_types"},
                          "additive_shift_types": len(references["additive_shift_types"])})
     return pd.DataFrame(rows)

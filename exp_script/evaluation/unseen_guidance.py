@@ -64,7 +64,7 @@ def donor_calls(real_x, real_obs, generated_x, generated_obs, type_key, donor_ke
             # a reference for that figure: the type's real cells of the other donors against this combination's
             # (as many as were generated, else as many as it has): what a generator that draws the right type
             # from another donor's cells would score
-            "other_donors_real_knn_auc": _other_donors_auc(real_features, real_rows, int(generated_rows.sum()),
+            "other_donors_real_knn_auc": other_donors_auc(real_features, real_rows, int(generated_rows.sum()),
                                                            seed),
         })
     return rows, classifier
@@ -80,7 +80,10 @@ def _other_donor_rows(real_rows, count, seed):
     return np.sort(np.random.default_rng([seed, 17]).choice(others, count, replace=False))
 
 
-def _other_donors_auc(real_features, real_rows, count, seed):
+def other_donors_auc(real_features, real_rows, count, seed):
+    """kNN AUC of the type's real cells of the other donors (:func:`_other_donor_rows`) against the combination's
+    (``real_rows`` of ``real_features``): a generator right about the type and blind to the donor; None when
+    either side has fewer than 2 cells."""
     chosen = _other_donor_rows(real_rows, count, seed)
     return None if chosen is None else knn_auc(real_features[real_rows], real_features[chosen], seed)
 
@@ -88,7 +91,7 @@ def _other_donors_auc(real_features, real_rows, count, seed):
 def donor_shift_references(real_x, real_obs, type_key, donor_key, cell_type, donor, classifier, count, seed=0):
     """What real cells moved by a donor effect score, as references for a held-out combination's generated cells.
 
-    The type's real cells of the other donors (the cells :func:`_other_donors_auc` draws) are moved, per source
+    The type's real cells of the other donors (the cells :func:`other_donors_auc` draws) are moved, per source
     donor, by a per-gene shift of the log-normalized expression (clipped at 0):
 
     * ``additive_shift``: the held-out donor's mean difference from the source donor on the *other* types both
