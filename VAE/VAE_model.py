@@ -42,7 +42,8 @@ DECODER_ACTIVATIONS = ("ReLU", "linear")
 LOSSES = ("mse", "nb")
 LATENT_NORMS = ("sphere", "none")  # the deterministic latent: L2-normalized (the original) or the encoder's output
 # the settings a checkpoint written before they existed was trained with (its model_config lacks them)
-CONFIG_DEFAULTS = {"variational": False, "latent_norm": "sphere", "decoder_label_keys": [], "decoder_labels": []}
+CONFIG_DEFAULTS = {"variational": False, "latent_norm": "sphere", "decoder_label_keys": [], "decoder_labels": [],
+                   "encoder_genes": []}
 
 
 def _mlp_block(in_features, out_features, dropout):
@@ -61,12 +62,17 @@ class VAE(nn.Module):
 
     def __init__(self, num_genes, latent_dim=20, hidden_dims=(128,), dropout=0.0,
                  decoder_activation="ReLU", loss_ae="mse", target_sum=1e4, variational=False, latent_norm="sphere",
-                 decoder_label_keys=(), decoder_labels=()):
+                 decoder_label_keys=(), decoder_labels=(), encoder_genes=()):
         super().__init__()
         if len(decoder_label_keys) != len(decoder_labels) or any(not values for values in decoder_labels):
             raise UsageError("--decoder_label_key: every key the decoder reads needs its label values")
         if len(set(decoder_label_keys)) != len(decoder_label_keys):
             raise UsageError(f"--decoder_label_key names a key twice: {', '.join(decoder_label_keys)}")
+        encoder_genes = [int(gene) for gene in encoder_genes]
+        if encoder_genes and (len(set(encoder_genes)) != len(encoder_genes) or min(encoder_genes) < 0
+                              or max(encoder_genes) >= num_genes):
+            raise UsageError(f"--encoder_genes: the encoder's genes must be distinct positions among the "
+                             f"{num_genes} genes")
         if latent_norm not in LATENT_NORMS:
             raise UsageError(f"--latent_norm must be one of {', '.join(LATENT_NORMS)}, got {latent_norm!r}")
         if decoder_activation not in DECODER_ACTIVATIONS:
@@ -85,8 +91,13 @@ class VAE(nn.Module):
         self.latent_norm = latent_norm  # the deterministic latent's; a variational latent is the posterior mean
         self.decoder_label_keys = [str(key) for key in decoder_label_keys]
         self.decoder_labels = [[str(label) for label in values] for values in decoder_labels]
+        # the positions of the genes the encoder reads (sorted; empty: every gene); the decoder outputs every gene
+        self.encoder_genes = sorted(encoder_genes)
+        if self.encoder_genes:
+            self.register_buffer("_encoder_index", torch.tensor(self.encoder_genes, dtype=torch.long),
+                                 persistent=False)
 
-        encoder, width = [], self.num_genes
+        encoder, width = [], len(self.encoder_genes) or self.num_genes
         for hidden in self.hidden_dims:
             encoder += _mlp_block(width, hidden, self.dropout)
             width = hidden
@@ -203,7 +214,8 @@ class VAE(nn.Module):
                 "dropout": self.dropout, "decoder_activation": self.decoder_activation, "loss_ae": self.loss_ae,
                 "target_sum": self.target_sum, "variational": self.variational, "latent_norm": self.latent_norm,
                 "decoder_label_keys": list(self.decoder_label_keys),
-                "decoder_labels": [list(values) for values in self.decoder_labels]}
+                "decoder_labels": [list(values) for values in self.decoder_labels],
+                "encoder_genes": list(self.encoder_genes)}
 
     @staticmethod
     def complete_config(config):
@@ -232,6 +244,8 @@ class VAE(nn.Module):
     def posterior(self, x):
         """(latent, log-variance): the latent (L2-normalized with ``latent_norm`` "sphere") and None
         (deterministic), or the Gaussian posterior's mean and log-variance (variational), float32."""
+        if self.encoder_genes:
+            x = x.index_select(1, self._encoder_index)
         with self._matmul_precision(x):
             if not self.variational:
                 latent = self.encoder(x).float()

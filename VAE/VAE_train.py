@@ -85,6 +85,10 @@ def build_parser():
                              "each (cell_train.py --label_key), and decoding needs each cell's values. auto: "
                              "cell_type1 when the data has it, else none; none: the decoder reads the latent only "
                              "(the original)")
+    parser.add_argument("--encoder_genes", type=non_negative_int, default=DEFAULTS["encoder_genes"],
+                        help="the encoder reads only this many genes, the most variable of the training cells "
+                             "(scanpy's Seurat-flavour dispersion of the log-normalized expression); the decoder "
+                             "still outputs every gene. 0: every gene (the original)")
     parser.add_argument("--dropout", type=fraction, default=DEFAULTS["dropout"], help="dropout after each hidden layer")
     parser.add_argument("--precision", default=DEFAULTS["precision"], choices=["auto", "fp32", "bf16"],
                         help="matmuls of the training step: bf16 (autocast, fp32 master weights and loss), fp32, or "

@@ -4,6 +4,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -136,6 +137,31 @@ def output_bias(dataset, indices, models_counts, seed, max_cells=50000, chunk=10
         return np.log(np.maximum(mean, 1e-3 / dataset.normalization.target_sum / max(len(indices), 1)))
     return mean
 
+
+# --encoder_genes: the variable genes are ranked on at most this many training cells (a seeded draw), read dense
+VARIABLE_GENE_CELLS = 4096
+
+
+def encoder_gene_positions(dataset, indices, count, seed, max_cells=VARIABLE_GENE_CELLS, chunk=1024):
+    """The positions of the ``count`` most variable genes among the cells ``indices`` (at most ``max_cells``):
+    scanpy's Seurat-flavour normalized dispersion of the log-normalized expression, ties and genes without a
+    dispersion broken by mean expression; sorted. Every gene (an empty list) when ``count`` is 0 or covers them."""
+    import anndata
+    import scanpy as sc
+
+    if not count or count >= dataset.n_genes:
+        return []
+    indices = np.asarray(indices)
+    if len(indices) > max_cells:
+        indices = np.sort(np.random.default_rng([seed, 11]).choice(indices, max_cells, replace=False))
+    values = np.vstack([dataset.rows(indices[start:start + chunk]) for start in range(0, len(indices), chunk)])
+    adata = anndata.AnnData(values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        table = sc.pp.highly_variable_genes(adata, flavor="seurat", inplace=False)
+    dispersion = np.nan_to_num(table["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
+    order = np.lexsort((-table["means"].to_numpy(dtype=np.float64), -dispersion))
+    return sorted(int(gene) for gene in order[:count])
 
 
 # --refit_dispersion: at most this many training cells (seeded draw) enter the fit; a per-gene dispersion needs
@@ -445,12 +471,13 @@ class AutoencoderTask(TrainingTask):
                                                                   training.seed)
         torch.manual_seed(training.seed)
         decoder_keys = list(dataset.label_keys)  # the data is loaded with the decoder's keys only
+        encoder_genes = self._encoder_genes(model_config)
         model = VAE(dataset.n_genes, latent_dim=model_config.latent_dim, hidden_dims=model_config.hidden_dims,
                     dropout=model_config.dropout, decoder_activation=model_config.decoder_activation,
                     loss_ae=resolve_loss(model_config.loss_ae, dataset),
                     target_sum=dataset.normalization.target_sum, variational=model_config.kl_weight > 0,
                     latent_norm=model_config.latent_norm, decoder_label_keys=decoder_keys,
-                    decoder_labels=[dataset.vocabularies[key] for key in decoder_keys])
+                    decoder_labels=[dataset.vocabularies[key] for key in decoder_keys], encoder_genes=encoder_genes)
         self.model = context.synchronize_batchnorm(model).to(self.device)
         self.model.set_precision(training.precision, self.device)
         if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step
@@ -476,6 +503,18 @@ class AutoencoderTask(TrainingTask):
                              enabled=context.is_main)
         self.running, self.running_count = 0.0, 0
         self.model.train()
+
+    def _encoder_genes(self, model_config):
+        """The genes the encoder reads: a resumed run's own (recorded in its checkpoint), else the
+        ``encoder_genes`` most variable of the training cells (validation cells excluded)."""
+        if not model_config.encoder_genes:
+            return []
+        resume_path = resolve_resume_path(self.training)
+        if resume_path:
+            recorded = AutoencoderCheckpoint.load(resume_path).model_config.get("encoder_genes", [])
+            if len(recorded) == model_config.encoder_genes:
+                return recorded  # a count that differs is refused by check_resumable, naming both configs
+        return encoder_gene_positions(self.dataset, self.train_index, model_config.encoder_genes, self.training.seed)
 
     def _start_fresh(self):
         self.model.init_output_bias(output_bias(self.dataset, self.train_index, self.model.models_counts,

@@ -112,6 +112,7 @@ class AutoencoderModelConfig:
     # obs columns (comma-separated) the decoder reads beside the latent; "auto": cell_type1 when the data has it;
     # None / "none": none
     decoder_label_key: Optional[str] = "auto"
+    encoder_genes: int = 0  # the encoder reads this many most variable genes; 0: every gene (the original)
 
     def validate(self):
         check_int(self.num_genes, "num_genes", 1, optional=True)
@@ -123,6 +124,7 @@ class AutoencoderModelConfig:
         check_float(self.kl_weight, "kl_weight", 0)
         check_str(self.latent_norm, "latent_norm", ("sphere", "none"))
         check_str(self.decoder_label_key, "decoder_label_key", optional=True)
+        check_int(self.encoder_genes, "encoder_genes", 0)
 
 
 @dataclass
