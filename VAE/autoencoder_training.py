@@ -4,7 +4,6 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -20,6 +19,7 @@ from guided_diffusion.core.errors import SettingError, UsageError, literal
 from guided_diffusion.training.config import plain_dict, validate
 from guided_diffusion.training.loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
 from guided_diffusion.core.memory import reuse_freed_memory
+from guided_diffusion.data.variable_genes import rank_variable_genes
 
 from VAE.autoencoder_checkpoint import (AutoencoderCheckpoint, best_model_path, checkpoint_files, latest_model_path,
                                         model_path)
@@ -143,25 +143,16 @@ VARIABLE_GENE_CELLS = 4096
 
 
 def encoder_gene_positions(dataset, indices, count, seed, max_cells=VARIABLE_GENE_CELLS, chunk=1024):
-    """The positions of the ``count`` most variable genes among the cells ``indices`` (at most ``max_cells``):
-    scanpy's Seurat-flavour normalized dispersion of the log-normalized expression, ties and genes without a
-    dispersion broken by mean expression; sorted. Every gene (an empty list) when ``count`` is 0 or covers them."""
-    import anndata
-    import scanpy as sc
-
+    """The positions of the ``count`` most variable genes among the cells ``indices`` (at most ``max_cells``, a
+    seeded draw), ranked as the evaluation ranks them (:func:`guided_diffusion.data.variable_genes.
+    rank_variable_genes`); sorted. Every gene (an empty list) when ``count`` is 0 or covers them."""
     if not count or count >= dataset.n_genes:
         return []
     indices = np.asarray(indices)
     if len(indices) > max_cells:
         indices = np.sort(np.random.default_rng([seed, 11]).choice(indices, max_cells, replace=False))
     values = np.vstack([dataset.rows(indices[start:start + chunk]) for start in range(0, len(indices), chunk)])
-    adata = anndata.AnnData(values)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = sc.pp.highly_variable_genes(adata, flavor="seurat", inplace=False)
-    dispersion = np.nan_to_num(table["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
-    order = np.lexsort((-table["means"].to_numpy(dtype=np.float64), -dispersion))
-    return sorted(int(gene) for gene in order[:count])
+    return sorted(int(gene) for gene in rank_variable_genes(values)[:count])
 
 
 # --refit_dispersion: at most this many training cells (seeded draw) enter the fit; a per-gene dispersion needs

@@ -1,11 +1,9 @@
 """Shared preparation: label-stratified splits and subsamples, and the evaluation's feature space
 (top variable genes, z-scored, on a PCA)."""
-import warnings
-
-import anndata
 import numpy as np
-import pandas as pd
 from sklearn.decomposition import PCA
+
+from guided_diffusion.data.variable_genes import rank_variable_genes
 
 
 def subsample_rows(n, count, rng):
@@ -45,22 +43,6 @@ def balanced_rows(reference_labels, compared_labels, rng):
     """Row indices of both sides cut to the smaller side's size, each keeping its label proportions."""
     size = min(len(reference_labels), len(compared_labels))
     return (stratified_subsample(reference_labels, size, rng), stratified_subsample(compared_labels, size, rng))
-
-
-def rank_variable_genes(expression, genes):
-    """Gene indices ordered from most to least variable (scanpy's Seurat-flavour normalized
-    dispersion on log-normalized data); genes without a dispersion come last."""
-    import scanpy as sc
-
-    values = np.asarray(expression, dtype=np.float32)
-    adata = anndata.AnnData(X=values, obs=pd.DataFrame(index=[f"cell{i}" for i in range(values.shape[0])]),
-                            var=pd.DataFrame(index=list(genes)))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        table = sc.pp.highly_variable_genes(adata, flavor="seurat", inplace=False)
-    dispersion = np.nan_to_num(table["dispersions_norm"].to_numpy(dtype=np.float64), nan=-np.inf)
-    means = table["means"].to_numpy(dtype=np.float64)
-    return np.lexsort((-means, -dispersion))
 
 
 class FeatureSpace:

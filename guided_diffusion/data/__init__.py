@@ -15,6 +15,8 @@ One module per concern (the names of all but ``flags`` are importable from ``gui
 | ``dataset`` | :class:`CellDataset` over an in-memory or streamed row source; ``load_dataset`` |
 | ``fingerprint`` | the training data's fingerprint (genes, cell names, values) and what differs between two |
 | ``batches`` | batch samplers (shuffled, block-shuffled) and the train/validation split |
+| ``variable_genes`` | the most variable genes (Seurat-flavour dispersion): the evaluation's feature space and the
+  autoencoder's ``--encoder_genes`` |
 | ``flags`` | the command-line layer of the data: ``add_data_args`` and ``dataset_from_args`` (import it from
   ``guided_diffusion.data.flags``; it is not re-exported here, so the library below the CLI never loads argparse types) |
 """
