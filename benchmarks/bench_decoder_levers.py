@@ -10,6 +10,9 @@ and the validation cells are reconstructed with drawn counts and scored against 
 evaluation's two-sample AUCs (`exp_script/evaluation/metrics.expression_two_sample`), beside the positive
 control (fitting cells vs validation cells). The figure that bounds the generator is "decoded fitting latents"
 (a perfect latent model through this decoder); "reconstructed validation" is the decoder on unseen cells.
+``--fit_cells N`` trains and decodes a stratified draw of N fitting cells instead (the same draw for every variant
+and seed; the validation cells unchanged): run it at several N, each into its own --out, for the bound's curve
+over the number of training cells.
 
 Writes OUT/levers.tsv (one row per variant and seed) and OUT/summary.md (mean ± sd over seeds). A variant is
 ``name`` from VARIANTS or ``name=--flag value ...``. Runs whose row exists are reused (delete the row's folder to
@@ -79,7 +82,28 @@ def split(args):
         run([sys.executable, "exp_script/split.py", "--data_dir", args.train, "--label_key", args.label_key,
              "--out", os.path.join(args.out, "split"), "--heldout_fraction", str(args.val_fraction),
              "--seed", str(args.split_seed)], args.threads)
+    if args.fit_cells:
+        fit = fitting_subset(fit, args.fit_cells, args.label_key, args.split_seed)
     return fit, val
+
+
+def fitting_subset(fit, n_cells, label_key, seed):
+    """The path of a stratified draw of ``n_cells`` of the fitting cells (label proportions kept; all of them when
+    there are no more), written beside them once as fit_cells=N.h5ad."""
+    import anndata
+
+    from exp_script.evaluation.features import stratified_subsample
+    from guided_diffusion.sampling.writer import write_h5ad
+
+    path = os.path.join(os.path.dirname(fit), f"fit_cells={n_cells}.h5ad")
+    if not os.path.isfile(path):
+        cells = anndata.read_h5ad(fit)
+        if label_key not in cells.obs.columns:
+            raise SystemExit(f"error: --label_key {label_key!r} is not a column of {fit}")
+        rows = stratified_subsample(cells.obs[label_key].astype(str).to_numpy(), n_cells,
+                                    np.random.default_rng([seed, 3]))
+        write_h5ad(path, cells[rows].copy())
+    return path
 
 
 def score(args, vae_path, fit, val, folder, seed):
@@ -153,7 +177,11 @@ def main():
     parser.add_argument("--val_fraction", type=float, default=0.15)
     parser.add_argument("--split_seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--fit_cells", type=int, default=0,
+                        help="train on a stratified draw of this many fitting cells (0: all of them)")
     args = parser.parse_args()
+    if args.fit_cells < 0:
+        parser.error("--fit_cells must be 0 (every fitting cell) or a positive count")
     os.makedirs(args.out, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch

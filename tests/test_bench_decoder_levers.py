@@ -31,3 +31,27 @@ def test_summary_is_mean_and_sd_over_seeds():
     assert lines[2].startswith("| baseline | 0.500 ± 0.000")
     tiny = lines[3].split(" | ")
     assert tiny[0] == "| tiny" and tiny[3] == "0.600 ± 0.028" and tiny[-1] == "2 |"
+
+
+def test_fitting_subset_keeps_label_shares_and_is_reused(tmp_path):
+    import anndata
+    import numpy as np
+    import pandas as pd
+
+    labels = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
+    cells = anndata.AnnData(np.arange(100 * 3, dtype=np.float32).reshape(100, 3),
+                            obs=pd.DataFrame({"cell_type1": labels}, index=[f"c{i}" for i in range(100)]))
+    fit = tmp_path / "train.h5ad"
+    cells.write_h5ad(fit)
+    path = levers.fitting_subset(str(fit), 20, "cell_type1", seed=1)
+    drawn = anndata.read_h5ad(path)
+    assert drawn.n_obs == 20
+    assert drawn.obs["cell_type1"].value_counts().to_dict() == {"a": 12, "b": 6, "c": 2}
+    assert len(set(drawn.obs_names)) == 20 and set(drawn.obs_names) <= set(cells.obs_names)
+    rows = [int(name[1:]) for name in drawn.obs_names]
+    assert np.array_equal(drawn.X, cells.X[rows])  # the cells' own values, not a copy of one
+    assert levers.fitting_subset(str(fit), 20, "cell_type1", seed=1) == path  # written once, then reused
+    everything = anndata.read_h5ad(levers.fitting_subset(str(fit), 500, "cell_type1", seed=1))
+    assert everything.n_obs == 100
+    with pytest.raises(SystemExit, match="--label_key 'donor'"):
+        levers.fitting_subset(str(fit), 10, "donor", seed=1)
