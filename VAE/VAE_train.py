@@ -104,6 +104,12 @@ def build_parser():
                              "deviation per coordinate (latents have norm 1: a coordinate is ~0.09 for 128 dims), so "
                              "it decodes latents near the training cells' too, as the diffusion model's are; "
                              "0 = off (the original)")
+    parser.add_argument("--count_thinning", type=fraction, default=DEFAULTS["count_thinning"],
+                        help="training only (--loss_ae nb): at every step each training cell keeps a share, drawn "
+                             "uniformly between 1 - this and 1, of its counts (binomial thinning: a thinned "
+                             "negative-binomial count is negative binomial with the same dispersion), and the encoder "
+                             "reads the thinned cell; the validation loss and the dispersion refit use the cells as "
+                             "they are; 0 = off")
     parser.add_argument("--progress", type=str2bool, default=DEFAULTS["progress"], help="show a progress bar")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)

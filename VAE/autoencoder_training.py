@@ -46,12 +46,33 @@ def resolve_loss(loss_ae, dataset):
     return loss_ae
 
 
-def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weight=0.0):
+def thin_counts(counts, thinning, target_sum):
+    """Binomial thinning of a batch of raw counts (cells x genes, float): each cell keeps each of its counts with one
+    probability drawn uniformly between ``1 - thinning`` and 1 (torch's global generator, so a resumed run draws
+    the same). Returns (log-normalized thinned cells, thinned counts, their totals); a cell left without counts
+    keeps a total of 1, as the loader gives such cells."""
+    keep = 1.0 - thinning * torch.rand(counts.shape[0], device=counts.device, dtype=counts.dtype)
+    flat = counts.reshape(-1)
+    entries = torch.nonzero(flat, as_tuple=True)[0]
+    sizes = flat[entries].round().long()
+    # one uniform per count (each count kept or not): a binomial draw per entry, summed back with index_add_
+    units = torch.repeat_interleave(entries, sizes)
+    kept = (torch.rand(len(units), device=counts.device) < keep[units // counts.shape[1]]).to(counts.dtype)
+    thinned = torch.zeros_like(flat).index_add_(0, units, kept).reshape(counts.shape)
+    totals = thinned.sum(dim=1)
+    totals = torch.where(totals > 0, totals, torch.ones_like(totals))
+    return torch.log1p(thinned * (target_sum / totals)[:, None]), thinned, totals
+
+
+def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weight=0.0, count_thinning=0.0):
     """Loss of the cells ``index`` (``forward`` is the model or its DDP replica): the reconstruction loss (a mean
     over entries), plus for a variational model ``kl_weight`` x its KL divergence per cell over the number of
-    genes (so that ``kl_weight`` 1 is the evidence lower bound of the negative binomial, per entry)."""
+    genes (so that ``kl_weight`` 1 is the evidence lower bound of the negative binomial, per entry).
+    ``count_thinning`` (count models): the cells are thinned first (:func:`thin_counts`)."""
     if model.models_counts:
         x, counts, totals = (torch.from_numpy(a).to(device) for a in dataset.rows_and_counts(index))
+        if count_thinning:
+            x, counts, totals = thin_counts(counts, count_thinning, dataset.normalization.target_sum)
     else:
         x, counts, totals = torch.from_numpy(dataset.rows(index)).to(device), None, None
     output, _ = forward(x, latent_noise=latent_noise, labels=decoder_labels(model, dataset, index, device))
@@ -469,6 +490,10 @@ class AutoencoderTask(TrainingTask):
                     target_sum=dataset.normalization.target_sum, variational=model_config.kl_weight > 0,
                     latent_norm=model_config.latent_norm, decoder_label_keys=decoder_keys,
                     decoder_labels=[dataset.vocabularies[key] for key in decoder_keys], encoder_genes=encoder_genes)
+        if training.count_thinning and not model.models_counts:
+            raise SettingError("{count_thinning} thins raw counts, which only the negative-binomial count model "
+                               "trains on ({loss_ae} nb, raw-count input); set {count_thinning} 0",
+                               "count_thinning", "loss_ae")
         self.model = context.synchronize_batchnorm(model).to(self.device)
         self.model.set_precision(training.precision, self.device)
         if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step
@@ -556,7 +581,8 @@ class AutoencoderTask(TrainingTask):
         local_index = batch_index[self.context.shard(len(batch_index))]
         local_loss, _, _ = batch_loss(self.model, self.replica, self.dataset, local_index, self.device,
                                       latent_noise=self.training.latent_noise,
-                                      kl_weight=self.model_config.kl_weight)
+                                      kl_weight=self.model_config.kl_weight,
+                                      count_thinning=self.training.count_thinning)
         # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
         share = len(local_index) / len(batch_index)
         self.optimizer.zero_grad(set_to_none=True)

@@ -47,3 +47,56 @@ def test_the_donor_offset_is_the_weighted_mean_difference_over_the_other_types()
     np.testing.assert_allclose(offset, (np.array([2.0, 0.0]) * 10 + np.array([0.0, 1.0]) * 30) / 40)
     with pytest.raises(SystemExit, match="share no other type"):
         shift.donor_offset({("beta", "d1"): (np.zeros(2), 9)}, "beta", "d1", "d2")
+
+
+def _shares(cells, genes, rng):
+    profile = rng.gamma(0.6, 1.0, size=genes) + 0.05
+    return np.tile(profile / profile.sum(), (cells, 1))
+
+
+def test_counts_drawn_from_the_model_leave_no_residual_excess_and_a_planted_factor_is_found():
+    rng = np.random.default_rng(0)
+    cells, genes = 1500, 80
+    share = _shares(cells, genes, rng)
+    theta = np.full(genes, 5.0)
+    library = rng.integers(3000, 6000, cells).astype(np.float64)
+    columns = np.arange(genes)
+    null = observation.draw_counts(share * library[:, None], theta, rng)
+    _, excess = observation.residual_excess(null, share, theta, columns, rng)
+    _, variance_null, _ = np.linalg.svd(observation.log_normalized(null) - observation.log_normalized(null).mean(0),
+                                        full_matrices=False)
+    # the top components of a finite sample carry some noise by selection (their variance is biased upwards)
+    assert excess[:10].sum() < 0.2 * (variance_null ** 2 / cells)[:10].sum()
+    direction = np.zeros(genes)
+    direction[:20] = 1.0 / np.sqrt(20)
+    factor = rng.normal(size=cells) * 2.0  # log-mean moved along one direction, sd 2 / sqrt(20) per gene
+    moved = share * np.exp(factor[:, None] * direction[None, :])
+    moved /= moved.sum(axis=1, keepdims=True)
+    planted = observation.draw_counts(moved * library[:, None], theta, rng)
+    components, excess = observation.residual_excess(planted, share, theta, columns, rng)
+    assert abs(components[0] @ direction) > 0.9
+    assert excess[0] > 5 * excess[1]
+
+
+def test_low_rank_shares_stay_shares_and_rank_zero_changes_nothing():
+    rng = np.random.default_rng(1)
+    share = _shares(50, 30, rng)
+    genes = np.arange(10, 30)
+    components = np.linalg.qr(rng.normal(size=(20, 20)))[0].T
+    excess = np.linspace(1.0, 0.0, 20)
+    moved = observation.low_rank_shares(share, genes, components, excess, rank=5, rng=rng)
+    np.testing.assert_allclose(moved.sum(axis=1), 1.0)
+    assert (moved >= 0).all() and not np.allclose(moved, share)
+    np.testing.assert_allclose(observation.low_rank_shares(share, genes, components, excess, 0, rng), share)
+
+
+def test_zero_inflation_fit_finds_a_planted_zero_probability():
+    rng = np.random.default_rng(2)
+    cells, genes = 3000, 6
+    mean = np.full((cells, genes), 4.0)
+    theta = np.full(genes, 3.0)
+    planted = np.array([0.0, 0.0, 0.1, 0.1, 0.3, 0.3])
+    counts = observation.draw_counts(mean / (1 - planted[None, :]), theta, rng, planted)
+    pi, fitted = observation.zero_inflation_fit(counts, mean, theta)
+    np.testing.assert_allclose(pi, planted, atol=0.051)
+    assert (np.abs(np.log(fitted / theta)) < np.log(1.5)).all()
