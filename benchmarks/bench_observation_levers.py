@@ -157,20 +157,17 @@ def draw_counts(mean, theta, rng, zero_probability=None):
     return counts
 
 
-def log_normalized(counts, target_sum=1e4):
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.log1p(counts / np.maximum(totals, 1.0) * target_sum)
-
-
 def residual_excess(counts, share, theta, genes, rng):
     """(components, excess variances): the SVD of the cells' residuals (log-normalized expression minus the decoded
     mean's, on ``genes``, centred) and, per component, its variance minus that of counts drawn from the model itself
     (the count noise alone), floored at 0. The top components of a finite sample also carry some count noise
     chosen by the SVD (~0.1 of their variance in 1,500 cells x 80 genes of pure count noise): an upper estimate."""
+    from guided_diffusion.data.normalize import log_normalize
+
     library = counts.sum(axis=1)
     mean_expression = np.log1p(share[:, genes] * 1e4)
-    real = log_normalized(counts)[:, genes] - mean_expression
-    null = log_normalized(draw_counts(share * library[:, None], theta, rng))[:, genes] - mean_expression
+    real = log_normalize(counts)[:, genes] - mean_expression
+    null = log_normalize(draw_counts(share * library[:, None], theta, rng))[:, genes] - mean_expression
     real -= real.mean(axis=0)
     null -= null.mean(axis=0)
     _, singular, components = np.linalg.svd(real, full_matrices=False)
@@ -258,6 +255,7 @@ def main():
     from exp_script.evaluation import metrics
     from exp_script.gap_analysis import read_set
     from guided_diffusion.data import load_dataset
+    from guided_diffusion.data.normalize import log_normalize
 
     autoencoder, checkpoint = load_count_autoencoder(args.vae_path)
     dataset = load_dataset(args.fit, label_keys=[args.label_key], backed="auto")
@@ -284,7 +282,7 @@ def main():
             if variant in likelihoods:
                 mean, theta, zero_probability = likelihoods[variant]
                 rng = np.random.default_rng([args.seed, draw, 11])
-                x, names = log_normalized(draw_counts(mean, theta, rng, zero_probability)).astype(np.float32), labels
+                x, names = log_normalize(draw_counts(mean, theta, rng, zero_probability)), labels
             else:
                 x, names = decode(autoencoder, latents, labels, sizes, thetas, args.label_key,
                                   args.seed * 100 + draw, args.out)
