@@ -110,6 +110,12 @@ def build_parser():
                              "negative-binomial count is negative binomial with the same dispersion), and the encoder "
                              "reads the thinned cell; the validation loss and the dispersion refit use the cells as "
                              "they are; 0 = off")
+    parser.add_argument("--count_split", type=fraction, default=DEFAULTS["count_split"],
+                        help="training only (--loss_ae nb): at every step each training cell's counts are split at "
+                             "random, each count going to the encoder with this probability; the decoder is scored "
+                             "on the rest, which shares the cell's expression but not its sampling noise, so it "
+                             "cannot learn to reproduce a cell's own noise; the validation loss is taken on one fixed "
+                             "split; 0 = off")
     parser.add_argument("--progress", type=str2bool, default=DEFAULTS["progress"], help="show a progress bar")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)

@@ -46,33 +46,66 @@ def resolve_loss(loss_ae, dataset):
     return loss_ae
 
 
+def _keep_each_count(counts, keep, generator=None):
+    """Binomial thinning of a batch of raw counts (cells x genes, float): each single count is kept with its cell's
+    probability ``keep`` (one per cell); returns the kept counts."""
+    flat = counts.reshape(-1)
+    entries = torch.nonzero(flat, as_tuple=True)[0]
+    sizes = flat[entries].round().long()
+    # one uniform per count (each count kept or not): a binomial draw per entry, summed back with index_add_
+    units = torch.repeat_interleave(entries, sizes)
+    draws = torch.rand(len(units), device=counts.device, generator=generator)
+    kept = (draws < keep[units // counts.shape[1]]).to(counts.dtype)
+    return torch.zeros_like(flat).index_add_(0, units, kept).reshape(counts.shape)
+
+
+def _log_normalized(counts, target_sum):
+    """(log1p of ``counts`` scaled to ``target_sum`` per cell, the totals); a cell without counts keeps a total of
+    1, as the loader gives such cells."""
+    totals = counts.sum(dim=1)
+    totals = torch.where(totals > 0, totals, torch.ones_like(totals))
+    return torch.log1p(counts * (target_sum / totals)[:, None]), totals
+
+
 def thin_counts(counts, thinning, target_sum):
     """Binomial thinning of a batch of raw counts (cells x genes, float): each cell keeps each of its counts with one
     probability drawn uniformly between ``1 - thinning`` and 1 (torch's global generator, so a resumed run draws
     the same). Returns (log-normalized thinned cells, thinned counts, their totals); a cell left without counts
     keeps a total of 1, as the loader gives such cells."""
     keep = 1.0 - thinning * torch.rand(counts.shape[0], device=counts.device, dtype=counts.dtype)
-    flat = counts.reshape(-1)
-    entries = torch.nonzero(flat, as_tuple=True)[0]
-    sizes = flat[entries].round().long()
-    # one uniform per count (each count kept or not): a binomial draw per entry, summed back with index_add_
-    units = torch.repeat_interleave(entries, sizes)
-    kept = (torch.rand(len(units), device=counts.device) < keep[units // counts.shape[1]]).to(counts.dtype)
-    thinned = torch.zeros_like(flat).index_add_(0, units, kept).reshape(counts.shape)
-    totals = thinned.sum(dim=1)
-    totals = torch.where(totals > 0, totals, torch.ones_like(totals))
-    return torch.log1p(thinned * (target_sum / totals)[:, None]), thinned, totals
+    thinned = _keep_each_count(counts, keep)
+    x, totals = _log_normalized(thinned, target_sum)
+    return x, thinned, totals
 
 
-def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weight=0.0, count_thinning=0.0):
+def split_counts(counts, share, target_sum, generator=None):
+    """Each count of a batch of raw counts (cells x genes, float) goes to the encoder's part with probability
+    ``share``, else to the held-back part (torch's global generator unless ``generator`` is given). Under Poisson
+    sampling the two parts are independent given the cell's expression, so a decoder that predicts the held-back
+    part from the encoder's cannot learn a cell's own sampling noise (molecular cross-validation). Returns
+    (log-normalized encoder part, held-back counts, their totals); a part without counts keeps a total of 1."""
+    keep = torch.full((counts.shape[0],), float(share), device=counts.device, dtype=counts.dtype)
+    given = _keep_each_count(counts, keep, generator)
+    x, _ = _log_normalized(given, target_sum)
+    held = counts - given
+    _, totals = _log_normalized(held, target_sum)
+    return x, held, totals
+
+
+def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weight=0.0, count_thinning=0.0,
+               count_split=0.0, split_generator=None):
     """Loss of the cells ``index`` (``forward`` is the model or its DDP replica): the reconstruction loss (a mean
     over entries), plus for a variational model ``kl_weight`` x its KL divergence per cell over the number of
     genes (so that ``kl_weight`` 1 is the evidence lower bound of the negative binomial, per entry).
-    ``count_thinning`` (count models): the cells are thinned first (:func:`thin_counts`)."""
+    Count models only: ``count_thinning``, the cells are thinned first (:func:`thin_counts`); ``count_split``, the
+    encoder reads that share of each cell's counts and the loss scores the rest (:func:`split_counts`, drawn with
+    ``split_generator`` when given)."""
     if model.models_counts:
         x, counts, totals = (torch.from_numpy(a).to(device) for a in dataset.rows_and_counts(index))
         if count_thinning:
             x, counts, totals = thin_counts(counts, count_thinning, dataset.normalization.target_sum)
+        if count_split:
+            x, counts, totals = split_counts(counts, count_split, dataset.normalization.target_sum, split_generator)
     else:
         x, counts, totals = torch.from_numpy(dataset.rows(index)).to(device), None, None
     output, _ = forward(x, latent_noise=latent_noise, labels=decoder_labels(model, dataset, index, device))
@@ -115,16 +148,22 @@ def decoder_labels(model, dataset, index, device):
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model, dataset, indices, batch_size=512, kl_weight=0.0):
+def evaluate_reconstruction(model, dataset, indices, batch_size=512, kl_weight=0.0, count_split=0.0):
     """Held-out loss (the training loss, a variational model's at its posterior mean), MSE and per-cell Pearson correlation between the log-normalized input and the
-    decoded mean expression (eval mode)."""
+    decoded mean expression (eval mode). With ``count_split`` the loss is the training loss on one fixed split of
+    each cell's counts (the same at every call, so losses compare across steps); MSE and correlation are the whole
+    cells' reconstructions."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(0) if count_split else None
     loss, squared_error, count, correlations = 0.0, 0.0, 0, []
     for start in range(0, len(indices), batch_size):
         index = indices[start:start + batch_size]
         batch_loss_value, output, batch = batch_loss(model, model, dataset, index, device, kl_weight=kl_weight)
+        if count_split:
+            batch_loss_value, _, _ = batch_loss(model, model, dataset, index, device, kl_weight=kl_weight,
+                                                count_split=count_split, split_generator=generator)
         reconstruction = model._mean_expression(output)
         loss += float(batch_loss_value) * len(index)
         squared_error += float(((reconstruction - batch) ** 2).sum())
@@ -322,11 +361,13 @@ def train_autoencoder(data, model_config, training):
             best = AutoencoderCheckpoint.load(task.early_stopping.path)
             task.model.load_state_dict(best.state_dict)
             report = dict(evaluate_reconstruction(task.model, dataset, task.val_index,
-                                                 kl_weight=model_config.kl_weight), last_path=path,
+                                                 kl_weight=model_config.kl_weight,
+                                                 count_split=training.count_split), last_path=path,
                           best_path=best.path, best_step=best.step, best_val_loss=best.selection["val_loss"])
             path = best.path
         elif context.is_main and len(task.val_index):
-            report = evaluate_reconstruction(task.model, dataset, task.val_index, kl_weight=model_config.kl_weight)
+            report = evaluate_reconstruction(task.model, dataset, task.val_index, kl_weight=model_config.kl_weight,
+                                             count_split=training.count_split)
         return path, report, seconds
     finally:
         dataset.close()
@@ -494,6 +535,10 @@ class AutoencoderTask(TrainingTask):
             raise SettingError("{count_thinning} thins raw counts, which only the negative-binomial count model "
                                "trains on ({loss_ae} nb, raw-count input); set {count_thinning} 0",
                                "count_thinning", "loss_ae")
+        if training.count_split and not model.models_counts:
+            raise SettingError("{count_split} splits raw counts, which only the negative-binomial count model "
+                               "trains on ({loss_ae} nb, raw-count input); set {count_split} 0",
+                               "count_split", "loss_ae")
         self.model = context.synchronize_batchnorm(model).to(self.device)
         self.model.set_precision(training.precision, self.device)
         if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step
@@ -582,7 +627,8 @@ class AutoencoderTask(TrainingTask):
         local_loss, _, _ = batch_loss(self.model, self.replica, self.dataset, local_index, self.device,
                                       latent_noise=self.training.latent_noise,
                                       kl_weight=self.model_config.kl_weight,
-                                      count_thinning=self.training.count_thinning)
+                                      count_thinning=self.training.count_thinning,
+                                      count_split=self.training.count_split)
         # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
         share = len(local_index) / len(batch_index)
         self.optimizer.zero_grad(set_to_none=True)
@@ -605,7 +651,8 @@ class AutoencoderTask(TrainingTask):
         val_loss = ""
         if len(self.val_index):
             val_loss = evaluate_reconstruction(self.model, self.dataset, self.val_index[:VALIDATION_CELLS],
-                                               kl_weight=self.model_config.kl_weight)["loss"]
+                                               kl_weight=self.model_config.kl_weight,
+                                               count_split=self.training.count_split)["loss"]
             if self.early_stopping is not None:
                 self.early_stopping.observe(self.step, val_loss, self.model)
         self.log.write(step=self.step, train_loss=train_loss, val_loss=val_loss, seconds=seconds)

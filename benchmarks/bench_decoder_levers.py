@@ -16,7 +16,7 @@ over the number of training cells.
 
 Writes OUT/levers.tsv (one row per variant and seed) and OUT/summary.md (mean ± sd over seeds). A variant is
 ``name`` from VARIANTS or ``name=--flag value ...``. Runs whose row exists are reused (delete the row's folder to
-redo). Every process runs on --threads threads.
+redo; ``--rescore`` scores them again with their saved autoencoders). Every process runs on --threads threads.
 """
 import argparse
 import json
@@ -131,9 +131,13 @@ def score(args, vae_path, fit, val, folder, seed):
 
 
 def one_run(args, name, flags, seed, fit, val, done):
-    if (name, seed) in done:
-        return done[(name, seed)]
     folder = os.path.join(args.out, f"{name}_seed{seed}")
+    if (name, seed) in done:
+        row = done[(name, seed)]
+        if args.rescore:
+            row.update(score(args, os.path.join(folder, f"model_seed={seed}_best.pt"), fit, val, folder, seed))
+            write_table(args.out, done.values())
+        return row
     start = time.time()
     run([sys.executable, "VAE/VAE_train.py", "--data_dir", fit, "--save_dir", folder, "--max_steps",
          str(args.max_steps), "--checkpoint_freq", str(args.max_steps), "--log_interval", "20",
@@ -149,6 +153,13 @@ def one_run(args, name, flags, seed, fit, val, done):
     with open(os.path.join(args.out, "levers.tsv"), "a") as stream:
         stream.write("\t".join(str(row[c]) for c in COLUMNS) + "\n")
     return row
+
+
+def write_table(out, rows):
+    with open(os.path.join(out, "levers.tsv"), "w") as stream:
+        stream.write("\t".join(COLUMNS) + "\n")
+        for row in rows:
+            stream.write("\t".join(str(row[c]) for c in COLUMNS) + "\n")
 
 
 def summary(rows, names):
@@ -179,6 +190,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--fit_cells", type=int, default=0,
                         help="train on a stratified draw of this many fitting cells (0: all of them)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the runs already in OUT/levers.tsv again with their saved autoencoders (after a "
+                             "change of the scoring); new runs are trained as usual")
     args = parser.parse_args()
     if args.fit_cells < 0:
         parser.error("--fit_cells must be 0 (every fitting cell) or a positive count")

@@ -55,3 +55,25 @@ def test_fitting_subset_keeps_label_shares_and_is_reused(tmp_path):
     assert everything.n_obs == 100
     with pytest.raises(SystemExit, match="--label_key 'donor'"):
         levers.fitting_subset(str(fit), 10, "donor", seed=1)
+
+
+def test_rescore_replaces_the_scores_of_runs_already_in_the_table(tmp_path, monkeypatch):
+    import argparse
+
+    old = dict(zip(levers.COLUMNS, ("tiny", 0, 500, 90.0, 0.50, 0.50, 0.58, 0.53, 0.51, 0.56, 0.29)))
+    other = dict(zip(levers.COLUMNS, ("tiny", 1, 400, 80.0, 0.52, 0.50, 0.62, 0.55, 0.53, 0.58, 0.29)))
+    done = {("tiny", 0): old, ("tiny", 1): other}
+    new_scores = {"control_knn_auc": 0.49, "control_rf_auc": 0.48, "decoded_fit_knn_auc": 0.55,
+                  "decoded_fit_rf_auc": 0.52, "reconstructed_val_knn_auc": 0.5, "reconstructed_val_rf_auc": 0.51}
+    calls = []
+    monkeypatch.setattr(levers, "score", lambda args, vae_path, fit, val, folder, seed: calls.append(vae_path)
+                        or dict(new_scores))
+    args = argparse.Namespace(out=str(tmp_path), rescore=False)
+    assert levers.one_run(args, "tiny", "", 0, "fit", "val", done)["decoded_fit_knn_auc"] == 0.58 and not calls
+    args.rescore = True
+    row = levers.one_run(args, "tiny", "", 0, "fit", "val", done)
+    assert calls == [str(tmp_path / "tiny_seed0" / "model_seed=0_best.pt")]
+    assert row["decoded_fit_knn_auc"] == 0.55 and row["best_step"] == 500
+    lines = (tmp_path / "levers.tsv").read_text().splitlines()
+    assert lines[0].split("\t") == levers.COLUMNS and len(lines) == 3
+    assert lines[1].split("\t")[6] == "0.55" and lines[2].split("\t")[6] == "0.62"

@@ -46,6 +46,35 @@ def test_balanced_rows_cut_the_larger_side_keeping_label_shares():
     assert (compared_labels[compared_rows] == "b").sum() == 10
 
 
+def test_expression_auc_does_not_grow_with_the_size_of_the_larger_side():
+    # compared cells carry extra variance along five directions of gene space; a feature space fitted mostly
+    # on the compared side would find those directions first and separate better the larger that side is
+    rng = np.random.default_rng(0)
+    n_genes = 300
+    genes = np.array([f"g{i}" for i in range(n_genes)])
+    directions = np.linalg.qr(np.random.default_rng(1).normal(size=(n_genes, 5)))[0]
+
+    def cells(n, extra):
+        return (3 + rng.normal(size=(n, n_genes)) + extra * rng.normal(size=(n, 5)) @ directions.T).astype(np.float32)
+
+    def labels(n):
+        return np.array(["a", "b"] * (n // 2))
+
+    reference = cells(400, 0.0)
+    equal = metrics.expression_two_sample(reference, labels(400), cells(400, 1.0), labels(400), genes, n_hvg=n_genes,
+                                          seed=0)["overall"]
+    larger = metrics.expression_two_sample(reference, labels(400), cells(4000, 1.0), labels(4000), genes,
+                                           n_hvg=n_genes, seed=0)["overall"]
+    assert larger["n_reference"] == larger["n_compared"] == 400
+    assert abs(larger["rf_auc"] - equal["rf_auc"]) < 0.07 and abs(larger["knn_auc"] - equal["knn_auc"]) < 0.07
+    # the same pools scored in a feature space fitted on the unbalanced pool: the larger side's directions win
+    compared = cells(4000, 1.0)
+    space = features.FeatureSpace(np.vstack([reference, compared]), genes, n_genes, 50, 0)
+    unbalanced = metrics.two_sample(space.embed(reference), labels(400), space.embed(compared), labels(4000),
+                                    seed=0)["overall"]
+    assert unbalanced["rf_auc"] > larger["rf_auc"] + 0.07
+
+
 def test_latent_moments_measure_spread_and_shift_in_reference_units():
     rng = np.random.default_rng(0)
     reference = rng.normal(size=(4000, 8)) * 2.0

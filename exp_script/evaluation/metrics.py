@@ -330,7 +330,17 @@ def two_sample(reference, reference_labels, compared, compared_labels, seed=0, f
 def expression_two_sample(reference_x, reference_labels, compared_x, compared_labels, genes, n_hvg=2000, n_pcs=50,
                           seed=0, use_rf=True):
     """:func:`two_sample` on log-normalized expression, in the evaluation's feature space (top variable
-    genes of the two sets pooled, z-scored, PCA)."""
+    genes of the two sets pooled, z-scored, PCA).
+
+    The larger side is first cut to the smaller side's size, each keeping its label proportions (as the
+    evaluation subsamples every compared set to the reference's size), so that the feature space is fitted on
+    equal numbers of both: a feature space fitted mostly on one side finds that side's own directions of
+    variance, which makes the AUC depend on the ratio of the two sizes.
+    """
+    reference_labels, compared_labels = np.asarray(reference_labels), np.asarray(compared_labels)
+    reference_rows, compared_rows = balanced_rows(reference_labels, compared_labels, np.random.default_rng([seed, 7]))
+    reference_x, reference_labels = np.asarray(reference_x)[reference_rows], reference_labels[reference_rows]
+    compared_x, compared_labels = np.asarray(compared_x)[compared_rows], compared_labels[compared_rows]
     space = FeatureSpace(np.vstack([reference_x, compared_x]), genes, n_hvg, n_pcs, seed)
     return two_sample(space.embed(reference_x), reference_labels, space.embed(compared_x), compared_labels,
                       seed=seed, use_rf=use_rf)

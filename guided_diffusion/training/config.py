@@ -147,6 +147,7 @@ class AutoencoderTrainingConfig:
     early_stopping_patience: int = 0  # 0: off; else stop when the validation loss has not improved for this many steps
     latent_noise: float = 0.0  # sd of Gaussian noise on the latent the decoder reads in training (0: the original)
     count_thinning: float = 0.0  # training only: each cell keeps a share ~ U(1 - this, 1) of its counts (0: off)
+    count_split: float = 0.0  # training only: the encoder reads this share of each cell's counts, the loss scores the rest (0: off)
     refit_dispersion: bool = True  # after training, fit the NB dispersion to the training cells, the rest frozen
     overwrite: bool = False
     device: str = "auto"
@@ -162,6 +163,10 @@ class AutoencoderTrainingConfig:
         check_int(self.early_stopping_patience, "early_stopping_patience", 0)
         check_float(self.latent_noise, "latent_noise", 0)
         check_float(self.count_thinning, "count_thinning", 0, 1, high_open=True)
+        check_float(self.count_split, "count_split", 0, 1, high_open=True)
+        if self.count_split and self.count_thinning:
+            raise SettingError("{count_split} and {count_thinning} both reshape the training cells' counts; "
+                               "set one of them to 0", "count_split", "count_thinning")
         check_float(self.dispersion_lr, "dispersion_lr", 0, low_open=True, optional=True)
         check_bool(self.refit_dispersion, "refit_dispersion")
 
