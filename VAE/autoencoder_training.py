@@ -59,11 +59,15 @@ def _keep_each_count(counts, keep, generator=None):
     return torch.zeros_like(flat).index_add_(0, units, kept).reshape(counts.shape)
 
 
-def _log_normalized(counts, target_sum):
-    """(log1p of ``counts`` scaled to ``target_sum`` per cell, the totals); a cell without counts keeps a total of
-    1, as the loader gives such cells."""
+def _totals(counts):
+    """Each cell's total count; a cell without counts keeps a total of 1, as the loader gives such cells."""
     totals = counts.sum(dim=1)
-    totals = torch.where(totals > 0, totals, torch.ones_like(totals))
+    return torch.where(totals > 0, totals, torch.ones_like(totals))
+
+
+def _log_normalized(counts, target_sum):
+    """(log1p of ``counts`` scaled to ``target_sum`` per cell, the totals of :func:`_totals`)."""
+    totals = _totals(counts)
     return torch.log1p(counts * (target_sum / totals)[:, None]), totals
 
 
@@ -88,8 +92,7 @@ def split_counts(counts, share, target_sum, generator=None):
     given = _keep_each_count(counts, keep, generator)
     x, _ = _log_normalized(given, target_sum)
     held = counts - given
-    _, totals = _log_normalized(held, target_sum)
-    return x, held, totals
+    return x, held, _totals(held)
 
 
 def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weight=0.0, count_thinning=0.0,
