@@ -55,6 +55,12 @@ def build_parser():
                              "opt_*.pt is present), or a --save_dir (its newest checkpoint of this --seed); "
                              "alias --resume_checkpoint")
     add_alias(parser, "--resume_checkpoint", "state_dict")
+    parser.add_argument("--init_from", default=DEFAULTS["init_from"],
+                        help="start a new run from another autoencoder's weights (a model_seed=*.pt, e.g. one "
+                             "pretrained on a larger compatible atlas), genes and decoder labels matched by name: "
+                             "genes it lacks start fresh (at least half of the data's genes must be shared); it must "
+                             "have the same --hidden_dims, --latent_dim and count model; a fresh optimizer and step 0 "
+                             "(to continue a run, --state_dict)")
     parser.add_argument("--resume_on_new_data", type=str2bool, default=DEFAULTS["resume_on_new_data"],
                         help="resume although --data_dir differs from the data the checkpoint was trained on (other "
                              "cells, order or values; recorded in the checkpoint); refused otherwise")

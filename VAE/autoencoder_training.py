@@ -25,6 +25,7 @@ from VAE.autoencoder_checkpoint import (AutoencoderCheckpoint, best_model_path, 
                                         model_path)
 from VAE.count_model import negative_binomial_nll, negative_binomial_nll_per_gene
 from VAE.VAE_model import VAE
+from VAE.weight_transfer import transfer_weights
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "seconds"]
 VALIDATION_CELLS = 2048  # the validation loss of each log row is taken on (at most) this many held-out cells
@@ -583,7 +584,21 @@ class AutoencoderTask(TrainingTask):
     def _start_fresh(self):
         self.model.init_output_bias(output_bias(self.dataset, self.train_index, self.model.models_counts,
                                                 self.training.seed))
+        if self.training.init_from:
+            self._start_from_other(self.training.init_from)
         return 0
+
+    def _start_from_other(self, path):
+        """Start from another autoencoder's weights (genes and labels matched by name); the record of what was
+        matched goes into this run's checkpoints."""
+        if not os.path.isfile(path):
+            raise SettingError(f"{{init_from}} {literal(path)} is not an autoencoder checkpoint file", "init_from")
+        record = transfer_weights(path, self.model, self.dataset.genes, self.dataset.normalization.to_dict())
+        self.train_config["init_from_transfer"] = record
+        if self.context.is_main:
+            print(f"starting from {path}: {record['shared_genes']} of {len(self.dataset.genes)} genes shared "
+                  f"({record['source_genes']} in it), {record['encoder_genes_shared']} of the encoder's "
+                  f"{record['encoder_genes']} input genes, {record['labels_shared']} decoder labels", flush=True)
 
     def _start_from(self, path):
         checkpoint = AutoencoderCheckpoint.load(path, with_training_state=True)

@@ -15,8 +15,10 @@ and seed; the validation cells unchanged): run it at several N, each into its ow
 over the number of training cells.
 
 Writes OUT/levers.tsv (one row per variant and seed) and OUT/summary.md (mean ± sd over seeds). A variant is
-``name`` from VARIANTS or ``name=--flag value ...``. Runs whose row exists are reused (delete the row's folder to
-redo; ``--rescore`` scores them again with their saved autoencoders). Every process runs on --threads threads.
+``name`` from VARIANTS or ``name=--flag value ...``; ``{seed}`` in a variant's flags is the run's training seed
+(e.g. ``--init_from P/pretrain_seed{seed}/model_seed={seed}_best.pt``, an autoencoder pretrained per seed). Runs
+whose row exists are reused (delete the row's folder to redo; ``--rescore`` scores them again with their saved
+autoencoders). Every process runs on --threads threads.
 """
 import argparse
 import json
@@ -130,6 +132,11 @@ def score(args, vae_path, fit, val, folder, seed):
     return row
 
 
+def seeded_flags(flags, seed):
+    """A variant's flags as a list, ``{seed}`` replaced by the run's training seed."""
+    return [part.replace("{seed}", str(seed)) for part in shlex.split(flags)]
+
+
 def one_run(args, name, flags, seed, fit, val, done):
     folder = os.path.join(args.out, f"{name}_seed{seed}")
     if (name, seed) in done:
@@ -142,7 +149,8 @@ def one_run(args, name, flags, seed, fit, val, done):
     run([sys.executable, "VAE/VAE_train.py", "--data_dir", fit, "--save_dir", folder, "--max_steps",
          str(args.max_steps), "--checkpoint_freq", str(args.max_steps), "--log_interval", "20",
          "--early_stopping_patience", str(args.patience), "--seed", str(seed), "--threads", str(args.threads),
-         "--progress", "False", "--overwrite", "True"] + shlex.split(args.ae_flags) + shlex.split(flags), args.threads)
+         "--progress", "False", "--overwrite", "True"] + shlex.split(args.ae_flags) + seeded_flags(flags, seed),
+        args.threads)
     seconds = time.time() - start
     vae_path = os.path.join(folder, f"model_seed={seed}_best.pt")
     from VAE.autoencoder_checkpoint import AutoencoderCheckpoint

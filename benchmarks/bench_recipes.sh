@@ -11,7 +11,8 @@
 # demo) or `best` (early stopping: the weights of the lowest validation loss; an early-stopped run with patience P
 # would have stopped at best step + P, which the summary reports as the autoencoder steps that recipe needs);
 # VARIANT (optional) trains its own autoencoder with extra flags: noise02 / noise05 = --latent_noise 0.02 / 0.05, or one
-# named in VARIANTS ("name:flags|name:flags", e.g. VARIANTS="kl03:--kl_weight 0.3|small:--hidden_dims 256 256"). DATASET
+# named in VARIANTS ("name:flags|name:flags", e.g. VARIANTS="kl03:--kl_weight 0.3|small:--hidden_dims 256 256"; {seed} in
+# the flags is the run's training seed, e.g. "atlas:--init_from P/pretrain_seed{seed}/model_seed={seed}_best.pt"). DATASET
 # is baron (dataset/baron_human.h5ad, cell_type1) or pbmc3k (dataset/pbmc3k.h5ad, cell_type); the autoencoder's
 # decoder reads that label (--decoder_label_key; a variant's "--decoder_label_key none" trains one that reads
 # none, as every autoencoder did before the flag existed). Every stage is
@@ -73,6 +74,7 @@ for seed in $SEEDS; do
       noise05) ae_flags="--latent_noise 0.05" ;;
       *) ae_flags=$(variant_flags "$variant") || { echo "error: recipe $recipe: unknown autoencoder variant $variant" >&2; exit 2; } ;;
     esac
+    ae_flags=${ae_flags//\{seed\}/$seed}  # {seed} in a variant's flags: this run's training seed
     ae_dir="$run/autoencoder${variant:+_$variant}"
     if [ ! -f "$ae_dir/model_seed=${seed}_best.pt" ]; then
       # shellcheck disable=SC2086

@@ -12,6 +12,13 @@ def test_variants_by_name_or_flags():
         levers.parse_variant("no_such_variant")
 
 
+def test_a_variant_names_its_run_seed():
+    flags = "--init_from 'p q/pretrain_seed{seed}/model_seed={seed}_best.pt' --latent_dim 20"
+    assert levers.seeded_flags(flags, 2) == ["--init_from", "p q/pretrain_seed2/model_seed=2_best.pt",
+                                             "--latent_dim", "20"]
+    assert levers.seeded_flags("--dropout 0.1", 5) == ["--dropout", "0.1"]
+
+
 def test_every_named_variant_is_accepted_by_the_trainer():
     from VAE.VAE_train import build_parser
 

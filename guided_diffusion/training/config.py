@@ -141,6 +141,7 @@ class AutoencoderTrainingConfig:
     checkpoint_freq: int = 50000
     log_interval: int = 100
     state_dict: str = ""
+    init_from: str = ""  # another autoencoder to start from, genes and labels matched by name (VAE/weight_transfer.py)
     resume_on_new_data: bool = False  # resume although the data's fingerprint differs (recorded in the checkpoint)
     start_step: Optional[int] = None
     val_fraction: float = 0.1
@@ -158,6 +159,10 @@ class AutoencoderTrainingConfig:
         check_int(self.max_steps, "max_steps", 1)
         check_int(self.checkpoint_freq, "checkpoint_freq", 1)
         check_path(self.state_dict, "state_dict")
+        check_path(self.init_from, "init_from")
+        if self.init_from and self.state_dict:
+            raise SettingError("{init_from} starts a new run from another autoencoder's weights, {state_dict} resumes "
+                               "a run; give one of them", "init_from", "state_dict")
         check_int(self.start_step, "start_step", 0, optional=True)
         check_float(self.val_fraction, "val_fraction", 0, 1, high_open=True)
         check_int(self.early_stopping_patience, "early_stopping_patience", 0)
