@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from guided_diffusion.core.errors import SettingError, literal
+from guided_diffusion.core.errors import SettingError, UsageError, literal
 
 from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
 from VAE.VAE_model import VAE
@@ -67,7 +67,10 @@ def transfer_weights(path, model, genes, normalization):
     """Set ``model``'s weights from the autoencoder checkpoint at ``path`` (genes and labels matched by name;
     ``genes``: this run's genes in order, ``normalization``: this data's as a dict); returns a record of what was
     matched (also kept in the run's checkpoints)."""
-    checkpoint = AutoencoderCheckpoint.load(path)
+    try:
+        checkpoint = AutoencoderCheckpoint.load(path)
+    except UsageError as error:  # not an autoencoder checkpoint: say which flag gave it
+        raise SettingError(f"{{init_from}}: {literal(error)}", "init_from") from None
     source = VAE(**VAE.complete_config(checkpoint.model_config))
     source.load_state_dict(checkpoint.state_dict)
     if checkpoint.dispersion_fit is not None and "learned_log_theta" in checkpoint.dispersion_fit:

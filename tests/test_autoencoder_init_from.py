@@ -163,3 +163,9 @@ def test_a_missing_or_mismatched_source_is_one_line(tmp_path, counts_h5ad, capsy
     err = capsys.readouterr().err.strip()
     assert "--init_from" in err and "latent_dim 6, this run 7" in err and len(err.splitlines()) == 1
     assert not list((tmp_path / "b").glob("model_seed=*")) if (tmp_path / "b").exists() else True
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as exit_info:
+        train(counts_h5ad, tmp_path / "c", "--init_from", str(tmp_path / "garbage.pt"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --init_from:") and "garbage.pt" in err and len(err.splitlines()) == 1
