@@ -49,6 +49,9 @@ def read_source(path):
         raise SystemExit(f"error: cannot read {path} as R data ({type(error).__name__}: {error})") from None
     if list(obs.index) != list(cells):
         raise SystemExit(f"error: {path}: the phenotype rows do not match the expression matrix's cells")
+    for column in ("trueLabel", "trueLabel_full"):
+        if column not in obs.columns:
+            raise SystemExit(f"error: {path} has no {column!r} column: not scMINER's {OBJECT}")
     return matrix, genes, cells, obs
 
 
@@ -96,9 +99,6 @@ def main():
     if not os.path.isfile(args.source):
         raise SystemExit(f"error: --source {args.source} does not exist")
     log_cpm, genes, cells, obs = read_source(args.source)
-    for column in ("trueLabel", "trueLabel_full"):
-        if column not in obs.columns:
-            raise SystemExit(f"error: {args.source} has no {column!r} column: not scMINER's {OBJECT}")
     counts = counts_from_log_cpm(log_cpm)
     from guided_diffusion.sampling.writer import write_h5ad
 
