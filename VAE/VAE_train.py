@@ -122,6 +122,12 @@ def build_parser():
                              "on the rest, which shares the cell's expression but not its sampling noise, so it "
                              "cannot learn to reproduce a cell's own noise; the validation loss is taken on one fixed "
                              "split; 0 = off")
+    parser.add_argument("--ema_rate", type=fraction, default=DEFAULTS["ema_rate"],
+                        help="0 = off; else the model used is an exponential moving average of the weights at this "
+                             "decay (e.g. 0.99, warming up from 0.1): the validation loss, early stopping, the "
+                             "checkpoints' weights and the dispersion refit all read the average, which smooths "
+                             "the last steps' noise out of the decoder; the running weights travel in the "
+                             "checkpoints for resuming")
     parser.add_argument("--progress", type=str2bool, default=DEFAULTS["progress"], help="show a progress bar")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)

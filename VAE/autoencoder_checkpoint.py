@@ -4,7 +4,8 @@
 step, seed, validation fraction, the run's settings (``train_config``) and the fingerprint of the training
 data (``data_fingerprint``, with ``data_changes`` listing resumes on new data); everything needed to use the
 model. ``opt_seed={seed}_step={step}.pt`` beside it (kind ``autoencoder_optimizer``): what only resuming
-needs (AdamW moments, data order, RNG states); both are written to temporaries and renamed
+needs (AdamW moments, data order, RNG states; with ``--ema_rate`` the running weights, whose average the model
+file holds); both are written to temporaries and renamed
 only when both were written (the model file last), so a model file marks a complete set and a failed save
 (a full disk) leaves neither.
 Files written before the split (format_version 1 with the optimizer inside the model file) still load
@@ -106,8 +107,9 @@ class AutoencoderCheckpoint:
             elif optimizer_path_for(path) and os.path.exists(optimizer_path_for(path)):
                 stored = load_checkpoint(optimizer_path_for(path), kinds=("autoencoder_optimizer",))
                 state = {key: stored[key] for key in RESUME_KEYS}
-                if "early_stopping" in stored:
-                    state["early_stopping"] = stored["early_stopping"]
+                for optional in ("early_stopping", "running_weights"):  # with early stopping / ema_rate
+                    if optional in stored:
+                        state[optional] = stored[optional]
         return cls(model_config=payload["model_config"], state_dict=payload["state_dict"],
                    genes=list(payload["genes"]), normalization=payload["normalization"],
                    step=int(payload["step"]), seed=int(payload.get("seed", 0)),

@@ -1,5 +1,6 @@
 """Training loop of the autoencoder: resumable exactly, checkpoints atomic, CSV log, tqdm progress;
 one process, or several on torch.distributed (torchrun / mpiexec)."""
+import copy
 import math
 import os
 import sys
@@ -29,11 +30,28 @@ from VAE.weight_transfer import transfer_weights
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "seconds"]
 VALIDATION_CELLS = 2048  # the validation loss of each log row is taken on (at most) this many held-out cells
-RESUME_MUST_MATCH = ("batch_size", "val_fraction", "seed")  # settings a resumed run must share
+RESUME_MUST_MATCH = ("batch_size", "val_fraction", "seed", "ema_rate")  # settings a resumed run must share
 
 
 def checkpoint_path(save_dir, seed, step):
     return model_path(save_dir, seed, step)
+
+
+def ema_decay(ema_rate, step):
+    """The weight average's decay after ``step`` optimizer steps: it grows from 0.1 towards ``ema_rate``, so the
+    average of a short or early-stopped run is not dominated by its initial weights."""
+    return min(ema_rate, (1.0 + step) / (10.0 + step))
+
+
+def update_weight_average(average, model, decay):
+    """``average``'s parameters move towards ``model``'s (``average = decay * average + (1 - decay) * model``);
+    its buffers (the BatchNorm statistics) are copied, since they already average over recent batches."""
+    with torch.no_grad():
+        averaged, current = list(average.parameters()), [p.detach() for p in model.parameters()]
+        torch._foreach_mul_(averaged, decay)
+        torch._foreach_add_(averaged, current, alpha=1.0 - decay)
+        for kept, buffer in zip(average.buffers(), model.buffers()):
+            kept.copy_(buffer)
 
 
 def resolve_loss(loss_ae, dataset):
@@ -370,8 +388,8 @@ def train_autoencoder(data, model_config, training):
                           best_path=best.path, best_step=best.step, best_val_loss=best.selection["val_loss"])
             path = best.path
         elif context.is_main and len(task.val_index):
-            report = evaluate_reconstruction(task.model, dataset, task.val_index, kl_weight=model_config.kl_weight,
-                                             count_split=training.count_split)
+            report = evaluate_reconstruction(task.used_model, dataset, task.val_index,
+                                             kl_weight=model_config.kl_weight, count_split=training.count_split)
         return path, report, seconds
     finally:
         dataset.close()
@@ -556,8 +574,11 @@ class AutoencoderTask(TrainingTask):
                                                 training.early_stopping_patience)
         self.train_config = plain_dict(data, model_config, training)
         self.data_changes = []  # resumes on new data, carried from checkpoint to checkpoint
+        self.average = None  # with ema_rate: the weight average, which validation and checkpoints read
         resume_path = resolve_resume_path(training)
         self.step = self._start_from(resume_path) if resume_path else self._start_fresh()
+        if training.ema_rate and self.average is None:
+            self.average = copy.deepcopy(self.model).requires_grad_(False)
         if training.start_step is not None:
             self.step = training.start_step
         self.folder = claim_run_folder(training.save_dir, "save_dir", checkpoint_files,
@@ -608,6 +629,11 @@ class AutoencoderTask(TrainingTask):
             self.data_changes = check_resume_data(checkpoint, self.dataset.fingerprint, self.training,
                                                   self.data.data_dir, path, self.context.is_main)
         self.model.load_state_dict(checkpoint.state_dict)
+        if self.training.ema_rate:  # the checkpoint's weights are the average; the running ones travel beside them
+            self.average = copy.deepcopy(self.model).requires_grad_(False)
+            running = (checkpoint.training_state or {}).get("running_weights")
+            if running is not None:
+                self.model.load_state_dict(running)
         if checkpoint.training_state is not None:
             self.optimizer.load_state_dict(regroup_optimizer_state(checkpoint.training_state["optimizer"], self.model,
                                                                    self.optimizer))
@@ -653,10 +679,17 @@ class AutoencoderTask(TrainingTask):
         (local_loss * (share * self.context.world_size)).backward()
         self.optimizer.step()
         self.step += 1
+        if self.average is not None:
+            update_weight_average(self.average, self.model, ema_decay(self.training.ema_rate, self.step))
         loss = float(self.context.sum([local_loss.item() * share])[0])
         self.running += loss
         self.running_count += 1
         return loss
+
+    @property
+    def used_model(self):
+        """The model validation, early stopping and checkpoints read: the weight average with ``ema_rate``."""
+        return self.average if self.average is not None else self.model
 
     def progress_postfix(self):
         return {"loss": f"{self.running / max(self.running_count, 1):.4f}"}
@@ -668,11 +701,11 @@ class AutoencoderTask(TrainingTask):
             return
         val_loss = ""
         if len(self.val_index):
-            val_loss = evaluate_reconstruction(self.model, self.dataset, self.val_index[:VALIDATION_CELLS],
+            val_loss = evaluate_reconstruction(self.used_model, self.dataset, self.val_index[:VALIDATION_CELLS],
                                                kl_weight=self.model_config.kl_weight,
                                                count_split=self.training.count_split)["loss"]
             if self.early_stopping is not None:
-                self.early_stopping.observe(self.step, val_loss, self.model)
+                self.early_stopping.observe(self.step, val_loss, self.used_model)
         self.log.write(step=self.step, train_loss=train_loss, val_loss=val_loss, seconds=seconds)
 
     def stop_reason(self):
@@ -681,16 +714,18 @@ class AutoencoderTask(TrainingTask):
         return self.early_stopping.stop_reason(self.step)
 
     def is_finite(self):
-        return all_finite(self.model)
+        return all_finite(self.model) and (self.average is None or all_finite(self.average))
 
     def save(self):
         path = checkpoint_path(self.training.save_dir, self.training.seed, self.step)
         if self.context.is_main:
             state = {"optimizer": self.optimizer.state_dict(), "sampler": self.sampler.state_dict(), "rng": rng_state()}
+            if self.average is not None:
+                state["running_weights"] = self.model.state_dict()
             if self.early_stopping is not None:
                 self.save_best()
                 state["early_stopping"] = self.early_stopping.state()
-            self._checkpoint(self.model.state_dict(), self.step, training_state=state).save(path)
+            self._checkpoint(self.used_model.state_dict(), self.step, training_state=state).save(path)
         self.context.barrier()
         return path
 

@@ -18,8 +18,8 @@ evaluation's kNN / RF AUCs (`exp_script/evaluation/metrics.expression_two_sample
   dispersion, refitted by maximum likelihood on its cells (decoder frozen, from the learned dispersion, as
   ``VAE_train.py --refit_dispersion`` does for all cells); smaller labels keep the shared one.
 
-Two more relax the independent negative binomial itself (``--variants nb_draw low_rank_residual zero_inflation``);
-they draw counts here (numpy, each cell's own library size) from the decoded shares, beside ``nb_draw``, the plain
+More relax the independent negative binomial itself (``--variants nb_draw low_rank_residual zero_inflation
+per_label_residual count_shape_oracle``); they draw counts here (numpy, each cell's own library size) from the decoded shares, beside ``nb_draw``, the plain
 negative binomial drawn the same way, which is their reference:
 
 - ``low_rank_residual``: correlated variation between cells beyond the count noise. The fitting cells' residuals
@@ -29,7 +29,14 @@ negative binomial drawn the same way, which is their reference:
   with a low-rank covariance on top of the negative binomial);
 - ``zero_inflation``: a zero-inflated negative binomial, each of the 2,000 genes' zero probability and dispersion
   refitted by maximum likelihood over a grid with the decoded mean fixed (the mean of the negative-binomial part
-  is the decoded mean over 1 - pi, so a cell's expected counts stay the decoder's).
+  is the decoded mean over 1 - pi, so a cell's expected counts stay the decoder's);
+- ``per_label_residual``: ``low_rank_residual`` with each label's own components and excess variances (labels with
+  at least ``--min_cells`` fitting cells; smaller ones keep the plain draws): the correlated variation within a
+  cell type rather than across the whole dataset;
+- ``count_shape_oracle`` (a diagnostic, not a model): the ``nb_draw`` counts with each gene's nonzero counts
+  replaced, rank for rank, by the quantiles of that gene's nonzero counts in the fitting cells — which cells
+  detect a gene stays the model's, the distribution of its counts where detected becomes the real one's. If it
+  scores like ``nb_draw``, the shape of the count noise is not what tells decoded cells from real ones.
 
 Every variant decodes the labels in the same blocks with the same count-draw seeds, so only the variant differs;
 ``--draws N`` repeats the count draws with N seeds and averages the AUCs (the draws alone move them by ~0.03).
@@ -47,7 +54,7 @@ sys.path.insert(0, ROOT)
 
 NEIGHBOURS = 5
 VARIANTS = ("own_library", "shuffled_library", "neighbour_library", "per_label_dispersion")
-LIKELIHOOD_VARIANTS = ("nb_draw", "low_rank_residual", "zero_inflation")
+LIKELIHOOD_VARIANTS = ("nb_draw", "low_rank_residual", "zero_inflation", "per_label_residual", "count_shape_oracle")
 RESIDUAL_GENES = 2000  # the evaluation's feature genes
 ZERO_PROBABILITIES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 DISPERSION_FACTORS = (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 4.0, 8.0)  # theta multiplied by
@@ -186,6 +193,34 @@ def low_rank_shares(share, genes, components, excess, rank, rng):
     return moved / moved.sum(axis=1, keepdims=True)
 
 
+def per_label_low_rank_shares(counts, share, theta, genes, labels, rank, min_cells, rng):
+    """``share`` with each label's own correlated residual variation added (:func:`residual_excess` and
+    :func:`low_rank_shares` on the cells of each label with at least ``min_cells`` cells; others unchanged)."""
+    moved = share.copy()
+    for label in np.unique(labels):
+        cells = np.flatnonzero(labels == label)
+        if len(cells) >= min_cells:
+            components, excess = residual_excess(counts[cells], share[cells], theta, genes, rng)
+            moved[cells] = low_rank_shares(share[cells], genes, components, excess, rank, rng)
+    return moved
+
+
+def match_nonzero_counts(drawn, real, rng):
+    """``drawn`` (cells x genes) with each gene's nonzero entries replaced, in rank order (ties broken at random),
+    by the matching quantiles of the nonzero entries of ``real``'s same gene; zeros stay, and a gene without
+    nonzero entries in either stays as drawn."""
+    matched = drawn.copy()
+    for gene in range(drawn.shape[1]):
+        cells = np.flatnonzero(drawn[:, gene])
+        target = np.sort(real[:, gene][real[:, gene] > 0])
+        if len(cells) == 0 or len(target) == 0:
+            continue
+        order = cells[np.lexsort((rng.random(len(cells)), drawn[cells, gene]))]
+        quantiles = (np.arange(len(cells)) + 0.5) / len(cells)
+        matched[order, gene] = target[np.minimum((quantiles * len(target)).astype(int), len(target) - 1)]
+    return matched
+
+
 def zero_inflation_fit(counts, mean, theta):
     """Per gene (columns of ``counts``), the zero probability and dispersion of the zero-inflated negative binomial
     that maximize the likelihood of ``counts`` over the grid (ZERO_PROBABILITIES x theta x DISPERSION_FACTORS), the
@@ -212,9 +247,9 @@ def zero_inflation_fit(counts, mean, theta):
     return best_pi, best_theta
 
 
-def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed):
+def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed, min_cells=30):
     """{variant: (mean counts, theta, zero probability or None)} of the fitting cells for LIKELIHOOD_VARIANTS,
-    at each cell's own library size."""
+    at each cell's own library size, and the fitting cells' counts (for ``count_shape_oracle``)."""
     from guided_diffusion.data.variable_genes import rank_variable_genes
 
     rows = np.arange(dataset.n_cells)
@@ -230,9 +265,12 @@ def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed):
     zero_probability, zinb_theta = np.zeros_like(theta), theta.copy()
     zero_probability[genes], zinb_theta[genes] = pi, fitted
     mean = share * library[:, None]
+    per_label = per_label_low_rank_shares(counts, share, theta, genes, labels, rank, min_cells, rng)
     return {"nb_draw": (mean, theta, None),
             "low_rank_residual": (moved * library[:, None], theta, None),
-            "zero_inflation": (mean / (1.0 - zero_probability[None, :]), zinb_theta, zero_probability)}
+            "zero_inflation": (mean / (1.0 - zero_probability[None, :]), zinb_theta, zero_probability),
+            "per_label_residual": (per_label * library[:, None], theta, None),
+            "count_shape_oracle": (mean, theta, None)}, counts
 
 
 def main():
@@ -242,7 +280,8 @@ def main():
     parser.add_argument("--validation", required=True, help="validation cells inside the training split")
     parser.add_argument("--label_key", default="cell_type1")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min_cells", type=int, default=30)
+    parser.add_argument("--min_cells", type=int, default=30,
+                        help="per_label_dispersion / per_label_residual: labels with fewer fitting cells keep the shared fit")
     parser.add_argument("--draws", type=int, default=1, help="count-draw seeds per variant (AUCs averaged)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + LIKELIHOOD_VARIANTS)
     parser.add_argument("--rank", type=int, default=10, help="low_rank_residual: the residual components used")
@@ -264,10 +303,10 @@ def main():
         dispersions = {}
         if "per_label_dispersion" in args.variants:
             dispersions = per_label_dispersions(autoencoder, checkpoint, dataset, labels, args.min_cells, args.seed)
-        likelihoods = {}
+        likelihoods, fit_counts = {}, None
         if set(args.variants) & set(LIKELIHOOD_VARIANTS):
-            likelihoods = likelihood_variants(autoencoder, dataset, latents, labels, args.label_key, args.rank,
-                                              args.seed)
+            likelihoods, fit_counts = likelihood_variants(autoencoder, dataset, latents, labels, args.label_key,
+                                                          args.rank, args.seed, args.min_cells)
     finally:
         dataset.close()
     libraries = library_variants(latents, labels, library, args.seed)
@@ -282,7 +321,10 @@ def main():
             if variant in likelihoods:
                 mean, theta, zero_probability = likelihoods[variant]
                 rng = np.random.default_rng([args.seed, draw, 11])
-                x, names = log_normalize(draw_counts(mean, theta, rng, zero_probability)), labels
+                counts = draw_counts(mean, theta, rng, zero_probability)
+                if variant == "count_shape_oracle":
+                    counts = match_nonzero_counts(counts, fit_counts, rng)
+                x, names = log_normalize(counts), labels
             else:
                 x, names = decode(autoencoder, latents, labels, sizes, thetas, args.label_key,
                                   args.seed * 100 + draw, args.out)

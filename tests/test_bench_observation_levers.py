@@ -101,3 +101,45 @@ def test_zero_inflation_fit_finds_a_planted_zero_probability():
     pi, fitted = observation.zero_inflation_fit(counts, mean, theta)
     np.testing.assert_allclose(pi, planted, atol=0.051)
     assert (np.abs(np.log(fitted / theta)) < np.log(1.5)).all()
+
+
+def test_matched_nonzero_counts_take_the_real_quantiles_and_keep_the_zeros_and_the_order():
+    rng = np.random.default_rng(3)
+    drawn = np.zeros((400, 3))
+    drawn[:200, 0] = rng.integers(1, 4, 200)  # 200 detections, values 1-3
+    real = np.zeros((400, 3))
+    real[:100, 0] = np.repeat([1.0, 5.0], 50)  # half ones, half fives where detected
+    drawn[:10, 1] = 2.0  # gene 1: never detected in the real cells, stays as drawn
+    matched = observation.match_nonzero_counts(drawn, real, rng)
+    assert np.array_equal(matched == 0, drawn == 0)
+    values = matched[:200, 0]
+    assert set(values) == {1.0, 5.0} and (values == 1.0).sum() == 100  # the real cells' shape, at the drawn rate
+    # rank for rank: every drawn 3 sits at or above every drawn 1
+    assert values[drawn[:200, 0] == 3].min() >= values[drawn[:200, 0] == 1].max()
+    assert np.array_equal(matched[:, 1], drawn[:, 1]) and np.array_equal(matched[:, 2], drawn[:, 2])
+
+
+def test_per_label_residuals_use_each_labels_own_factor_and_leave_small_labels_alone():
+    rng = np.random.default_rng(4)
+    genes = 60
+    columns = np.arange(genes)
+    theta = np.full(genes, 5.0)
+    labels = np.array(["a"] * 800 + ["b"] * 800 + ["tiny"] * 10)
+    share = _shares(len(labels), genes, rng)
+    library = np.full(len(labels), 4000.0)
+    directions = {"a": np.r_[np.ones(15), np.zeros(45)] / np.sqrt(15),
+                  "b": np.r_[np.zeros(45), np.ones(15)] / np.sqrt(15)}
+    moved = share.copy()
+    for label, direction in directions.items():
+        rows = labels == label
+        moved[rows] *= np.exp(rng.normal(size=(rows.sum(), 1)) * 2.0 * direction[None, :])
+    moved /= moved.sum(axis=1, keepdims=True)
+    counts = observation.draw_counts(moved * library[:, None], theta, rng)
+    result = observation.per_label_low_rank_shares(counts, share, theta, columns, labels, 1, 30, rng)
+    np.testing.assert_allclose(result.sum(axis=1), 1.0)
+    np.testing.assert_allclose(result[labels == "tiny"], share[labels == "tiny"])
+    for label, direction in directions.items():  # the noise each label gets lies along its own planted factor
+        log_change = np.log(result[labels == label]) - np.log(share[labels == label])
+        log_change -= log_change.mean(axis=1, keepdims=True)
+        _, _, top = np.linalg.svd(log_change - log_change.mean(0), full_matrices=False)
+        assert abs(top[0] @ (direction - direction.mean()) / np.linalg.norm(direction - direction.mean())) > 0.9

@@ -150,6 +150,7 @@ class AutoencoderTrainingConfig:
     count_thinning: float = 0.0  # training only: each cell keeps a share ~ U(1 - this, 1) of its counts (0: off)
     count_split: float = 0.0  # training only: the encoder reads this share of each cell's counts, the loss scores the rest (0: off)
     refit_dispersion: bool = True  # after training, fit the NB dispersion to the training cells, the rest frozen
+    ema_rate: float = 0.0  # 0: off; else checkpoints, validation and early stopping use an EMA of the weights
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
@@ -174,6 +175,7 @@ class AutoencoderTrainingConfig:
                                "set one of them to 0", "count_split", "count_thinning")
         check_float(self.dispersion_lr, "dispersion_lr", 0, low_open=True, optional=True)
         check_bool(self.refit_dispersion, "refit_dispersion")
+        check_float(self.ema_rate, "ema_rate", 0, 1, high_open=True)
 
 
 @dataclass
