@@ -127,7 +127,8 @@ def build_parser():
                              "decay (e.g. 0.99, warming up from 0.1): the validation loss, early stopping, the "
                              "checkpoints' weights and the dispersion refit all read the average, which smooths "
                              "the last steps' noise out of the decoder; the running weights travel in the "
-                             "checkpoints for resuming")
+                             "checkpoints for resuming (no gain on the bundled datasets at the default "
+                             "--lr: docs/fidelity.md)")
     parser.add_argument("--progress", type=str2bool, default=DEFAULTS["progress"], help="show a progress bar")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)
