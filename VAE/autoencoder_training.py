@@ -15,7 +15,7 @@ from guided_diffusion.core.atomic import check_writable_dir
 from guided_diffusion.data import (DEFAULT_LABEL_KEY, check_genes, describe_change, fingerprint_differences,
                                    load_dataset, make_batch_sampler, split_train_validation)
 from guided_diffusion.core.distributed import setup_distributed
-from guided_diffusion.training.optim import adamw, all_finite
+from guided_diffusion.training.optim import adamw, all_finite, ema_warmup_rate, update_weight_average
 from guided_diffusion.core.errors import SettingError, UsageError, literal
 from guided_diffusion.training.config import plain_dict, validate
 from guided_diffusion.training.loop import CsvLogger, LoopSettings, TrainingTask, claim_run_folder, run_training
@@ -35,23 +35,6 @@ RESUME_MUST_MATCH = ("batch_size", "val_fraction", "seed", "ema_rate")  # settin
 
 def checkpoint_path(save_dir, seed, step):
     return model_path(save_dir, seed, step)
-
-
-def ema_decay(ema_rate, step):
-    """The weight average's decay after ``step`` optimizer steps: it grows from 0.1 towards ``ema_rate``, so the
-    average of a short or early-stopped run is not dominated by its initial weights."""
-    return min(ema_rate, (1.0 + step) / (10.0 + step))
-
-
-def update_weight_average(average, model, decay):
-    """``average``'s parameters move towards ``model``'s (``average = decay * average + (1 - decay) * model``);
-    its buffers (the BatchNorm statistics) are copied, since they already average over recent batches."""
-    with torch.no_grad():
-        averaged, current = list(average.parameters()), [p.detach() for p in model.parameters()]
-        torch._foreach_mul_(averaged, decay)
-        torch._foreach_add_(averaged, current, alpha=1.0 - decay)
-        for kept, buffer in zip(average.buffers(), model.buffers()):
-            kept.copy_(buffer)
 
 
 def resolve_loss(loss_ae, dataset):
@@ -680,7 +663,7 @@ class AutoencoderTask(TrainingTask):
         self.optimizer.step()
         self.step += 1
         if self.average is not None:
-            update_weight_average(self.average, self.model, ema_decay(self.training.ema_rate, self.step))
+            update_weight_average(self.average, self.model, ema_warmup_rate(self.training.ema_rate, self.step))
         loss = float(self.context.sum([local_loss.item() * share])[0])
         self.running += loss
         self.running_count += 1

@@ -6,7 +6,7 @@ import torch
 
 from guided_diffusion.core.container import load_checkpoint
 from VAE import VAE_train
-from VAE.autoencoder_training import ema_decay, update_weight_average
+from guided_diffusion.training.optim import ema_warmup_rate as ema_decay, update_weight_average
 
 
 def train(counts_h5ad, save_dir, *extra):

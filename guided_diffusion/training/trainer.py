@@ -29,7 +29,7 @@ from guided_diffusion.core.distributed import DistributedContext, gradient_sync
 from guided_diffusion.diffusion.guidance import drop_conditions
 from guided_diffusion.core.memory import reuse_freed_memory
 from guided_diffusion.training.latent_store import LatentStore
-from guided_diffusion.training.optim import adamw, all_finite
+from guided_diffusion.training.optim import adamw, all_finite, ema_warmup_rate, update_weight_average
 from guided_diffusion.core.device import matmul_precision, resolve_precision
 from guided_diffusion.core.errors import SettingError, literal
 from guided_diffusion.training.loop import CsvLogger, LoopSettings, TrainingTask, run_training
@@ -61,11 +61,6 @@ def same_value(first, second, rtol=1e-6):
 
 def _shown(value):
     return literal(value) if isinstance(value, (int, float, str, bool)) or value is None else "other values"
-
-
-def ema_warmup_rate(ema_rate, step):
-    """EMA decay at ``step``: grows from 0.1 towards ``ema_rate`` so short runs average sensibly."""
-    return min(ema_rate, (1.0 + step) / (10.0 + step))
 
 
 class DiffusionTrainer(TrainingTask):
@@ -270,15 +265,8 @@ class DiffusionTrainer(TrainingTask):
             return torch.from_numpy(self.latents.rows(index.numpy()))
         return self.latents[index]
 
-    @torch.no_grad()
     def _update_ema(self):
-        rate = ema_warmup_rate(self.ema_rate, self.step)
-        ema_params, params = list(self.ema_model.parameters()), [p.detach() for p in self.model.parameters()]
-        # the same two operations per tensor as ema.mul_(rate).add_(param, alpha=1 - rate), in two kernels
-        torch._foreach_mul_(ema_params, rate)
-        torch._foreach_add_(ema_params, params, alpha=1.0 - rate)
-        for ema_buffer, buffer in zip(self.ema_model.buffers(), self.model.buffers()):
-            ema_buffer.copy_(buffer)
+        update_weight_average(self.ema_model, self.model, ema_warmup_rate(self.ema_rate, self.step))
 
     # ---- the loop (guided_diffusion.training.loop) ---------------------------------------------
     def train_step(self):
