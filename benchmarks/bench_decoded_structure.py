@@ -110,7 +110,9 @@ def main():
     decoded_counts = [d.layers["counts"] if "counts" in d.layers else d.X for d in decoded]
     shape = count_shape_rows(fit.X, validation.X, decoded_counts)
 
-    dense = lambda x: np.asarray(x.todense()) if hasattr(x, "todense") else np.asarray(x)
+    def dense(x):
+        return np.asarray(x.todense()) if hasattr(x, "todense") else np.asarray(x)
+
     fit_x, val_x = log_normalize(dense(fit.X)), log_normalize(dense(validation.X))
     genes = np.sort(rank_variable_genes(fit_x, list(fit.var_names))[:FEATURE_GENES])
     fit_labels = fit.obs[args.label_key].astype(str).to_numpy()
