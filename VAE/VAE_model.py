@@ -36,7 +36,7 @@ from guided_diffusion.data.labels import format_values
 
 from VAE import count_model
 from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
-from VAE.count_model import negative_binomial_nll
+from VAE.count_model import negative_binomial_nll, negative_binomial_nll_per_gene
 
 DECODER_ACTIVATIONS = ("ReLU", "linear")
 LOSSES = ("mse", "nb")
@@ -283,13 +283,17 @@ class VAE(nn.Module):
             output = self.run_decoder(decoded, labels)
         return output.float(), latent
 
-    def reconstruction_loss(self, output, x, counts=None, totals=None):
+    def reconstruction_loss(self, output, x, counts=None, totals=None, gene_weights=None):
         """Mean squared error on log-normalized ``x`` (mse), or the negative-binomial negative
-        log-likelihood of the raw ``counts`` given each cell's ``totals``, averaged over entries (nb)."""
+        log-likelihood of the raw ``counts`` given each cell's ``totals``, averaged over entries (nb).
+        ``gene_weights`` (nb; one per gene, mean 1): each gene's terms weighted by it."""
         if self.loss_ae == "mse":
             return F.mse_loss(output, x)
-        return negative_binomial_nll(F.log_softmax(output, dim=1) + torch.log(totals)[:, None],
-                                     self.log_theta, counts)
+        log_mean = F.log_softmax(output, dim=1) + torch.log(totals)[:, None]
+        if gene_weights is None:
+            return negative_binomial_nll(log_mean, self.log_theta, counts)
+        per_gene = negative_binomial_nll_per_gene(log_mean, self.log_theta, counts)
+        return (per_gene * gene_weights).sum() / per_gene.numel()
 
     def _mean_expression(self, output):
         if self.loss_ae == "mse":

@@ -129,6 +129,11 @@ def build_parser():
                              "the last steps' noise out of the decoder; the running weights travel in the "
                              "checkpoints for resuming (no gain on the bundled datasets at the default "
                              "--lr: docs/fidelity.md)")
+    parser.add_argument("--variable_gene_weight", type=positive_float, default=DEFAULTS["variable_gene_weight"],
+                        help="--loss_ae nb: the negative-binomial likelihood of the 2,000 most variable genes of the "
+                             "training cells (the evaluation's feature genes) weighted this many times each other "
+                             "gene's, weights scaled to mean 1; the validation loss and early stopping use the same "
+                             "weights, the dispersion refit (per gene) is unaffected; 1 = off")
     parser.add_argument("--progress", type=str2bool, default=DEFAULTS["progress"], help="show a progress bar")
     add_threads_arg(parser, deterministic=True)
     add_device_arg(parser)

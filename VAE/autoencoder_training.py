@@ -30,7 +30,7 @@ from VAE.weight_transfer import transfer_weights
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "seconds"]
 VALIDATION_CELLS = 2048  # the validation loss of each log row is taken on (at most) this many held-out cells
-RESUME_MUST_MATCH = ("batch_size", "val_fraction", "seed", "ema_rate")  # settings a resumed run must share
+RESUME_MUST_MATCH = ("batch_size", "val_fraction", "seed", "ema_rate", "variable_gene_weight")  # settings a resumed run must share
 
 
 def checkpoint_path(save_dir, seed, step):
@@ -98,13 +98,14 @@ def split_counts(counts, share, target_sum, generator=None):
 
 
 def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weight=0.0, count_thinning=0.0,
-               count_split=0.0, split_generator=None):
+               count_split=0.0, split_generator=None, gene_weights=None):
     """Loss of the cells ``index`` (``forward`` is the model or its DDP replica): the reconstruction loss (a mean
     over entries), plus for a variational model ``kl_weight`` x its KL divergence per cell over the number of
     genes (so that ``kl_weight`` 1 is the evidence lower bound of the negative binomial, per entry).
     Count models only: ``count_thinning``, the cells are thinned first (:func:`thin_counts`); ``count_split``, the
     encoder reads that share of each cell's counts and the loss scores the rest (:func:`split_counts`, drawn with
-    ``split_generator`` when given)."""
+    ``split_generator`` when given); ``gene_weights`` (one per gene, mean 1), each gene's likelihood terms weighted
+    by it (:func:`variable_gene_weights`)."""
     if model.models_counts:
         x, counts, totals = (torch.from_numpy(a).to(device) for a in dataset.rows_and_counts(index))
         if count_thinning:
@@ -114,7 +115,7 @@ def batch_loss(model, forward, dataset, index, device, latent_noise=0.0, kl_weig
     else:
         x, counts, totals = torch.from_numpy(dataset.rows(index)).to(device), None, None
     output, _ = forward(x, latent_noise=latent_noise, labels=decoder_labels(model, dataset, index, device))
-    loss = model.reconstruction_loss(output, x, counts, totals)
+    loss = model.reconstruction_loss(output, x, counts, totals, gene_weights)
     if model.variational and kl_weight:
         loss = loss + kl_weight * model.kl_per_cell.mean() / model.num_genes
     return loss, output, x
@@ -153,11 +154,12 @@ def decoder_labels(model, dataset, index, device):
 
 
 @torch.no_grad()
-def evaluate_reconstruction(model, dataset, indices, batch_size=512, kl_weight=0.0, count_split=0.0):
+def evaluate_reconstruction(model, dataset, indices, batch_size=512, kl_weight=0.0, count_split=0.0,
+                            gene_weights=None):
     """Held-out loss (the training loss, a variational model's at its posterior mean), MSE and per-cell Pearson correlation between the log-normalized input and the
     decoded mean expression (eval mode). With ``count_split`` the loss is the training loss on one fixed split of
     each cell's counts (the same at every call, so losses compare across steps); MSE and correlation are the whole
-    cells' reconstructions."""
+    cells' reconstructions. ``gene_weights``: the loss weighted per gene as in training."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -165,10 +167,12 @@ def evaluate_reconstruction(model, dataset, indices, batch_size=512, kl_weight=0
     loss, squared_error, count, correlations = 0.0, 0.0, 0, []
     for start in range(0, len(indices), batch_size):
         index = indices[start:start + batch_size]
-        batch_loss_value, output, batch = batch_loss(model, model, dataset, index, device, kl_weight=kl_weight)
+        batch_loss_value, output, batch = batch_loss(model, model, dataset, index, device, kl_weight=kl_weight,
+                                                     gene_weights=gene_weights)
         if count_split:
             batch_loss_value, _, _ = batch_loss(model, model, dataset, index, device, kl_weight=kl_weight,
-                                                count_split=count_split, split_generator=generator)
+                                                count_split=count_split, split_generator=generator,
+                                                gene_weights=gene_weights)
         reconstruction = model._mean_expression(output)
         loss += float(batch_loss_value) * len(index)
         squared_error += float(((reconstruction - batch) ** 2).sum())
@@ -218,6 +222,24 @@ def encoder_gene_positions(dataset, indices, count, seed, max_cells=VARIABLE_GEN
         indices = np.sort(np.random.default_rng([seed, 11]).choice(indices, max_cells, replace=False))
     values = np.vstack([dataset.rows(indices[start:start + chunk]) for start in range(0, len(indices), chunk)])
     return sorted(int(gene) for gene in rank_variable_genes(values)[:count])
+
+
+VARIABLE_GENE_WEIGHT_GENES = 2000  # --variable_gene_weight: the genes weighted (the evaluation's feature genes)
+
+
+def variable_gene_weights(dataset, indices, weight, seed, count=None):
+    """Per-gene loss weights (float32, mean 1): ``weight`` for the ``count`` most variable genes among the cells
+    ``indices`` (:func:`encoder_gene_positions`; VARIABLE_GENE_WEIGHT_GENES by default), 1 for the others, then
+    scaled to mean 1. None when ``weight`` is 1 or the variable genes are all the genes."""
+    if weight == 1:
+        return None
+    count = VARIABLE_GENE_WEIGHT_GENES if count is None else count
+    positions = encoder_gene_positions(dataset, indices, count, seed)
+    if not positions:
+        return None
+    weights = np.ones(dataset.n_genes, dtype=np.float64)
+    weights[positions] = weight
+    return torch.from_numpy((weights / weights.mean()).astype(np.float32))
 
 
 # --refit_dispersion: at most this many training cells (seeded draw) enter the fit; a per-gene dispersion needs
@@ -544,6 +566,14 @@ class AutoencoderTask(TrainingTask):
             raise SettingError("{count_split} splits raw counts, which only the negative-binomial count model "
                                "trains on ({loss_ae} nb, raw-count input); set {count_split} 0",
                                "count_split", "loss_ae")
+        if training.variable_gene_weight != 1 and not model.models_counts:
+            raise SettingError("{variable_gene_weight} weights the negative-binomial likelihood's genes, which only "
+                               "the count model trains on ({loss_ae} nb, raw-count input); set "
+                               "{variable_gene_weight} 1", "variable_gene_weight", "loss_ae")
+        self.gene_weights = variable_gene_weights(dataset, self.train_index, training.variable_gene_weight,
+                                                  training.seed)
+        if self.gene_weights is not None:
+            self.gene_weights = self.gene_weights.to(self.device)
         self.model = context.synchronize_batchnorm(model).to(self.device)
         self.model.set_precision(training.precision, self.device)
         if not data.backed:  # the step's large buffers are reused instead of page-faulted in again every step
@@ -655,7 +685,7 @@ class AutoencoderTask(TrainingTask):
                                       latent_noise=self.training.latent_noise,
                                       kl_weight=self.model_config.kl_weight,
                                       count_thinning=self.training.count_thinning,
-                                      count_split=self.training.count_split)
+                                      count_split=self.training.count_split, gene_weights=self.gene_weights)
         # the mean over this rank's cells, weighted so that DDP's average over ranks is the global mean
         share = len(local_index) / len(batch_index)
         self.optimizer.zero_grad(set_to_none=True)
@@ -686,7 +716,8 @@ class AutoencoderTask(TrainingTask):
         if len(self.val_index):
             val_loss = evaluate_reconstruction(self.used_model, self.dataset, self.val_index[:VALIDATION_CELLS],
                                                kl_weight=self.model_config.kl_weight,
-                                               count_split=self.training.count_split)["loss"]
+                                               count_split=self.training.count_split,
+                                               gene_weights=self.gene_weights)["loss"]
             if self.early_stopping is not None:
                 self.early_stopping.observe(self.step, val_loss, self.used_model)
         self.log.write(step=self.step, train_loss=train_loss, val_loss=val_loss, seconds=seconds)

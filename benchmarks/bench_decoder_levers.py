@@ -109,27 +109,9 @@ def fitting_subset(fit, n_cells, label_key, seed):
 
 
 def score(args, vae_path, fit, val, folder, seed):
-    from exp_script.evaluation import metrics, reconstruction
-    from exp_script.gap_analysis import read_set
-    from guided_diffusion.data import load_dataset
-    from VAE.VAE_model import load_autoencoder
+    from exp_script.evaluation.autoencoder_choice import realism_scores
 
-    sets = {}
-    for name, source in (("decoded_fit", fit), ("reconstructed_val", val)):
-        path = os.path.join(folder, f"{name}.h5ad")
-        autoencoder, _ = load_autoencoder(vae_path)
-        dataset = load_dataset(source, label_keys=[args.label_key], backed="auto")
-        reconstruction.reconstruct(autoencoder, dataset, path, observation="counts", seed=seed, progress=False,
-                                   data_path=source, vae_path=vae_path)
-        sets[name], genes = read_set(path, args.label_key, name)
-    reference, genes = read_set(val, args.label_key, "validation")
-    sets["control"], _ = read_set(fit, args.label_key, "fitting")
-    row = {}
-    for name, cells in sets.items():
-        result = metrics.expression_two_sample(reference.x, reference.labels, cells.x, cells.labels, genes,
-                                               seed=seed, use_rf=True)
-        row[f"{name}_knn_auc"], row[f"{name}_rf_auc"] = result["overall"]["knn_auc"], result["overall"]["rf_auc"]
-    return row
+    return realism_scores(vae_path, fit, val, args.label_key, seed, folder)
 
 
 def seeded_flags(flags, seed):

@@ -78,7 +78,7 @@ def main():
     torch.set_num_threads(1)
     from benchmarks.bench_observation_levers import decode, encoded_cells, library_variants, load_count_autoencoder
     from exp_script.evaluation import metrics
-    from exp_script.gap_analysis import read_set
+    from exp_script.evaluation.inputs import read_set
     from guided_diffusion.data import load_dataset
 
     autoencoder, _ = load_count_autoencoder(args.vae_path)

@@ -33,6 +33,10 @@ negative binomial drawn the same way, which is their reference:
 - ``per_label_residual``: ``low_rank_residual`` with each label's own components and excess variances (labels with
   at least ``--min_cells`` fitting cells; smaller ones keep the plain draws): the correlated variation within a
   cell type rather than across the whole dataset;
+- ``latent_spread`` and ``share_spread`` (diagnostics): each cell's latent (back on the unit sphere when the
+  autoencoder's latents live there), or its log decoded share, moved away from its label's mean by the factor
+  ``--spread`` (below 1: towards it). Decoded cells have less variance along their type's leading components than
+  real ones (`bench_decoded_structure.py`); if that were a matter of scale, a factor above 1 would bring them closer;
 - ``count_shape_oracle`` (a diagnostic, not a model): the ``nb_draw`` counts with each gene's nonzero counts
   replaced, rank for rank, by the quantiles of that gene's nonzero counts in the fitting cells — which cells
   detect a gene stays the model's, the distribution of its counts where detected becomes the real one's. If it
@@ -54,7 +58,8 @@ sys.path.insert(0, ROOT)
 
 NEIGHBOURS = 5
 VARIANTS = ("own_library", "shuffled_library", "neighbour_library", "per_label_dispersion")
-LIKELIHOOD_VARIANTS = ("nb_draw", "low_rank_residual", "zero_inflation", "per_label_residual", "count_shape_oracle")
+LIKELIHOOD_VARIANTS = ("nb_draw", "low_rank_residual", "zero_inflation", "per_label_residual", "count_shape_oracle",
+                       "latent_spread", "share_spread")
 RESIDUAL_GENES = 2000  # the evaluation's feature genes
 ZERO_PROBABILITIES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 DISPERSION_FACTORS = (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 4.0, 8.0)  # theta multiplied by
@@ -119,7 +124,7 @@ def decode(autoencoder, latents, labels, library, log_thetas, key, seed, folder)
     import pandas as pd
     import torch
 
-    from exp_script.gap_analysis import read_set
+    from exp_script.evaluation.inputs import read_set
     from guided_diffusion.sampling.writer import write_decoded_h5ad
 
     xs, names = [], []
@@ -205,6 +210,30 @@ def per_label_low_rank_shares(counts, share, theta, genes, labels, rank, min_cel
     return moved
 
 
+def spread_latents(latents, labels, factor, on_sphere):
+    """Each label's latents moved ``factor`` times as far from the label's mean latent (then back to unit norm when
+    ``on_sphere``)."""
+    moved = np.array(latents, dtype=np.float64)
+    for label in np.unique(labels):
+        rows = labels == label
+        centre = moved[rows].mean(axis=0)
+        moved[rows] = centre + factor * (moved[rows] - centre)
+    if on_sphere:
+        moved /= np.linalg.norm(moved, axis=1, keepdims=True)
+    return moved.astype(np.float32)
+
+
+def spread_shares(share, labels, factor):
+    """Each cell's log share moved ``factor`` times as far from its label's mean log share, as shares again."""
+    log_share = np.log(share)
+    for label in np.unique(labels):
+        rows = labels == label
+        centre = log_share[rows].mean(axis=0)
+        log_share[rows] = centre + factor * (log_share[rows] - centre)
+    moved = np.exp(log_share - log_share.max(axis=1, keepdims=True))
+    return moved / moved.sum(axis=1, keepdims=True)
+
+
 def match_nonzero_counts(drawn, real, rng):
     """``drawn`` (cells x genes) with each gene's nonzero entries replaced, in rank order (ties broken at random),
     by the matching quantiles of the nonzero entries of ``real``'s same gene; zeros stay, and a gene without
@@ -247,7 +276,7 @@ def zero_inflation_fit(counts, mean, theta):
     return best_pi, best_theta
 
 
-def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed, min_cells=30):
+def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed, min_cells=30, spread=1.5):
     """{variant: (mean counts, theta, zero probability or None)} of the fitting cells for LIKELIHOOD_VARIANTS,
     at each cell's own library size, and the fitting cells' counts (for ``count_shape_oracle``)."""
     from guided_diffusion.data.variable_genes import rank_variable_genes
@@ -266,11 +295,15 @@ def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed, 
     zero_probability[genes], zinb_theta[genes] = pi, fitted
     mean = share * library[:, None]
     per_label = per_label_low_rank_shares(counts, share, theta, genes, labels, rank, min_cells, rng)
+    spread_latent_share = decoded_shares(autoencoder, spread_latents(latents, labels, spread,
+                                                                     autoencoder.model.latent_on_sphere), labels, key)
     return {"nb_draw": (mean, theta, None),
             "low_rank_residual": (moved * library[:, None], theta, None),
             "zero_inflation": (mean / (1.0 - zero_probability[None, :]), zinb_theta, zero_probability),
             "per_label_residual": (per_label * library[:, None], theta, None),
-            "count_shape_oracle": (mean, theta, None)}, counts
+            "count_shape_oracle": (mean, theta, None),
+            "latent_spread": (spread_latent_share * library[:, None], theta, None),
+            "share_spread": (spread_shares(share, labels, spread) * library[:, None], theta, None)}, counts
 
 
 def main():
@@ -285,6 +318,8 @@ def main():
     parser.add_argument("--draws", type=int, default=1, help="count-draw seeds per variant (AUCs averaged)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS + LIKELIHOOD_VARIANTS)
     parser.add_argument("--rank", type=int, default=10, help="low_rank_residual: the residual components used")
+    parser.add_argument("--spread", type=float, default=1.5,
+                        help="latent_spread / share_spread: the factor on each cell's distance from its label's mean")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -292,7 +327,7 @@ def main():
 
     torch.set_num_threads(1)
     from exp_script.evaluation import metrics
-    from exp_script.gap_analysis import read_set
+    from exp_script.evaluation.inputs import read_set
     from guided_diffusion.data import load_dataset
     from guided_diffusion.data.normalize import log_normalize
 
@@ -306,7 +341,7 @@ def main():
         likelihoods, fit_counts = {}, None
         if set(args.variants) & set(LIKELIHOOD_VARIANTS):
             likelihoods, fit_counts = likelihood_variants(autoencoder, dataset, latents, labels, args.label_key,
-                                                          args.rank, args.seed, args.min_cells)
+                                                          args.rank, args.seed, args.min_cells, args.spread)
     finally:
         dataset.close()
     libraries = library_variants(latents, labels, library, args.seed)

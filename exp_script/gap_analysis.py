@@ -23,14 +23,13 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-import h5py
 import numpy as np
 from tqdm.auto import tqdm
 
 from exp_script.evaluation import metrics, reconstruction
 from exp_script.evaluation.controls import log_normalize
 from exp_script.evaluation.gap_analysis_report import markdown_report
-from exp_script.evaluation.inputs import json_ready
+from exp_script.evaluation.inputs import CellSet, json_ready, read_set
 from guided_diffusion.core.atomic import atomic_output
 from guided_diffusion.cli import ArgumentParser, add_debug_arg, add_device_arg, command, str2bool
 from guided_diffusion.core.atomic import check_writable_dir
@@ -54,36 +53,6 @@ class GapSettings:
     random_forest: bool = True
     device: str = "auto"
     progress: bool = True
-
-
-@dataclass
-class CellSet:
-    """Log-normalized expression, counts (None for decoded means) and labels of one set of cells."""
-
-    x: np.ndarray
-    counts: object
-    labels: np.ndarray
-
-
-def read_set(path, label_key, role):
-    """Cells of ``path``: raw counts from layers['counts'] (the sampler's format) or X; decoded means
-    (an X without counts that is not whole numbers) are read as log-normalized."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{role} file {path} does not exist")
-    with h5py.File(path, "r") as file:
-        has_counts = "layers" in file and "counts" in file["layers"]
-        mean_observation = "cfdiffusion" in file.get("uns", {}) and not has_counts
-    dataset = load_dataset(path, label_keys=[label_key], layer="counts" if has_counts else "",
-                           input_is_log=mean_observation)
-    try:
-        rows = np.arange(dataset.n_cells)
-        counts = None if mean_observation else dataset.raw_rows(rows)
-        x = dataset.rows(rows)
-        labels = np.array(dataset.label_strings(label_key, dataset.label_codes[:, 0]))
-        genes = list(dataset.genes)
-    finally:
-        dataset.close()
-    return CellSet(x=x, counts=counts, labels=labels), genes
 
 
 def generated_latents(samples_dir, n_cells):

@@ -143,3 +143,30 @@ def test_per_label_residuals_use_each_labels_own_factor_and_leave_small_labels_a
         log_change -= log_change.mean(axis=1, keepdims=True)
         _, _, top = np.linalg.svd(log_change - log_change.mean(0), full_matrices=False)
         assert abs(top[0] @ (direction - direction.mean()) / np.linalg.norm(direction - direction.mean())) > 0.9
+
+
+def test_spread_scales_each_labels_distances_from_its_mean_and_one_changes_nothing():
+    rng = np.random.default_rng(4)
+    latents = rng.normal(size=(12, 3)).astype(np.float32)
+    labels = np.array(["a"] * 5 + ["b"] * 7)
+    assert np.allclose(observation.spread_latents(latents, labels, 1.0, on_sphere=False), latents, atol=1e-6)
+    moved = observation.spread_latents(latents, labels, 2.0, on_sphere=False)
+    for label in ("a", "b"):
+        rows = labels == label
+        centre = latents[rows].mean(axis=0)
+        assert np.allclose(moved[rows].mean(axis=0), centre, atol=1e-5)
+        assert np.allclose(moved[rows] - centre, 2.0 * (latents[rows] - centre), atol=1e-5)
+    assert np.allclose(np.linalg.norm(observation.spread_latents(latents, labels, 2.0, on_sphere=True), axis=1), 1)
+    share = rng.dirichlet(np.ones(6), size=12)
+    assert np.allclose(observation.spread_shares(share, labels, 1.0), share)
+    spread = observation.spread_shares(share, labels, 1.5)
+    assert np.allclose(spread.sum(axis=1), 1)
+    for label in ("a", "b"):  # log shares up to each cell's constant: the deviations from the label's mean x 1.5
+        rows = labels == label
+        assert np.allclose(_label_deviation(np.log(spread), rows), 1.5 * _label_deviation(np.log(share), rows))
+
+
+def _label_deviation(log_share, rows):
+    """The ``rows``' log shares centred per cell, minus their mean over the rows."""
+    centred = log_share - log_share.mean(axis=1, keepdims=True)
+    return centred[rows] - centred[rows].mean(axis=0)

@@ -15,7 +15,8 @@ from test_imports import ROOT, import_graph
 
 EXP_SCRIPT = ROOT / "exp_script"
 LIBRARY = EXP_SCRIPT / "evaluation"
-SCRIPTS = ("evaluate", "split", "augment", "gap_analysis", "guidance_sweep", "unseen_combination", "reconstruct")
+SCRIPTS = ("evaluate", "split", "augment", "gap_analysis", "guidance_sweep", "unseen_combination", "reconstruct",
+           "choose_autoencoder")
 
 
 def top_level_modules():

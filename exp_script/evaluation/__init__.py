@@ -1,5 +1,6 @@
 """The evaluation library: what the scripts of exp_script/ (evaluate.py, augment.py, gap_analysis.py,
-guidance_sweep.py, unseen_combination.py, reconstruct.py) and exp_script/api.py run. It imports nothing
+guidance_sweep.py, unseen_combination.py, reconstruct.py, split.py, choose_autoencoder.py) and exp_script/api.py
+run. It imports nothing
 from those scripts. The package itself imports none of its modules: import the one you need.
 
 =========================  ==========================================================================
@@ -9,7 +10,9 @@ pipeline                   evaluate(): the evaluation run end to end (metrics.js
                            re-exports the notebooks' API
 settings                   the metric catalogue, the compared sections, EvaluationSettings, progress lines
 inputs                     reading and checking the evaluation's real, generated and training cells;
-                           json_ready
+                           json_ready; read_set (one file's cells as a CellSet, for the gap analysis and
+                           the benchmarks)
+heldout_split              the label-stratified training / held-out split of an h5ad (split.py)
 preparation                the split of the real cells, the compared sets, CellTypist, reference markers
 controls                   the negative controls (memorizer, collapsed) and log_normalize
 features                   label-stratified splits and subsamples; FeatureSpace (variable genes, PCA)
@@ -28,5 +31,6 @@ plots                      the evaluation's figures
 report                     the evaluation report (report.md) and the notebooks' tables
 gap_analysis_report        the gap analysis' report (gap_analysis.md)
 reconstruction             encode and decode real cells into an h5ad (the autoencoder's ceiling)
+autoencoder_choice         choosing the autoencoder's recipe on validation cells (choose_autoencoder.py)
 =========================  ==========================================================================
 """

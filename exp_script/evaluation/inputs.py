@@ -7,6 +7,7 @@ non-negative values, integers for counts) and both may be raw counts or log-norm
 comparison of two files can get wrong: too few shared genes, labels that differ only in case,
 counts declared log-normalized, generated values far above the log-normalized range.
 """
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -270,3 +271,33 @@ def _attach_train(data, train_set, rng, max_cells, condition_keys, warn):
     unseen = sorted(set(data.real_labels) - set(data.train_labels))
     if unseen:
         warn(f"held-out labels absent from the training file: {', '.join(unseen)}")
+
+
+@dataclass
+class CellSet:
+    """Log-normalized expression, counts (None for decoded means) and labels of one set of cells."""
+
+    x: np.ndarray
+    counts: object
+    labels: np.ndarray
+
+
+def read_set(path, label_key, role):
+    """Cells of ``path``: raw counts from layers['counts'] (the sampler's format) or X; decoded means
+    (an X without counts that is not whole numbers) are read as log-normalized."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{role} file {path} does not exist")
+    with h5py.File(path, "r") as file:
+        has_counts = "layers" in file and "counts" in file["layers"]
+        mean_observation = "cfdiffusion" in file.get("uns", {}) and not has_counts
+    dataset = load_dataset(path, label_keys=[label_key], layer="counts" if has_counts else "",
+                           input_is_log=mean_observation)
+    try:
+        rows = np.arange(dataset.n_cells)
+        counts = None if mean_observation else dataset.raw_rows(rows)
+        x = dataset.rows(rows)
+        labels = np.array(dataset.label_strings(label_key, dataset.label_codes[:, 0]))
+        genes = list(dataset.genes)
+    finally:
+        dataset.close()
+    return CellSet(x=x, counts=counts, labels=labels), genes

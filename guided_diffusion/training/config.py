@@ -151,6 +151,7 @@ class AutoencoderTrainingConfig:
     count_split: float = 0.0  # training only: the encoder reads this share of each cell's counts, the loss scores the rest (0: off)
     refit_dispersion: bool = True  # after training, fit the NB dispersion to the training cells, the rest frozen
     ema_rate: float = 0.0  # 0: off; else checkpoints, validation and early stopping use an EMA of the weights
+    variable_gene_weight: float = 1.0  # the likelihood of the 2,000 most variable genes weighted this much (1: off)
     overwrite: bool = False
     device: str = "auto"
     progress: bool = True
@@ -176,6 +177,7 @@ class AutoencoderTrainingConfig:
         check_float(self.dispersion_lr, "dispersion_lr", 0, low_open=True, optional=True)
         check_bool(self.refit_dispersion, "refit_dispersion")
         check_float(self.ema_rate, "ema_rate", 0, 1, high_open=True)
+        check_float(self.variable_gene_weight, "variable_gene_weight", 0, low_open=True)
 
 
 @dataclass

@@ -1,0 +1,92 @@
+"""exp_script/choose_autoencoder.py: the autoencoder recipe chosen on validation cells inside the training data.
+Candidates parsed, the rule (known answer, ties), a real choice between an untrained and a trained decoder, the
+winner trained on every cell with its own flags, reuse of finished runs, and the one-line refusals."""
+import json
+
+import pytest
+
+from exp_script import choose_autoencoder as cli
+from exp_script.evaluation import autoencoder_choice
+from exp_script.evaluation.autoencoder_choice import DEFAULT_CANDIDATES, criterion, parse_candidates, pick
+from guided_diffusion.core.container import load_checkpoint
+from guided_diffusion.core.errors import UsageError
+
+SMALL = ["--hidden_dims", "16", "--latent_dim", "4", "--batch_size", "32", "--max_steps", "40",
+         "--checkpoint_freq", "40", "--early_stopping_patience", "20", "--log_interval", "10",
+         "--decoder_label_key", "none", "--refit_dispersion", "False"]
+
+
+def choose(counts_h5ad, save_dir, *extra):
+    return cli.main(["--data_dir", str(counts_h5ad), "--save_dir", str(save_dir), "--progress", "False",
+                     "--threads", "1", *SMALL, *extra])
+
+
+def test_candidates_are_default_names_or_name_equals_flags():
+    assert parse_candidates(["default", "batch32"]) == DEFAULT_CANDIDATES
+    assert parse_candidates(["default", "lr=--lr 1e-4"]) == {"default": "", "lr": "--lr 1e-4"}
+    for bad in (["default", "default"], ["default"], ["default", "unknown"], ["default", "a b=--lr 1"]):
+        with pytest.raises(UsageError):
+            parse_candidates(bad)
+
+
+def test_the_rule_is_the_lowest_mean_of_the_four_aucs_and_the_first_wins_a_tie():
+    def row(name, *values):
+        return {"candidate": name, **dict(zip(autoencoder_choice.SCORES, values))}
+
+    rows = [row("a", 0.6, 0.6, 0.5, 0.5), row("a", 0.6, 0.7, 0.5, 0.6), row("b", 0.5, 0.5, 0.6, 0.6),
+            row("b", 0.5, 0.5, 0.6, 0.5)]
+    scores = criterion(rows)
+    assert scores == pytest.approx({"a": 0.575, "b": 0.5375})
+    assert pick(scores) == "b"
+    assert pick({"x": 0.5, "y": 0.5}) == "x" and pick({"y": 0.5, "x": 0.5}) == "y"
+
+
+def test_a_trained_decoder_beats_an_untrained_one_and_is_trained_on_every_cell(tmp_path, counts_h5ad):
+    untrained = "untrained=--lr 1e-9 --max_steps 1 --early_stopping_patience 1 --log_interval 1"
+    choice = choose(counts_h5ad, tmp_path, "--candidates", untrained, "trained=--lr 3e-3", "--seeds", "0", "1")
+    assert choice.chosen == "trained" and choice.scores["trained"] < choice.scores["untrained"] - 0.05
+    rows = (tmp_path / "choice.tsv").read_text().splitlines()
+    assert len(rows) == 5  # a header and two candidates x two seeds
+    record = json.loads((tmp_path / "choice.json").read_text())
+    assert record["chosen"] == "trained" and record["flags"] == "--lr 3e-3" and record["seeds"] == [0, 1]
+    final = load_checkpoint(choice.final_path)
+    assert final["train_config"]["lr"] == 3e-3 and final["train_config"]["seed"] == 0
+    assert final["train_config"]["data_dir"].endswith("counts.h5ad")  # every cell, not the fitting cells
+    assert "trained (chosen)" in (tmp_path / "choice.md").read_text()
+
+
+def test_finished_runs_are_reused(tmp_path, counts_h5ad, monkeypatch):
+    first = choose(counts_h5ad, tmp_path, "--candidates", "default", "slow=--lr 1e-4", "--seeds", "0")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("VAE.autoencoder_training.train_autoencoder", no_training)
+    again = choose(counts_h5ad, tmp_path, "--candidates", "default", "slow=--lr 1e-4", "--seeds", "0")
+    assert again.chosen == first.chosen and again.scores == pytest.approx(first.scores)
+
+
+def test_a_candidate_renamed_flags_in_the_same_folder_is_refused(tmp_path, counts_h5ad, capsys):
+    choose(counts_h5ad, tmp_path, "--candidates", "default", "fast=--lr 1e-3", "--seeds", "0", "--final", "False")
+    with pytest.raises(SystemExit) as exit_info:
+        choose(counts_h5ad, tmp_path, "--candidates", "default", "fast=--lr 1e-2", "--seeds", "0")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "'fast'" in err and "--lr 1e-3" in err
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--candidates", "default", "bad=--lr -1"], "candidate bad"),
+    (["--candidates", "default", "bad=--no_such_flag 1"], "candidate bad"),
+    (["--candidates", "default", "bad=--seed 3"], "--seed is set by the choice"),
+    (["--seed", "3"], "--seed is set by the choice"),
+    (["--early_stopping_patience", "0"], "--early_stopping_patience"),
+    (["--candidates", "default"], "at least two candidates"),
+])
+def test_bad_candidates_are_refused_in_one_line_before_anything_trains(tmp_path, counts_h5ad, capsys, extra, words):
+    with pytest.raises(SystemExit) as exit_info:
+        choose(counts_h5ad, tmp_path / "out", *extra)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err
+    assert not (tmp_path / "out" / "candidates").exists()
