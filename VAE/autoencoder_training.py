@@ -30,7 +30,8 @@ from VAE.weight_transfer import transfer_weights
 
 LOG_FIELDS = ["step", "train_loss", "val_loss", "seconds"]
 VALIDATION_CELLS = 2048  # the validation loss of each log row is taken on (at most) this many held-out cells
-RESUME_MUST_MATCH = ("batch_size", "val_fraction", "seed", "ema_rate", "variable_gene_weight")  # settings a resumed run must share
+# settings a resumed run must share
+RESUME_MUST_MATCH = ("batch_size", "val_fraction", "seed", "ema_rate", "variable_gene_weight")
 
 
 def checkpoint_path(save_dir, seed, step):

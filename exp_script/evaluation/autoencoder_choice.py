@@ -102,8 +102,9 @@ def train(data_path, save_dir, seed, flags, shared, progress, what):
         with open(done) as stream:
             record = json.load(stream)
         if record.get("flags") != given:
-            raise UsageError(f"{save_dir} holds an autoencoder trained with other flags ({' '.join(record.get('flags', []))}); "
-                             f"use another save_dir")
+            recorded = " ".join(record.get("flags", []))
+            raise UsageError(f"{save_dir} holds an autoencoder trained with other flags ({recorded}); use another "
+                             f"save_dir")
         return path, record["seconds"]
     argv = ["--data_dir", data_path, "--save_dir", save_dir, "--seed", str(seed), "--progress", str(progress),
             "--overwrite", "True"] + given
@@ -190,6 +191,7 @@ def choose_autoencoder(data_path, label_key, save_dir, candidates, shared_flags=
     SAVE_DIR/final. Writes SAVE_DIR/split (fitting and validation cells), SAVE_DIR/candidates/NAME_seedS,
     choice.tsv (one row per run; runs already in it are reused), choice.md and choice.json. Returns a Choice."""
     from exp_script.evaluation.heldout_split import split_file
+    from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
 
     if not seeds:
         raise UsageError("give at least one seed")
@@ -228,8 +230,6 @@ def choose_autoencoder(data_path, label_key, save_dir, candidates, shared_flags=
                 continue
             folder = os.path.join(save_dir, "candidates", f"{name}_seed{seed}")
             path, seconds = train(fit_path, folder, seed, flags, shared, False, f"candidate {name}")
-            from VAE.autoencoder_checkpoint import AutoencoderCheckpoint
-
             row = {"candidate": name, "seed": seed, "flags": flags, "best_step": AutoencoderCheckpoint.load(path).step,
                    "train_seconds": round(float(seconds), 1),
                    **realism_scores(path, fit_path, val_path, label_key, seed, folder)}
