@@ -37,6 +37,13 @@ negative binomial drawn the same way, which is their reference:
   autoencoder's latents live there), or its log decoded share, moved away from its label's mean by the factor
   ``--spread`` (below 1: towards it). Decoded cells have less variance along their type's leading components than
   real ones (`bench_decoded_structure.py`); if that were a matter of scale, a factor above 1 would bring them closer;
+- ``neighbour_mean`` and ``neighbour_residual``: a decoder that reads the data near the latent. Each cell's share
+  is the pooled share (summed counts over summed library sizes) of its ``--neighbours`` nearest fitting latents of
+  its label, itself excluded (a generated latent has no own cell among the fitting cells, so leaving the cell out is
+  what generation would see); ``neighbour_residual`` keeps the decoder's share and multiplies it, gene by gene, by
+  the neighbours' summed counts over their summed decoded means (the decoder's local bias, pooled; one pseudo-count
+  of the decoded mean in both sums). If the decoded cells lack the real within-type structure because the decoder
+  is too smooth, reading it off the neighbours brings them closer;
 - ``count_shape_oracle`` (a diagnostic, not a model): the ``nb_draw`` counts with each gene's nonzero counts
   replaced, rank for rank, by the quantiles of that gene's nonzero counts in the fitting cells — which cells
   detect a gene stays the model's, the distribution of its counts where detected becomes the real one's. If it
@@ -59,7 +66,7 @@ sys.path.insert(0, ROOT)
 NEIGHBOURS = 5
 VARIANTS = ("own_library", "shuffled_library", "neighbour_library", "per_label_dispersion")
 LIKELIHOOD_VARIANTS = ("nb_draw", "low_rank_residual", "zero_inflation", "per_label_residual", "count_shape_oracle",
-                       "latent_spread", "share_spread")
+                       "latent_spread", "share_spread", "neighbour_mean", "neighbour_residual")
 RESIDUAL_GENES = 2000  # the evaluation's feature genes
 ZERO_PROBABILITIES = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 DISPERSION_FACTORS = (0.25, 0.5, 0.7, 1.0, 1.4, 2.0, 3.0, 4.0, 8.0)  # theta multiplied by
@@ -234,6 +241,32 @@ def spread_shares(share, labels, factor):
     return moved / moved.sum(axis=1, keepdims=True)
 
 
+def neighbour_shares(latents, labels, counts, share, neighbours):
+    """(pooled, corrected) shares of every cell from its ``neighbours`` nearest other latents of its label (Euclidean;
+    a label with fewer cells uses all its other cells; a label with one cell keeps the decoded share):
+    pooled = summed counts / summed library sizes of the neighbours; corrected = ``share`` times, per gene, the
+    neighbours' (summed counts + summed decoded mean) / (2 x summed decoded mean), renormalized."""
+    from sklearn.neighbors import NearestNeighbors
+
+    library = counts.sum(axis=1)
+    mean = share * library[:, None]
+    pooled, corrected = share.copy(), share.copy()
+    for label in np.unique(labels):
+        cells = np.flatnonzero(labels == label)
+        if len(cells) < 2:
+            continue
+        k = min(neighbours, len(cells) - 1)
+        found = NearestNeighbors(n_neighbors=k + 1).fit(latents[cells]).kneighbors(latents[cells],
+                                                                                return_distance=False)
+        for row, cell in enumerate(cells):
+            others = cells[[j for j in found[row] if j != row][:k]]
+            summed = counts[others].sum(axis=0)
+            pooled[cell] = summed / library[others].sum()
+            expected = mean[others].sum(axis=0)
+            corrected[cell] = share[cell] * (summed + expected) / (2.0 * expected)
+    return pooled, corrected / corrected.sum(axis=1, keepdims=True)
+
+
 def match_nonzero_counts(drawn, real, rng):
     """``drawn`` (cells x genes) with each gene's nonzero entries replaced, in rank order (ties broken at random),
     by the matching quantiles of the nonzero entries of ``real``'s same gene; zeros stay, and a gene without
@@ -276,7 +309,8 @@ def zero_inflation_fit(counts, mean, theta):
     return best_pi, best_theta
 
 
-def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed, min_cells=30, spread=1.5):
+def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed, min_cells=30, spread=1.5,
+                        neighbours=10):
     """{variant: (mean counts, theta, zero probability or None)} of the fitting cells for LIKELIHOOD_VARIANTS,
     at each cell's own library size, and the fitting cells' counts (for ``count_shape_oracle``)."""
     from guided_diffusion.data.variable_genes import rank_variable_genes
@@ -297,7 +331,10 @@ def likelihood_variants(autoencoder, dataset, latents, labels, key, rank, seed, 
     per_label = per_label_low_rank_shares(counts, share, theta, genes, labels, rank, min_cells, rng)
     spread_latent_share = decoded_shares(autoencoder, spread_latents(latents, labels, spread,
                                                                      autoencoder.model.latent_on_sphere), labels, key)
+    pooled, corrected = neighbour_shares(latents, labels, counts, share, neighbours)
     return {"nb_draw": (mean, theta, None),
+            "neighbour_mean": (pooled * library[:, None], theta, None),
+            "neighbour_residual": (corrected * library[:, None], theta, None),
             "low_rank_residual": (moved * library[:, None], theta, None),
             "zero_inflation": (mean / (1.0 - zero_probability[None, :]), zinb_theta, zero_probability),
             "per_label_residual": (per_label * library[:, None], theta, None),
@@ -320,6 +357,8 @@ def main():
     parser.add_argument("--rank", type=int, default=10, help="low_rank_residual: the residual components used")
     parser.add_argument("--spread", type=float, default=1.5,
                         help="latent_spread / share_spread: the factor on each cell's distance from its label's mean")
+    parser.add_argument("--neighbours", type=int, default=10,
+                        help="neighbour_mean / neighbour_residual: the nearest fitting latents of the label read")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -341,7 +380,8 @@ def main():
         likelihoods, fit_counts = {}, None
         if set(args.variants) & set(LIKELIHOOD_VARIANTS):
             likelihoods, fit_counts = likelihood_variants(autoencoder, dataset, latents, labels, args.label_key,
-                                                          args.rank, args.seed, args.min_cells, args.spread)
+                                                          args.rank, args.seed, args.min_cells, args.spread,
+                                                          args.neighbours)
     finally:
         dataset.close()
     libraries = library_variants(latents, labels, library, args.seed)

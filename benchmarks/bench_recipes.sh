@@ -13,7 +13,8 @@
 # VARIANT (optional) trains its own autoencoder with extra flags: noise02 / noise05 = --latent_noise 0.02 / 0.05, or one
 # named in VARIANTS ("name:flags|name:flags", e.g. VARIANTS="kl03:--kl_weight 0.3|small:--hidden_dims 256 256"; {seed} in
 # the flags is the run's training seed, e.g. "atlas:--init_from P/pretrain_seed{seed}/model_seed={seed}_best.pt"). DATASET
-# is baron (dataset/baron_human.h5ad, cell_type1) or pbmc3k (dataset/pbmc3k.h5ad, cell_type); the autoencoder's
+# is baron (dataset/baron_human.h5ad, cell_type1) or pbmc3k (dataset/pbmc3k.h5ad, cell_type), or any other name with
+# DATA_FILE and LABEL_KEY set (e.g. DATASET=cbmc DATA_FILE=checkpoint/cbmc/cbmc.h5ad LABEL_KEY=cell_type); the autoencoder's
 # decoder reads that label (--decoder_label_key; a variant's "--decoder_label_key none" trains one that reads
 # none, as every autoencoder did before the flag existed). Every stage is
 # pinned to THREADS threads (default 1); stage wall times go to OUT/seed*/times.tsv. Runs already done are reused.
@@ -41,7 +42,10 @@ VARIANTS=${VARIANTS:-}
 case $DATASET in
   baron) DATA=${BARON_DATA:-dataset/baron_human.h5ad}; LABEL=cell_type1 ;;
   pbmc3k) DATA=${PBMC3K_DATA:-dataset/pbmc3k.h5ad}; LABEL=cell_type ;;
-  *) echo "error: DATASET is baron or pbmc3k, not $DATASET" >&2; exit 2 ;;
+  *) if [ -z "${DATA_FILE:-}" ] || [ -z "${LABEL_KEY:-}" ]; then
+       echo "error: DATASET $DATASET is not bundled (baron, pbmc3k): set DATA_FILE and LABEL_KEY" >&2; exit 2
+     fi
+     DATA=$DATA_FILE; LABEL=$LABEL_KEY ;;
 esac
 variant_flags() {  # variant_flags NAME: the autoencoder flags of a variant named in VARIANTS
   local entry

@@ -13,10 +13,11 @@ evaluation's kNN and RF AUCs; the candidate with the lowest mean of the four ove
 every cell of --data_dir with the first seed into SAVE_DIR/final (use its model_seed=S_best.pt as --vae_path).
 
 A candidate is NAME=FLAGS (VAE/VAE_train.py flags, quoted), or a name from the defaults alone:
-default (no flags) and batch32 (--batch_size 32, four times the steps, checkpoint interval and patience). Any
-other VAE/VAE_train.py flag given here (after the flags below: --decoder_label_key, --hidden_dims, ...) goes to every
-run. Early stopping is required (here by default --early_stopping_patience 300, --max_steps 3000, checked every
---log_interval 20 steps).
+default (no flags) and batch32 (--batch_size 32 for as many epochs: the step cap, checkpoint interval and patience
+times the shared batch size over 32, four times the defaults'). Any other VAE/VAE_train.py flag given here (after the
+flags below: --decoder_label_key, --hidden_dims, ...) goes to every run. Early stopping is required (here by default
+--early_stopping_patience 300, --max_steps 3000, checked every --log_interval 20 steps); a run that reaches its
+--max_steps before early stopping ends it is reported (raise --max_steps on a larger dataset).
 
 Writes SAVE_DIR/split, SAVE_DIR/candidates/NAME_seedS (each run), choice.tsv (one row per run), choice.md (the
 table, mean ± sd over seeds, and the rule), choice.json (the winner and its flags) and SAVE_DIR/final. Runs already
@@ -64,7 +65,7 @@ def main(argv=None):
     args, shared = build_parser().parse_known_args(argv)
     apply_thread_flags(args)
     check_writable_dir(args.save_dir, "--save_dir")
-    candidates = parse_candidates(args.candidates)
+    candidates = parse_candidates(args.candidates, SHARED_DEFAULTS + shared)
     choice = choose_autoencoder(args.data_dir, args.label_key, args.save_dir, candidates, SHARED_DEFAULTS + shared,
                                 seeds=args.seeds, val_fraction=args.val_fraction, split_seed=args.split_seed,
                                 final=args.final, progress=args.progress)

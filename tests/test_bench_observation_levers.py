@@ -170,3 +170,23 @@ def _label_deviation(log_share, rows):
     """The ``rows``' log shares centred per cell, minus their mean over the rows."""
     centred = log_share - log_share.mean(axis=1, keepdims=True)
     return centred[rows] - centred[rows].mean(axis=0)
+
+
+def test_neighbour_shares_pool_the_other_cells_of_the_label_and_never_the_cell_itself():
+    # two labels; within "a", pairs of identical latents far apart, so each cell's one neighbour is its twin
+    latents = np.array([[0.0], [0.0], [100.0], [100.0], [0.0], [5.0]], dtype=np.float32)
+    labels = np.array(["a", "a", "a", "a", "b", "c"])
+    counts = np.array([[1, 3], [2, 2], [8, 0], [4, 4], [5, 5], [1, 1]], dtype=np.float64)
+    share = np.full((6, 2), 0.5)
+    pooled, corrected = observation.neighbour_shares(latents, labels, counts, share, neighbours=1)
+    assert np.allclose(pooled[:4], [[0.5, 0.5], [0.25, 0.75], [0.5, 0.5], [1.0, 0.0]])  # the twin's counts
+    assert np.allclose(pooled[4:], share[4:]) and np.allclose(corrected[4:], share[4:])  # one-cell labels kept
+    # corrected: the decoded share times (twin's counts + its decoded mean) / (2 x its decoded mean), renormalized
+    ratio = (counts[[1, 0, 3, 2]] + 0.5 * counts[[1, 0, 3, 2]].sum(axis=1, keepdims=True)) / (
+        counts[[1, 0, 3, 2]].sum(axis=1, keepdims=True))
+    assert np.allclose(corrected[:4], ratio / ratio.sum(axis=1, keepdims=True))
+    # with as many neighbours as the label has other cells, every cell pools the same three others
+    pooled, _ = observation.neighbour_shares(latents, labels, counts, share, neighbours=10)
+    for cell in range(4):
+        others = [c for c in range(4) if c != cell]
+        assert np.allclose(pooled[cell], counts[others].sum(axis=0) / counts[others].sum())

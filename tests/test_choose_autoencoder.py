@@ -7,7 +7,7 @@ import pytest
 
 from exp_script import choose_autoencoder as cli
 from exp_script.evaluation import autoencoder_choice
-from exp_script.evaluation.autoencoder_choice import DEFAULT_CANDIDATES, criterion, parse_candidates, pick
+from exp_script.evaluation.autoencoder_choice import criterion, parse_candidates, pick
 from guided_diffusion.core.container import load_checkpoint
 from guided_diffusion.core.errors import UsageError
 
@@ -22,11 +22,31 @@ def choose(counts_h5ad, save_dir, *extra):
 
 
 def test_candidates_are_default_names_or_name_equals_flags():
-    assert parse_candidates(["default", "batch32"]) == DEFAULT_CANDIDATES
+    assert parse_candidates(["default", "batch32"], cli.SHARED_DEFAULTS) == {
+        "default": "", "batch32": "--batch_size 32 --max_steps 12000 --checkpoint_freq 12000 --early_stopping_patience 1200"}
     assert parse_candidates(["default", "lr=--lr 1e-4"]) == {"default": "", "lr": "--lr 1e-4"}
     for bad in (["default", "default"], ["default"], ["default", "unknown"], ["default", "a b=--lr 1"]):
         with pytest.raises(UsageError):
             parse_candidates(bad)
+
+
+def test_batch32_keeps_the_shared_number_of_epochs():
+    """The small-batch default scales the shared step cap, checkpoint interval and patience by batch / 32."""
+    longer = cli.SHARED_DEFAULTS + ["--max_steps", "10000", "--checkpoint_freq", "5000"]
+    assert autoencoder_choice.default_candidate_flags("batch32", longer) == (
+        "--batch_size 32 --max_steps 40000 --checkpoint_freq 20000 --early_stopping_patience 1200")
+    half = cli.SHARED_DEFAULTS + ["--batch_size", "64", "--early_stopping_patience", "250"]
+    assert autoencoder_choice.default_candidate_flags("batch32", half) == (
+        "--batch_size 32 --max_steps 6000 --checkpoint_freq 6000 --early_stopping_patience 500")
+    assert autoencoder_choice.default_candidate_flags("default", longer) == ""
+    with pytest.raises(UsageError, match="shared flags"):
+        parse_candidates(["default", "batch32"], ["--no_such_flag", "1"])
+
+
+def test_runs_the_step_cap_ended_are_found():
+    rows = [{"candidate": "a", "seed": 0, "best_step": 700}, {"candidate": "a", "seed": 1, "best_step": 701},
+            {"candidate": "b", "seed": 0, "best_step": 3000}]
+    assert autoencoder_choice.capped_runs(rows, {"a": (1000, 300), "b": (12000, 1200)}) == ["a seed 1"]
 
 
 def test_the_rule_is_the_lowest_mean_of_the_four_aucs_and_the_first_wins_a_tie():
@@ -53,6 +73,11 @@ def test_a_trained_decoder_beats_an_untrained_one_and_is_trained_on_every_cell(t
     assert final["train_config"]["lr"] == 3e-3 and final["train_config"]["seed"] == 0
     assert final["train_config"]["data_dir"].endswith("counts.h5ad")  # every cell, not the fitting cells
     assert "trained (chosen)" in (tmp_path / "choice.md").read_text()
+    # the one-step candidate cannot early-stop before its cap (best step 1 + patience 1 > 1 step): reported
+    assert {"untrained seed 0", "untrained seed 1"} <= set(choice.capped) and choice.capped == record["capped_runs"]
+    assert "warning: untrained seed 0" in (tmp_path / "choice.md").read_text()
+    final_capped = final["step"] + 20 > 40  # the winner's final run, by its own cap (40) and patience (20)
+    assert ("trained seed 0 (final)" in choice.capped) == final_capped
 
 
 def test_finished_runs_are_reused(tmp_path, counts_h5ad, monkeypatch):

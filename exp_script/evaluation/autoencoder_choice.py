@@ -21,11 +21,15 @@ from guided_diffusion.core.errors import UsageError, settings_worded_as_flags
 
 RULE = ("lowest mean over seeds of four AUCs against the validation cells (kNN and RF; the fitting cells' decoded "
         "latents and the validation cells' reconstructions); a tie goes to the candidate listed first")
-# the batch-size candidate keeps the default's number of epochs before stopping (4x the steps at a quarter of the batch)
+# the batch-size candidate keeps the shared settings' number of epochs: its step cap, checkpoint interval and patience
+# are the shared ones times (the shared batch size / 32); with the CLI's shared defaults (batch 128, cap 3000,
+# patience 300) that is --max_steps 12000 --checkpoint_freq 12000 --early_stopping_patience 1200
 DEFAULT_CANDIDATES = {
     "default": "",
-    "batch32": "--batch_size 32 --max_steps 12000 --checkpoint_freq 12000 --early_stopping_patience 1200",
+    "batch32": "--batch_size 32",
 }
+SMALL_BATCH = 32
+SCALED_WITH_BATCH = ("max_steps", "checkpoint_freq", "early_stopping_patience")
 SCORES = ("decoded_fit_knn_auc", "decoded_fit_rf_auc", "reconstructed_val_knn_auc", "reconstructed_val_rf_auc")
 COLUMNS = ("candidate", "seed", "flags", "best_step", "train_seconds", "control_knn_auc", "control_rf_auc") + SCORES
 OWNED_FLAGS = ("--data_dir", "--save_dir", "--seed", "--state_dict", "--init_from", "--overwrite", "--threads")
@@ -38,11 +42,25 @@ class Choice:
     scores: Dict[str, float]  # candidate -> criterion (mean of the four AUCs over the seeds)
     rows: List[dict] = field(default_factory=list)
     final_path: Optional[str] = None
+    capped: List[str] = field(default_factory=list)  # "NAME seed S" of the runs the step cap ended
 
 
-def parse_candidates(texts):
-    """{name: flags} of ``name=--flag value ...`` texts (``default`` alone: no flags; a name from
-    DEFAULT_CANDIDATES alone: its flags). Names are unique, made of letters, digits, ``.``, ``-``, ``_``."""
+def default_candidate_flags(name, shared=()):
+    """The flags of the default candidate ``name`` given the ``shared`` flags (``batch32``: a batch of 32 for the
+    same number of epochs as the shared settings, see SCALED_WITH_BATCH)."""
+    flags = DEFAULT_CANDIDATES[name]
+    if name != "batch32":
+        return flags
+    _, _, training = autoencoder_configs(["--data_dir", "-", "--save_dir", "-"] + list(shared), "shared flags")
+    factor = training.batch_size / SMALL_BATCH
+    scaled = " ".join(f"--{key} {max(1, round(getattr(training, key) * factor))}" for key in SCALED_WITH_BATCH)
+    return f"{flags} {scaled}"
+
+
+def parse_candidates(texts, shared=()):
+    """{name: flags} of ``name=--flag value ...`` texts (a name from DEFAULT_CANDIDATES alone: its flags, given the
+    ``shared`` flags: :func:`default_candidate_flags`). Names are unique, made of letters, digits, ``.``, ``-``,
+    ``_``."""
     candidates = {}
     for text in texts:
         name, sep, flags = text.partition("=")
@@ -54,7 +72,7 @@ def parse_candidates(texts):
             if name not in DEFAULT_CANDIDATES:
                 raise UsageError(f"candidate {name!r} has no flags; give {name}=--flag value ... (known without "
                                  f"flags: {', '.join(DEFAULT_CANDIDATES)})")
-            flags = DEFAULT_CANDIDATES[name]
+            flags = default_candidate_flags(name, shared)
         if name in candidates:
             raise UsageError(f"candidate {name!r} is given twice")
         candidates[name] = flags.strip()
@@ -143,6 +161,22 @@ def realism_scores(vae_path, fit_path, val_path, label_key, seed, folder):
     return row
 
 
+def capped_runs(rows, limits):
+    """["NAME seed S", ...] of the runs whose best step came later than their --max_steps less their patience: early
+    stopping did not end them, the step cap did, so their best weights may still have been improving."""
+    capped = []
+    for row in rows:
+        max_steps, patience = limits[row["candidate"]]
+        if int(row["best_step"]) + patience > max_steps:
+            capped.append(f"{row['candidate']} seed {row['seed']}")
+    return capped
+
+
+def capped_text(capped):
+    return (f"{', '.join(capped)} reached --max_steps before early stopping ended the run (the best weights may "
+            f"still have been improving); raise --max_steps (and --checkpoint_freq) for this dataset")
+
+
 def criterion(rows):
     """{candidate: mean over its rows of the mean of the four SCORES}."""
     names = list(dict.fromkeys(row["candidate"] for row in rows))
@@ -199,6 +233,7 @@ def choose_autoencoder(data_path, label_key, save_dir, candidates, shared_flags=
         raise UsageError(f"seeds repeat: {' '.join(map(str, seeds))}")
     shared = list(shared_flags)
     check_flags(shared, "shared flags")
+    limits = {}  # candidate -> (max_steps, early_stopping_patience)
     for name, flags in candidates.items():  # every flag checked before anything trains
         check_flags(shlex.split(flags), f"candidate {name}")
         configs = autoencoder_configs(["--data_dir", data_path, "--save_dir", save_dir] + shared + shlex.split(flags),
@@ -212,6 +247,7 @@ def choose_autoencoder(data_path, label_key, save_dir, candidates, shared_flags=
         if not configs[2].early_stopping_patience:
             raise UsageError(f"candidate {name}: the choice reads each run's early-stopped weights; give "
                              f"--early_stopping_patience (e.g. 300) among the shared flags")
+        limits[name] = (configs[2].max_steps, configs[2].early_stopping_patience)
     os.makedirs(save_dir, exist_ok=True)
     split_dir = os.path.join(save_dir, "split")
     fit_path, val_path = os.path.join(split_dir, "train.h5ad"), os.path.join(split_dir, "heldout.h5ad")
@@ -242,16 +278,27 @@ def choose_autoencoder(data_path, label_key, save_dir, candidates, shared_flags=
     used = [row for row in rows if row["candidate"] in candidates and int(row["seed"]) in seeds]
     scores = criterion(sorted(used, key=lambda row: list(candidates).index(row["candidate"])))
     chosen = pick(scores)
-    result = Choice(chosen=chosen, flags=candidates[chosen], scores=scores, rows=used)
+    capped = capped_runs(used, limits)
+    result = Choice(chosen=chosen, flags=candidates[chosen], scores=scores, rows=used, capped=capped)
+    if capped and log:
+        log(f"warning: {capped_text(capped)}")
     with atomic_output(os.path.join(save_dir, "choice.md")) as temporary, open(temporary, "w") as stream:
         stream.write(summary(used, scores, chosen, candidates))
+        if capped:
+            stream.write(f"\nwarning: {capped_text(capped)}\n")
     if final:
         folder = os.path.join(save_dir, "final")
         result.final_path, _ = train(data_path, folder, seeds[0], candidates[chosen], shared, progress,
                                      f"candidate {chosen}")
+        final_row = {"candidate": chosen, "seed": f"{seeds[0]} (final)",
+                     "best_step": AutoencoderCheckpoint.load(result.final_path).step}
+        if capped_runs([final_row], limits):
+            result.capped.append(f"{chosen} seed {seeds[0]} (final)")
+            if log:
+                log(f"warning: {capped_text(result.capped[-1:])}")
     record = {"chosen": chosen, "flags": candidates[chosen], "shared_flags": shared, "criterion": scores,
               "rule": RULE, "seeds": list(seeds), "val_fraction": val_fraction, "split_seed": split_seed,
-              "label_key": label_key, "final_path": result.final_path}
+              "label_key": label_key, "final_path": result.final_path, "capped_runs": capped}
     with atomic_output(os.path.join(save_dir, "choice.json")) as temporary, open(temporary, "w") as stream:
         json.dump(record, stream, indent=1)
     return result
