@@ -22,7 +22,7 @@ PY=${PY:-.venv/bin/python}
 PEER_PY=${PEER_PY:-.venv-peer/bin/python}
 OUT=${1:-checkpoint/peer}
 SEEDS=${SEEDS:-"0 1"}
-DATASETS=${DATASETS:-baron}
+DATASETS=${DATASETS-baron}  # DATASETS= (empty) with EXTRA_DATASETS runs only those
 EXTRA_DATASETS=${EXTRA_DATASETS:-}
 MAX_EPOCHS=${MAX_EPOCHS:-300}
 N_LATENT=${N_LATENT:-30}

@@ -3,8 +3,9 @@ r"""Choose the autoencoder's recipe for a dataset on validation cells inside its
     python exp_script/choose_autoencoder.py --data_dir split/train.h5ad --label_key cell_type \
         --save_dir checkpoint/choice --decoder_label_key cell_type
 
-The better batch size and learning rate of the autoencoder depend on the dataset (docs/fidelity.md: a batch of 32
-helps PBMC 3k's generated cells, not Baron's), and the autoencoder's own validation loss cannot tell which: this
+The better recipe of the autoencoder depends on the dataset (docs/fidelity.md: a batch of 32 helps PBMC 3k's
+generated cells, not Baron's; a variational latent helps those of a larger cord-blood dataset, neither bundled one's),
+and the autoencoder's own validation loss cannot tell which: this
 chooses by the realism of the cells its decoder makes instead. The cells of --data_dir (the training split: never
 give it the held-out cells) are split once, stratified by --label_key (--val_fraction, --split_seed), into fitting and
 validation cells. Each candidate is trained on the fitting cells with every --seeds seed; the fitting cells' decoded
@@ -13,8 +14,9 @@ evaluation's kNN and RF AUCs; the candidate with the lowest mean of the four ove
 every cell of --data_dir with the first seed into SAVE_DIR/final (use its model_seed=S_best.pt as --vae_path).
 
 A candidate is NAME=FLAGS (VAE/VAE_train.py flags, quoted), or a name from the defaults alone:
-default (no flags) and batch32 (--batch_size 32 for as many epochs: the step cap, checkpoint interval and patience
-times the shared batch size over 32, four times the defaults'). Any other VAE/VAE_train.py flag given here (after the
+default (no flags), batch32 (--batch_size 32 for as many epochs: the step cap, checkpoint interval and patience
+times the shared batch size over 32, four times the defaults') and vae (a variational latent, scVI-like: --latent_dim
+30 --kl_weight 1 --dropout 0.1 --early_stopping_patience 1000). Any other VAE/VAE_train.py flag given here (after the
 flags below: --decoder_label_key, --hidden_dims, ...) goes to every run. Early stopping is required (here by default
 --early_stopping_patience 300, --max_steps 3000, checked every --log_interval 20 steps); a run that reaches its
 --max_steps before early stopping ends it is reported (raise --max_steps on a larger dataset).

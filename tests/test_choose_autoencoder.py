@@ -30,6 +30,21 @@ def test_candidates_are_default_names_or_name_equals_flags():
             parse_candidates(bad)
 
 
+def test_every_default_candidate_is_a_valid_early_stopped_recipe():
+    from guided_diffusion.core.errors import settings_worded_as_flags
+
+    candidates = parse_candidates(list(autoencoder_choice.DEFAULT_CANDIDATES), cli.SHARED_DEFAULTS)
+    assert list(candidates) == ["default", "batch32", "vae"]
+    for name, flags in candidates.items():
+        configs = autoencoder_choice.autoencoder_configs(
+            ["--data_dir", "x.h5ad", "--save_dir", "s"] + cli.SHARED_DEFAULTS + flags.split(), name)
+        with settings_worded_as_flags():
+            for config in configs:
+                config.validate()
+        assert configs[2].early_stopping_patience > 0 and configs[2].max_steps == (12000 if name == "batch32" else 3000)
+    assert candidates["vae"] == "--latent_dim 30 --kl_weight 1 --dropout 0.1 --early_stopping_patience 1000"
+
+
 def test_batch32_keeps_the_shared_number_of_epochs():
     """The small-batch default scales the shared step cap, checkpoint interval and patience by batch / 32."""
     longer = cli.SHARED_DEFAULTS + ["--max_steps", "10000", "--checkpoint_freq", "5000"]
@@ -89,6 +104,18 @@ def test_finished_runs_are_reused(tmp_path, counts_h5ad, monkeypatch):
     monkeypatch.setattr("VAE.autoencoder_training.train_autoencoder", no_training)
     again = choose(counts_h5ad, tmp_path, "--candidates", "default", "slow=--lr 1e-4", "--seeds", "0")
     assert again.chosen == first.chosen and again.scores == pytest.approx(first.scores)
+
+
+def test_a_new_winner_sets_the_earlier_final_autoencoder_aside(tmp_path, counts_h5ad):
+    untrained = "untrained=--lr 1e-9 --max_steps 1 --early_stopping_patience 1 --log_interval 1"
+    first = choose(counts_h5ad, tmp_path, "--candidates", untrained,
+                   "slow=--lr 1e-9 --max_steps 2 --early_stopping_patience 1 --log_interval 1", "--seeds", "0")
+    earlier = load_checkpoint(first.final_path)["train_config"]["lr"]
+    assert earlier == 1e-9
+    second = choose(counts_h5ad, tmp_path, "--candidates", untrained, "trained=--lr 3e-3", "--seeds", "0")
+    assert second.chosen == "trained" and load_checkpoint(second.final_path)["train_config"]["lr"] == 3e-3
+    kept = list((tmp_path / "final_previous").glob("model_seed=0_best.pt"))
+    assert len(kept) == 1 and load_checkpoint(str(kept[0]))["train_config"]["lr"] == earlier  # nothing lost
 
 
 def test_a_candidate_renamed_flags_in_the_same_folder_is_refused(tmp_path, counts_h5ad, capsys):

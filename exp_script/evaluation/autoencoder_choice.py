@@ -24,9 +24,12 @@ RULE = ("lowest mean over seeds of four AUCs against the validation cells (kNN a
 # the batch-size candidate keeps the shared settings' number of epochs: its step cap, checkpoint interval and patience
 # are the shared ones times (the shared batch size / 32); with the CLI's shared defaults (batch 128, cap 3000,
 # patience 300) that is --max_steps 12000 --checkpoint_freq 12000 --early_stopping_patience 1200
+# the variational candidate is scVI-like (a 30-d Gaussian posterior, the full evidence lower bound, dropout), with the
+# longer patience its noisier validation loss needs
 DEFAULT_CANDIDATES = {
     "default": "",
     "batch32": "--batch_size 32",
+    "vae": "--latent_dim 30 --kl_weight 1 --dropout 0.1 --early_stopping_patience 1000",
 }
 SMALL_BATCH = 32
 SCALED_WITH_BATCH = ("max_steps", "checkpoint_freq", "early_stopping_patience")
@@ -132,6 +135,24 @@ def train(data_path, save_dir, seed, flags, shared, progress, what):
     with atomic_output(done) as temporary, open(temporary, "w") as stream:
         json.dump({"seconds": seconds, "flags": given}, stream)
     return path, seconds
+
+
+def set_aside_final(folder, flags):
+    """When ``folder`` holds a finished final run trained with other flags than ``flags`` (an earlier choice's winner,
+    before candidates were added), rename it to ``folder``_previous (then _previous2, ...) so that nothing trained is
+    lost; returns the new path, or None when nothing was moved."""
+    done = os.path.join(folder, "done.json")
+    if not os.path.isfile(done):
+        return None
+    with open(done) as stream:
+        if json.load(stream).get("flags") == flags:
+            return None
+    target, number = f"{folder}_previous", 1
+    while os.path.exists(target):
+        number += 1
+        target = f"{folder}_previous{number}"
+    os.rename(folder, target)
+    return target
 
 
 def realism_scores(vae_path, fit_path, val_path, label_key, seed, folder):
@@ -288,6 +309,9 @@ def choose_autoencoder(data_path, label_key, save_dir, candidates, shared_flags=
             stream.write(f"\nwarning: {capped_text(capped)}\n")
     if final:
         folder = os.path.join(save_dir, "final")
+        moved = set_aside_final(folder, list(shared) + shlex.split(candidates[chosen]))
+        if moved and log:
+            log(f"{folder} held the final autoencoder of an earlier choice (other flags); moved to {moved}")
         result.final_path, _ = train(data_path, folder, seeds[0], candidates[chosen], shared, progress,
                                      f"candidate {chosen}")
         final_row = {"candidate": chosen, "seed": f"{seeds[0]} (final)",
