@@ -119,9 +119,8 @@ def train(data_path, save_dir, seed, flags, shared, progress, what):
     path = best_model_path(save_dir, seed)
     done = os.path.join(save_dir, "done.json")
     given = list(shared) + shlex.split(flags)
-    if os.path.isfile(path) and os.path.isfile(done):
-        with open(done) as stream:
-            record = json.load(stream)
+    record = finished_run(save_dir)
+    if os.path.isfile(path) and record is not None:
         if record.get("flags") != given:
             recorded = " ".join(record.get("flags", []))
             raise UsageError(f"{save_dir} holds an autoencoder trained with other flags ({recorded}); use another "
@@ -137,16 +136,22 @@ def train(data_path, save_dir, seed, flags, shared, progress, what):
     return path, seconds
 
 
+def finished_run(save_dir):
+    """The record (``seconds``, ``flags``) of the finished run in ``save_dir``, or None."""
+    done = os.path.join(save_dir, "done.json")
+    if not os.path.isfile(done):
+        return None
+    with open(done) as stream:
+        return json.load(stream)
+
+
 def set_aside_final(folder, flags):
     """When ``folder`` holds a finished final run trained with other flags than ``flags`` (an earlier choice's winner,
     before candidates were added), rename it to ``folder``_previous (then _previous2, ...) so that nothing trained is
     lost; returns the new path, or None when nothing was moved."""
-    done = os.path.join(folder, "done.json")
-    if not os.path.isfile(done):
+    record = finished_run(folder)
+    if record is None or record.get("flags") == flags:
         return None
-    with open(done) as stream:
-        if json.load(stream).get("flags") == flags:
-            return None
     target, number = f"{folder}_previous", 1
     while os.path.exists(target):
         number += 1
