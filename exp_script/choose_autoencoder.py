@@ -16,7 +16,8 @@ every cell of --data_dir with the first seed into SAVE_DIR/final (use its model_
 A candidate is NAME=FLAGS (VAE/VAE_train.py flags, quoted), or a name from the defaults alone:
 default (no flags), batch32 (--batch_size 32 for as many epochs: the step cap, checkpoint interval and patience
 times the shared batch size over 32, four times the defaults') and vae (a variational latent, scVI-like: --latent_dim
-30 --kl_weight 1 --dropout 0.1 --early_stopping_patience 1000). Any other VAE/VAE_train.py flag given here (after the
+30 --kl_weight 1 --dropout 0.1 --early_stopping_patience 1000, with twice the step cap and checkpoint interval for the
+longer patience). Any other VAE/VAE_train.py flag given here (after the
 flags below: --decoder_label_key, --hidden_dims, ...) goes to every run. Early stopping is required (here by default
 --early_stopping_patience 300, --max_steps 3000, checked every --log_interval 20 steps); a run that reaches its
 --max_steps before early stopping ends it is reported (raise --max_steps on a larger dataset).
@@ -24,7 +25,8 @@ flags below: --decoder_label_key, --hidden_dims, ...) goes to every run. Early s
 Writes SAVE_DIR/split, SAVE_DIR/candidates/NAME_seedS (each run), choice.tsv (one row per run), choice.md (the
 table, mean ± sd over seeds, and the rule), choice.json (the winner and its flags) and SAVE_DIR/final. Runs already
 in choice.tsv are reused, so an interrupted choice continues where it stopped; more seeds or candidates can be added
-the same way.
+the same way (a default candidate whose defaults changed since its runs trains again, the earlier runs kept as
+NAME_previous).
 """
 import argparse
 

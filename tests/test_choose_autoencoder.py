@@ -41,8 +41,47 @@ def test_every_default_candidate_is_a_valid_early_stopped_recipe():
         with settings_worded_as_flags():
             for config in configs:
                 config.validate()
-        assert configs[2].early_stopping_patience > 0 and configs[2].max_steps == (12000 if name == "batch32" else 3000)
-    assert candidates["vae"] == "--latent_dim 30 --kl_weight 1 --dropout 0.1 --early_stopping_patience 1000"
+        caps = {"default": 3000, "batch32": 12000, "vae": 6000}
+        training = configs[2]
+        assert training.early_stopping_patience > 0 and training.max_steps == caps[name]
+        # every default candidate has as many cells' worth of training before a best step that early stopping can
+        # still act on as the shared settings (a longer patience is not paid for by the cap)
+        room = (training.max_steps - training.early_stopping_patience) * training.batch_size
+        assert room >= (3000 - 300) * 128
+    assert candidates["vae"] == ("--latent_dim 30 --kl_weight 1 --dropout 0.1 --early_stopping_patience 1000 "
+                                 "--max_steps 6000 --checkpoint_freq 6000")
+
+
+def test_vae_has_twice_the_shared_step_cap():
+    longer = cli.SHARED_DEFAULTS + ["--max_steps", "12000", "--checkpoint_freq", "5000"]
+    assert autoencoder_choice.default_candidate_flags("vae", longer).endswith(
+        "--early_stopping_patience 1000 --max_steps 24000 --checkpoint_freq 10000")
+
+
+def test_runs_of_a_default_candidate_whose_defaults_changed_are_kept_aside(tmp_path):
+    """A default candidate run with earlier defaults trains again; its earlier runs keep their rows and folders
+    under a new name (nothing lost), a second change goes to _previous2; a user's own NAME=FLAGS is not touched."""
+    shared = cli.SHARED_DEFAULTS
+    candidates = parse_candidates(["default", "vae", "mine=--lr 1e-4"], shared)
+    for seed in (0, 1):
+        folder = tmp_path / "candidates" / f"vae_seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "model_seed=0_best.pt").write_text(f"weights {seed}")
+    rows = [{"candidate": "vae", "seed": "0", "flags": "--latent_dim 30"},
+            {"candidate": "vae", "seed": "1", "flags": "--latent_dim 30"},
+            {"candidate": "default", "seed": "0", "flags": ""},
+            {"candidate": "mine", "seed": "0", "flags": "--lr 1e-3"}]
+    renamed = autoencoder_choice.set_aside_changed_defaults(str(tmp_path), rows, candidates, shared, log=None)
+    assert renamed == {"vae": "vae_previous"}
+    assert [row["candidate"] for row in rows] == ["vae_previous", "vae_previous", "default", "mine"]
+    for seed in (0, 1):
+        kept = tmp_path / "candidates" / f"vae_previous_seed{seed}" / "model_seed=0_best.pt"
+        assert kept.read_text() == f"weights {seed}" and not (tmp_path / "candidates" / f"vae_seed{seed}").exists()
+    rows.append({"candidate": "vae", "seed": "0", "flags": "--latent_dim 20"})
+    assert autoencoder_choice.set_aside_changed_defaults(str(tmp_path), rows, candidates, shared, log=None) == {
+        "vae": "vae_previous2"}
+    current = [{"candidate": "vae", "seed": "0", "flags": candidates["vae"]}]
+    assert autoencoder_choice.set_aside_changed_defaults(str(tmp_path), current, candidates, shared, log=None) == {}
 
 
 def test_batch32_keeps_the_shared_number_of_epochs():

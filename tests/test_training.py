@@ -324,6 +324,21 @@ def test_threads_flag_sets_torch_threads(workspace, tmp_path, monkeypatch):
     assert threads_module.apply_threads(None) == 1 and torch.get_num_threads() == 1
 
 
+def test_threads_also_hold_the_blas_pools_the_evaluation_computes_in(monkeypatch):
+    """--threads reaches numpy's and scipy's BLAS (the evaluation's PCA): the same scores whatever the
+    environment's OPENBLAS/OMP settings."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    monkeypatch.setitem(threads_module._explicit, "threads", None)
+    with threadpool_limits(limits=1):  # restores the session's limits afterwards
+        threads_module.apply_threads(3)
+        pools = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+        assert pools and {pool["num_threads"] for pool in pools} == {3}
+        assert any("scipy" in pool["filepath"] for pool in pools) or len(pools) == 1
+        threads_module.apply_threads(1)
+        assert {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"} == {1}
+
+
 def test_library_errors_name_parameters_and_the_cli_words_them_as_flags(workspace, tmp_path, capsys):
     from guided_diffusion.training.config import AutoencoderModelConfig, AutoencoderTrainingConfig, DataConfig
     from guided_diffusion.core.errors import SettingError

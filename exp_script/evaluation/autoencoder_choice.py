@@ -25,7 +25,8 @@ RULE = ("lowest mean over seeds of four AUCs against the validation cells (kNN a
 # are the shared ones times (the shared batch size / 32); with the CLI's shared defaults (batch 128, cap 3000,
 # patience 300) that is --max_steps 12000 --checkpoint_freq 12000 --early_stopping_patience 1200
 # the variational candidate is scVI-like (a 30-d Gaussian posterior, the full evidence lower bound, dropout), with the
-# longer patience its noisier validation loss needs
+# longer patience its noisier validation loss needs and twice the shared step cap and checkpoint interval, so that
+# the longer patience is not cut short by the cap (at the CLI's defaults --max_steps 6000 --checkpoint_freq 6000)
 DEFAULT_CANDIDATES = {
     "default": "",
     "batch32": "--batch_size 32",
@@ -33,6 +34,8 @@ DEFAULT_CANDIDATES = {
 }
 SMALL_BATCH = 32
 SCALED_WITH_BATCH = ("max_steps", "checkpoint_freq", "early_stopping_patience")
+LONGER_CAP = 2  # the variational candidate's step cap and checkpoint interval, times the shared ones
+SCALED_CAP = ("max_steps", "checkpoint_freq")
 SCORES = ("decoded_fit_knn_auc", "decoded_fit_rf_auc", "reconstructed_val_knn_auc", "reconstructed_val_rf_auc")
 COLUMNS = ("candidate", "seed", "flags", "best_step", "train_seconds", "control_knn_auc", "control_rf_auc") + SCORES
 OWNED_FLAGS = ("--data_dir", "--save_dir", "--seed", "--state_dict", "--init_from", "--overwrite", "--threads")
@@ -50,13 +53,19 @@ class Choice:
 
 def default_candidate_flags(name, shared=()):
     """The flags of the default candidate ``name`` given the ``shared`` flags (``batch32``: a batch of 32 for the
-    same number of epochs as the shared settings, see SCALED_WITH_BATCH)."""
+    same number of epochs as the shared settings, see SCALED_WITH_BATCH; ``vae``: LONGER_CAP times the shared step
+    cap and checkpoint interval, room for its longer patience)."""
     flags = DEFAULT_CANDIDATES[name]
-    if name != "batch32":
+    if name == "batch32":
+        factor, keys = None, SCALED_WITH_BATCH
+    elif name == "vae":
+        factor, keys = LONGER_CAP, SCALED_CAP
+    else:
         return flags
     _, _, training = autoencoder_configs(["--data_dir", "-", "--save_dir", "-"] + list(shared), "shared flags")
-    factor = training.batch_size / SMALL_BATCH
-    scaled = " ".join(f"--{key} {max(1, round(getattr(training, key) * factor))}" for key in SCALED_WITH_BATCH)
+    if factor is None:
+        factor = training.batch_size / SMALL_BATCH
+    scaled = " ".join(f"--{key} {max(1, round(getattr(training, key) * factor))}" for key in keys)
     return f"{flags} {scaled}"
 
 
@@ -158,6 +167,37 @@ def set_aside_final(folder, flags):
         target = f"{folder}_previous{number}"
     os.rename(folder, target)
     return target
+
+
+def set_aside_changed_defaults(save_dir, rows, candidates, shared=(), log=print):
+    """Runs in ``rows`` of a default candidate named alone (its flags those of :func:`default_candidate_flags`) that
+    were trained with other flags (the candidate's defaults changed since) are renamed NAME_previous (then
+    NAME_previous2, ...), their rows and SAVE_DIR/candidates folders alike, so the candidate trains afresh and nothing
+    trained is lost. Changes ``rows`` in place; returns {old name: new name}."""
+    renamed = {}
+    taken = set(candidates) | {row["candidate"] for row in rows}
+    for name, flags in candidates.items():
+        if name not in DEFAULT_CANDIDATES or flags != default_candidate_flags(name, shared):
+            continue
+        earlier = [row for row in rows if row["candidate"] == name and row["flags"] != flags]
+        if not earlier:
+            continue
+        target, number = f"{name}_previous", 1
+        while target in taken or any(os.path.exists(os.path.join(save_dir, "candidates", f"{target}_seed{row['seed']}"))
+                                     for row in earlier):
+            number += 1
+            target = f"{name}_previous{number}"
+        taken.add(target)
+        for row in earlier:
+            folder = os.path.join(save_dir, "candidates", f"{name}_seed{row['seed']}")
+            if os.path.isdir(folder):
+                os.rename(folder, os.path.join(save_dir, "candidates", f"{target}_seed{row['seed']}"))
+            row["candidate"] = target
+        renamed[name] = target
+        if log:
+            log(f"candidate {name}'s defaults changed since its runs in {save_dir} ({earlier[0]['flags']}); those "
+                f"runs are kept as {target} and {name} is trained again")
+    return renamed
 
 
 def realism_scores(vae_path, fit_path, val_path, label_key, seed, folder):
@@ -281,6 +321,8 @@ def choose_autoencoder(data_path, label_key, save_dir, candidates, shared_flags=
         split_file(data_path, split_dir, label_key, val_fraction, split_seed)
     table = os.path.join(save_dir, "choice.tsv")
     rows = read_rows(table)
+    if set_aside_changed_defaults(save_dir, rows, candidates, shared, log):
+        write_rows(table, rows)
     for row in rows:
         if row["candidate"] in candidates and row["flags"] != candidates[row["candidate"]]:
             raise UsageError(f"candidate {row['candidate']!r} was run in {save_dir} with other flags "

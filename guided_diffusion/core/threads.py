@@ -4,7 +4,9 @@
 (taskset, Slurm, ``docker --cpuset-cpus``) or a cgroup v2 CPU quota (``cpu.max``; ``docker --cpus``,
 Kubernetes limits) can allow far fewer. PyTorch's default of one thread per machine core then
 oversubscribes, and OpenMP threads that spin-wait for each other on a busy machine make every step many
-times slower. :func:`available_cores` honours both limits; :func:`apply_threads` sets torch's pool, and
+times slower. :func:`available_cores` honours both limits; :func:`apply_threads` sets torch's pool and the
+native pools numpy, scipy and scikit-learn compute in (BLAS, OpenMP: :func:`limit_native_threads`, so that the
+evaluation's PCA and classifiers follow ``--threads`` too and score the same whatever the environment), and
 :func:`prefer_passive_waiting` (called when the ``guided_diffusion`` package is imported, before torch
 loads its OpenMP runtime, which reads the variable once) makes idle OpenMP threads sleep instead of spinning, unless the user set ``OMP_WAIT_POLICY``.
 """
@@ -69,7 +71,18 @@ def apply_threads(threads=None, processes_per_node=None):
     count = threads or _explicit["threads"] or default_threads(processes_per_node)
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
+    limit_native_threads(count)
     return count
+
+
+def limit_native_threads(count):
+    """Hold the BLAS and OpenMP pools of numpy, scipy and scikit-learn to ``count`` threads (threadpoolctl, a
+    scikit-learn dependency). scipy's BLAS is loaded first so that the limit reaches it; a BLAS thread count other
+    than the one asked for changes the evaluation's PCA in the last bits and, through it, its AUCs."""
+    import scipy.linalg  # noqa: F401  (loads scipy's own BLAS)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=count)
 
 
 def apply_default_threads(processes_per_node):
