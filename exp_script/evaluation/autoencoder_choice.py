@@ -56,15 +56,13 @@ def default_candidate_flags(name, shared=()):
     same number of epochs as the shared settings, see SCALED_WITH_BATCH; ``vae``: LONGER_CAP times the shared step
     cap and checkpoint interval, room for its longer patience)."""
     flags = DEFAULT_CANDIDATES[name]
-    if name == "batch32":
-        factor, keys = None, SCALED_WITH_BATCH
-    elif name == "vae":
-        factor, keys = LONGER_CAP, SCALED_CAP
-    else:
+    if name not in ("batch32", "vae"):
         return flags
     _, _, training = autoencoder_configs(["--data_dir", "-", "--save_dir", "-"] + list(shared), "shared flags")
-    if factor is None:
-        factor = training.batch_size / SMALL_BATCH
+    if name == "batch32":
+        factor, keys = training.batch_size / SMALL_BATCH, SCALED_WITH_BATCH
+    else:
+        factor, keys = LONGER_CAP, SCALED_CAP
     scaled = " ".join(f"--{key} {max(1, round(getattr(training, key) * factor))}" for key in keys)
     return f"{flags} {scaled}"
 
@@ -161,11 +159,18 @@ def set_aside_final(folder, flags):
     record = finished_run(folder)
     if record is None or record.get("flags") == flags:
         return None
-    target, number = f"{folder}_previous", 1
-    while os.path.exists(target):
-        number += 1
-        target = f"{folder}_previous{number}"
+    target = previous_name(folder, os.path.exists)
     os.rename(folder, target)
+    return target
+
+
+def previous_name(name, taken):
+    """``name``_previous, else ``name``_previous2, _previous3, ...: the first for which ``taken(candidate)`` is
+    false (where something set aside goes)."""
+    target, number = f"{name}_previous", 1
+    while taken(target):
+        number += 1
+        target = f"{name}_previous{number}"
     return target
 
 
@@ -182,11 +187,8 @@ def set_aside_changed_defaults(save_dir, rows, candidates, shared=(), log=print)
         earlier = [row for row in rows if row["candidate"] == name and row["flags"] != flags]
         if not earlier:
             continue
-        target, number = f"{name}_previous", 1
-        while target in taken or any(os.path.exists(os.path.join(save_dir, "candidates", f"{target}_seed{row['seed']}"))
-                                     for row in earlier):
-            number += 1
-            target = f"{name}_previous{number}"
+        target = previous_name(name, lambda new: new in taken or any(
+            os.path.exists(os.path.join(save_dir, "candidates", f"{new}_seed{row['seed']}")) for row in earlier))
         taken.add(target)
         for row in earlier:
             folder = os.path.join(save_dir, "candidates", f"{name}_seed{row['seed']}")
