@@ -15,7 +15,8 @@ cells' reconstructions against the validation cells, kNN and RF AUC) and their m
 
 Writes OUT/steps.tsv (one row per seed and step) and OUT/summary.md (per step mean ± sd over seeds, and per seed
 the step early stopping keeps, the step with the lowest criterion, and both steps' criteria). Rows already in
-steps.tsv are reused. Every process runs on --threads threads.
+steps.tsv are reused and an interrupted run resumes from its newest checkpoint. Every process runs on --threads
+threads.
 """
 import argparse
 import csv
@@ -42,12 +43,14 @@ VAL_FRACTION = 0.1  # VAE_train.py's default --val_fraction: the run's own valid
 
 def train(args, fit, seed, folder):
     """One run of --max_steps steps that early stopping never ends (patience = the cap), a checkpoint every --every
-    steps; returns {step: path} of its checkpoints."""
-    if not glob.glob(os.path.join(folder, f"model_seed={seed}_step=*.pt")):
+    steps (an interrupted run is resumed from its newest checkpoint); returns {step: path} of its checkpoints."""
+    started = glob.glob(os.path.join(folder, f"model_seed={seed}_step=*.pt"))
+    if not os.path.isfile(os.path.join(folder, f"model_seed={seed}_step={args.max_steps}.pt")):
+        start = ["--state_dict", folder] if started else ["--overwrite", "True"]
         run([sys.executable, "VAE/VAE_train.py", "--data_dir", fit, "--save_dir", folder,
              "--max_steps", str(args.max_steps), "--checkpoint_freq", str(args.every), "--log_interval", str(args.every),
              "--early_stopping_patience", str(args.max_steps), "--seed", str(seed), "--threads", str(args.threads),
-             "--progress", "False", "--overwrite", "True"] + shlex.split(args.ae_flags), args.threads)
+             "--progress", "False"] + start + shlex.split(args.ae_flags), args.threads)
     paths = {}
     for path in glob.glob(os.path.join(folder, f"model_seed={seed}_step=*.pt")):
         paths[int(re.search(r"_step=(\d+)\.pt$", path).group(1))] = path

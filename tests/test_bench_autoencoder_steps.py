@@ -59,3 +59,21 @@ def test_every_checkpoint_is_scored_on_a_refitted_copy(counts_h5ad, tmp_path, mo
     # a second call reuses the rows: nothing is trained or scored again
     monkeypatch.setattr(steps, "score_step", lambda *a: (_ for _ in ()).throw(AssertionError("scored again")))
     steps.main()
+
+
+def test_an_interrupted_run_is_resumed_not_started_again(counts_h5ad, tmp_path, monkeypatch):
+    out = tmp_path / "steps"
+    argv = ["bench_autoencoder_steps.py", "--train", str(counts_h5ad), "--out", str(out), "--seeds", "0",
+            "--every", "10", "--ae_flags", "--hidden_dims 16 --latent_dim 4", "--max_steps"]
+    monkeypatch.setattr(steps, "score_step", lambda *a: {key: 0.5 for key in steps.SCORES + [
+        "control_knn_auc", "control_rf_auc"]})
+    monkeypatch.setattr(sys, "argv", argv + ["10"])
+    steps.main()
+    first = out / "seed0" / "model_seed=0_step=10.pt"
+    kept = digest(first)
+    monkeypatch.setattr(sys, "argv", argv + ["20"])  # as if the first call had been stopped after step 10
+    steps.main()
+    assert digest(first) == kept  # continued from step 10, not trained again
+    table = pd.read_csv(out / "steps.tsv", sep="\t")
+    assert list(table["step"]) == [10, 20]
+    assert table["val_loss"].notna().all()  # the resumed run's log continues the first one's
