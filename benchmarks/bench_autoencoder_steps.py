@@ -79,8 +79,11 @@ def score_step(args, path, fit, seed, folder):
     copy = os.path.join(folder, "model.pt")
     shutil.copyfile(path, copy)
     dataset = load_dataset(fit, label_keys=[args.label_key], backed="auto", require_labels=False)
-    train_index, _ = split_train_validation(dataset.n_cells, VAL_FRACTION, seed)
-    apply_dispersion_refit(copy, dataset, train_index, seed)
+    try:
+        train_index, _ = split_train_validation(dataset.n_cells, VAL_FRACTION, seed)
+        apply_dispersion_refit(copy, dataset, train_index, seed)
+    finally:
+        dataset.close()
     return realism_scores(copy, fit, os.path.join(args.out, "split", "heldout.h5ad"), args.label_key, seed, folder)
 
 
