@@ -38,7 +38,19 @@ from benchmarks.bench_decoder_levers import run, split  # noqa: E402
 COLUMNS = ["seed", "step", "val_loss", "decoded_fit_knn_auc", "decoded_fit_rf_auc", "reconstructed_val_knn_auc",
            "reconstructed_val_rf_auc", "control_knn_auc", "control_rf_auc", "criterion"]
 SCORES = ["decoded_fit_knn_auc", "decoded_fit_rf_auc", "reconstructed_val_knn_auc", "reconstructed_val_rf_auc"]
-VAL_FRACTION = 0.1  # VAE_train.py's default --val_fraction: the run's own validation cells for its loss
+
+
+def run_val_fraction(ae_flags):
+    """The --val_fraction the runs train with (their own validation cells, left out of the refit, as in a run)."""
+    parts = shlex.split(ae_flags)
+    for i, part in enumerate(parts):
+        if part == "--val_fraction" and i + 1 < len(parts):
+            return float(parts[i + 1])
+        if part.startswith("--val_fraction="):
+            return float(part.split("=", 1)[1])
+    from guided_diffusion.training.config import AutoencoderTrainingConfig
+
+    return AutoencoderTrainingConfig.val_fraction  # VAE_train.py's default
 
 
 def train(args, fit, seed, folder):
@@ -80,7 +92,7 @@ def score_step(args, path, fit, seed, folder):
     shutil.copyfile(path, copy)
     dataset = load_dataset(fit, label_keys=[args.label_key], backed="auto", require_labels=False)
     try:
-        train_index, _ = split_train_validation(dataset.n_cells, VAL_FRACTION, seed)
+        train_index, _ = split_train_validation(dataset.n_cells, run_val_fraction(args.ae_flags), seed)
         apply_dispersion_refit(copy, dataset, train_index, seed)
     finally:
         dataset.close()

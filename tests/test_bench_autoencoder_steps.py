@@ -77,3 +77,9 @@ def test_an_interrupted_run_is_resumed_not_started_again(counts_h5ad, tmp_path, 
     table = pd.read_csv(out / "steps.tsv", sep="\t")
     assert list(table["step"]) == [10, 20]
     assert table["val_loss"].notna().all()  # the resumed run's log continues the first one's
+
+
+def test_the_refit_leaves_out_the_runs_own_validation_cells():
+    assert steps.run_val_fraction("") == 0.1  # VAE_train.py's default
+    assert steps.run_val_fraction("--hidden_dims 16 --val_fraction 0.2") == 0.2
+    assert steps.run_val_fraction("--val_fraction=0.05 --latent_dim 4") == 0.05
