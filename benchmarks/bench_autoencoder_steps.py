@@ -33,7 +33,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks.bench_decoder_levers import run, split  # noqa: E402
+from benchmarks.bench_decoder_levers import mean_sd, run, split  # noqa: E402
 
 COLUMNS = ["seed", "step", "val_loss", "decoded_fit_knn_auc", "decoded_fit_rf_auc", "reconstructed_val_knn_auc",
            "reconstructed_val_rf_auc", "control_knn_auc", "control_rf_auc", "criterion"]
@@ -113,18 +113,13 @@ def write_rows(path, rows):
             stream.write("\t".join(str(row[c]) for c in COLUMNS) + "\n")
 
 
-def fmt(values):
-    values = np.asarray(values, dtype=float)
-    return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
-
-
 def summary(rows):
     steps = sorted({int(r["step"]) for r in rows})
     keys = ["val_loss"] + SCORES + ["criterion"]
     lines = ["| step | " + " | ".join(keys) + " | seeds |", "|---" * (len(keys) + 2) + "|"]
     for step in steps:
         chosen = [r for r in rows if int(r["step"]) == step]
-        cells = [fmt([float(r[k]) for r in chosen]) if k != "val_loss" else
+        cells = [mean_sd([float(r[k]) for r in chosen]) if k != "val_loss" else
                  f"{np.mean([float(r[k]) for r in chosen]):.5f}" for k in keys]
         lines.append(f"| {step} | " + " | ".join(cells) + f" | {len(chosen)} |")
     lines += ["", "| seed | lowest validation loss: step / criterion | lowest criterion: step / criterion |",

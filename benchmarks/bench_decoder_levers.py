@@ -152,6 +152,12 @@ def write_table(out, rows):
             stream.write("\t".join(str(row[c]) for c in COLUMNS) + "\n")
 
 
+def mean_sd(values):
+    """"mean ± sd" over seeds (sd 0 for one seed), three decimals."""
+    values = np.asarray(values, dtype=float)
+    return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+
+
 def summary(rows, names):
     keys = [c for c in COLUMNS if c.endswith("_auc")] + ["best_step", "train_seconds"]
     lines = ["| variant | " + " | ".join(keys) + " | seeds |", "|---" * (len(keys) + 2) + "|"]
@@ -159,8 +165,7 @@ def summary(rows, names):
         chosen = [r for r in rows if r["variant"] == name]
         cells = []
         for key in keys:
-            values = np.array([float(r[key]) for r in chosen])
-            cells.append(f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}")
+            cells.append(mean_sd([float(r[key]) for r in chosen]))
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(chosen)} |")
     return "\n".join(lines) + "\n"
 
